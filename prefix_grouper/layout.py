@@ -221,8 +221,12 @@ class GroupLayout:
         self.position_ids = seg_pos0[seg_id] + offset_in_seg
         self.token_segment = seg_id
 
-        is_completion = self.token_completion >= 0
-        self._completion_positions = torch.nonzero(is_completion).flatten()
+        n_ct = self.num_completion_tokens
+        completion_of = torch.repeat_interleave(torch.arange(self.num_completions, **long),
+                                                self.suffix_lens, output_size=n_ct)
+        first_of_completion = torch.cumsum(self.suffix_lens, 0) - self.suffix_lens
+        self._completion_positions = (self.suffix_starts[completion_of]
+                                      + torch.arange(n_ct, **long) - first_of_completion[completion_of])
         # The first token of a completion is predicted by its group's last prefix token;
         # any later one by the token right before it.
         first = self.position_ids[self._completion_positions] == self.prefix_lens[

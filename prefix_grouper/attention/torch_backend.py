@@ -1,0 +1,126 @@
+"""Efficient pure-PyTorch shared-prefix attention (differentiable, any device).
+
+Three dense attentions on padded views of the packed axis, merged by log-sum-exp:
+
+1. prefix queries -> their prefix keys, causal            ``[B, P_max, P_max]`` scores
+2. every suffix query of a group -> the group's prefix     ``[B, Q_max, P_max]`` scores
+3. every suffix query -> its own suffix keys, causal       ``[N, S_max, S_max]`` scores
+
+(``Q_max`` = most suffix tokens in one group.) Prefix K/V are gathered once per group,
+never once per completion, so apart from the score matrices the extra memory is O(T)
+plus padding. Under GQA the query heads that share a KV head are folded into one
+matmul instead of repeating K/V.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import GroupLayout
+
+
+def _padded_index(starts: torch.Tensor, lens: torch.Tensor, width: int, last: int):
+    """``[R, width]`` packed indices of R runs (clamped into range) and their validity."""
+    cols = torch.arange(width, device=starts.device)
+    valid = cols[None, :] < lens[:, None]
+    return (starts[:, None] + cols[None, :]).clamp(max=last), valid
+
+
+def _plan(layout: GroupLayout) -> dict[str, torch.Tensor]:
+    """Gather/select indices between the packed axis and the three padded batches."""
+    last = layout.total_tokens - 1
+    group_suffix_starts = layout.prefix_starts + layout.prefix_lens
+    group_suffix_lens = layout.cu_group_seqlens[1:] - group_suffix_starts
+    prefix_idx, prefix_valid = _padded_index(layout.prefix_starts, layout.prefix_lens,
+                                             layout.max_prefix_len, last)
+    group_idx, _ = _padded_index(group_suffix_starts, group_suffix_lens,
+                                 layout.max_group_suffix_tokens, last)
+    own_idx, _ = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len, last)
+
+    # Where every packed token sits in each padded batch (flattened row * width + column).
+    group, completion = layout.token_group, layout.token_completion
+    is_prefix = completion < 0
+    completion_safe = completion.clamp(min=0)
+    arange_t = torch.arange(layout.total_tokens, device=layout.device)
+    in_prefix = group * layout.max_prefix_len + layout.position_ids
+    in_group = group * layout.max_group_suffix_tokens + (arange_t - group_suffix_starts[group])
+    in_own = completion_safe * layout.max_suffix_len + (arange_t - layout.suffix_starts[completion_safe])
+    zero = torch.zeros_like(arange_t)
+    return {
+        "prefix_idx": prefix_idx, "prefix_valid": prefix_valid,
+        "group_idx": group_idx, "own_idx": own_idx,
+        "is_prefix": is_prefix,
+        "in_prefix": torch.where(is_prefix, in_prefix, zero),
+        "in_group": torch.where(is_prefix, zero, in_group),
+        "in_own": torch.where(is_prefix, zero, in_own),
+    }
+
+
+def _attend(q, k, v, mask, scale):
+    """Masked softmax attention returning ``(out, lse)``.
+
+    q ``[R, Lq, Hq, D]``, k/v ``[R, Lk, Hkv, D]``, mask broadcastable to ``[R, Lq, Lk]``.
+    Returns out ``[R, Lq, Hq, D]`` and lse ``[R, Lq, Hq]`` (-inf and 0 output on rows that
+    see no key, which only padding rows do).
+    """
+    r, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(r, lq, hkv, hq // hkv, d)
+    scores = torch.einsum("rqhgd,rkhd->rhgqk", qg, k) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(-1, keepdim=True)
+    seen = denom > 0
+    denom_safe = torch.where(seen, denom, torch.ones_like(denom))
+    out = torch.einsum("rhgqk,rkhd->rqhgd", probs / denom_safe, v).reshape(r, lq, hq, d)
+    lse = torch.where(seen, row_max + torch.log(denom_safe), torch.full_like(denom, float("-inf")))
+    return out, lse.squeeze(-1).permute(0, 3, 1, 2).reshape(r, lq, hq)
+
+
+def torch_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared-prefix attention in plain PyTorch.
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``, validated by the caller.
+
+    Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32, float64 for fp64 inputs)``.
+    """
+    plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (x.to(compute) for x in (q, k, v))
+    t, hq, d = q.shape
+
+    def padded(x, idx):
+        return x.index_select(0, idx.flatten()).reshape(*idx.shape, *x.shape[1:])
+
+    q_prefix, k_prefix, v_prefix = (padded(x, plan["prefix_idx"]) for x in (qc, kc, vc))
+    causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
+                               device=q.device).tril()
+    o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
+
+    q_group = padded(qc, plan["group_idx"])
+    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],
+                                 softmax_scale)
+
+    q_own, k_own, v_own = (padded(x, plan["own_idx"]) for x in (qc, kc, vc))
+    causal_own = torch.ones(layout.max_suffix_len, layout.max_suffix_len, dtype=torch.bool,
+                            device=q.device).tril()
+    o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)
+
+    def to_packed(x, where):
+        return x.reshape(-1, *x.shape[2:]).index_select(0, plan[where])
+
+    o_pre, lse_pre = to_packed(o_pre, "in_prefix"), to_packed(lse_pre, "in_prefix")
+    o_cross, lse_cross = to_packed(o_cross, "in_group"), to_packed(lse_cross, "in_group")
+    o_own, lse_own = to_packed(o_own, "in_own"), to_packed(lse_own, "in_own")
+
+    lse_suffix = torch.logaddexp(lse_cross, lse_own)
+    o_suffix = (o_cross * torch.exp(lse_cross - lse_suffix)[..., None]
+                + o_own * torch.exp(lse_own - lse_suffix)[..., None])
+    is_prefix = plan["is_prefix"]
+    out = torch.where(is_prefix[:, None, None], o_pre, o_suffix)
+    lse = torch.where(is_prefix[:, None], lse_pre, lse_suffix)
+    return out.to(q.dtype), lse

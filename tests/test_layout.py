@@ -1,0 +1,157 @@
+"""GroupLayout against hand-built examples."""
+import pytest
+import torch
+
+from prefix_grouper import GroupLayout
+
+# Two groups: prefix [a0 a1] with completions [x0 x1], [y0]; prefix [b0] with [z0 z1], [].
+PREFIX, SUFFIX = [2, 1], [[2, 1], [2, 0]]
+
+
+@pytest.fixture
+def layout():
+    return GroupLayout.from_lengths(PREFIX, SUFFIX)
+
+
+def test_sizes(layout):
+    assert layout.total_tokens == 2 + 2 + 1 + 1 + 2
+    assert layout.num_groups == 2
+    assert layout.num_completions == 4
+    assert layout.num_completion_tokens == 5
+    assert layout.naive_tokens() == (2 + 2) + (2 + 1) + (1 + 2) + (1 + 0)
+
+
+def test_offsets_and_positions(layout):
+    # packed: a0 a1 x0 x1 y0 | b0 z0 z1
+    assert layout.position_ids.tolist() == [0, 1, 2, 3, 2, 0, 1, 2]
+    assert layout.cu_group_seqlens.tolist() == [0, 5, 8]
+    assert layout.cu_seqlens.tolist() == [0, 2, 4, 5, 6, 8, 8]
+    assert layout.prefix_starts.tolist() == [0, 5]
+    assert layout.suffix_starts.tolist() == [2, 4, 6, 8]
+    assert layout.completion_group.tolist() == [0, 0, 1, 1]
+    assert layout.token_group.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert layout.token_completion.tolist() == [-1, -1, 0, 0, 1, -1, 2, 2]
+
+
+def test_completion_positions(layout):
+    assert layout.completion_positions().tolist() == [2, 3, 4, 6, 7]
+    # x0 and y0 are predicted by a1 (index 1), x1 by x0, z0 by b0 (5), z1 by z0.
+    assert layout.completion_logit_positions().tolist() == [1, 2, 1, 5, 6]
+
+
+def test_pack_padded_and_lists(layout):
+    prompts = torch.tensor([[10, 11], [0, 20]])  # left-padded
+    completions = torch.tensor([[1, 2], [3, 0], [4, 5], [0, 0]])  # right-padded
+    expected = [10, 11, 1, 2, 3, 20, 4, 5]
+    assert layout.pack(prompts, completions).tolist() == expected
+    as_lists = layout.pack([torch.tensor([10, 11]), torch.tensor([20])],
+                           [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([4, 5]),
+                            torch.tensor([], dtype=torch.long)])
+    assert as_lists.tolist() == expected
+
+
+def test_pack_keeps_trailing_dims(layout):
+    prompts = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    completions = -torch.arange(4 * 2 * 4, dtype=torch.float32).reshape(4, 2, 4)
+    packed = layout.pack(prompts, completions)
+    assert packed.shape == (8, 4)
+    torch.testing.assert_close(packed[5], prompts[1, 2])
+    torch.testing.assert_close(packed[0], prompts[0, 1])
+    torch.testing.assert_close(packed[7], completions[2, 1])
+
+
+def test_unpack_completions(layout):
+    values, mask = layout.unpack_completions(torch.arange(8) * 10)
+    assert values.tolist() == [[20, 30], [40, 0], [60, 70], [0, 0]]
+    assert mask.tolist() == [[True, True], [True, False], [True, True], [False, False]]
+    only_completions, _ = layout.unpack_completions(torch.tensor([1, 2, 3, 4, 5]))
+    assert only_completions.tolist() == [[1, 2], [3, 0], [4, 5], [0, 0]]
+
+
+def test_from_padded_matches_from_lengths():
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 0, 1]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    layout = GroupLayout.from_padded(prompt_mask, completion_mask, group_sizes=[2, 2])
+    assert layout.prefix_lens_list == (3, 1)
+    assert layout.suffix_lens_per_group == [(2, 1), (3, 0)]
+
+
+def test_from_padded_round_trip_of_log_prob_indices():
+    """Log-probs read through the layout equal those read from the padded naive rows."""
+    g = torch.Generator().manual_seed(0)
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    prompt_ids = torch.randint(1, 50, (2, 3), generator=g) * prompt_mask
+    completion_ids = torch.randint(1, 50, (3, 3), generator=g) * completion_mask
+    layout = GroupLayout.from_padded(prompt_mask, completion_mask, group_sizes=[2, 1])
+    packed = layout.pack(prompt_ids, completion_ids)
+    # Target of each completion token, and the token right before it in the naive row.
+    targets = packed[layout.completion_positions()]
+    predictors = packed[layout.completion_logit_positions()]
+    expected_targets, expected_predictors = [], []
+    group_of = [0, 0, 1]
+    for j in range(3):
+        prompt = prompt_ids[group_of[j]][prompt_mask[group_of[j]].bool()].tolist()
+        completion = completion_ids[j][completion_mask[j].bool()].tolist()
+        row = prompt + completion
+        for s in range(len(completion)):
+            expected_targets.append(row[len(prompt) + s])
+            expected_predictors.append(row[len(prompt) + s - 1])
+    assert targets.tolist() == expected_targets
+    assert predictors.tolist() == expected_predictors
+
+
+def test_to_device_is_identity_on_same_device(layout):
+    assert layout.to("cpu") is layout
+
+
+@pytest.mark.parametrize(
+    "prefix, suffix, match",
+    [
+        ([], [], "at least one group"),
+        ([2, 3], [[1]], "one sequence of completion lengths per group"),
+        ([0], [[1]], r"prefix_lens\[0\] = 0"),
+        ([2], [[]], r"suffix_lens\[0\] is empty"),
+        ([2], [[3, -1]], r"suffix_lens\[0\]\[1\] = -1"),
+    ],
+)
+def test_from_lengths_errors(prefix, suffix, match):
+    with pytest.raises(ValueError, match=match):
+        GroupLayout.from_lengths(prefix, suffix)
+
+
+def test_from_lengths_rejects_non_integers():
+    with pytest.raises(TypeError, match="prefix_lens must hold integers"):
+        GroupLayout.from_lengths([2.5], [[1]])
+    with pytest.raises(TypeError, match="prefix_lens must hold integers"):
+        GroupLayout.from_lengths(torch.tensor([2.0]), [[1]])
+
+
+def test_from_padded_errors():
+    good_prompt = torch.tensor([[0, 1]])
+    good_completion = torch.tensor([[1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        GroupLayout.from_padded(torch.tensor([[1, 0]]), good_completion, [1])
+    with pytest.raises(ValueError, match="right-padded"):
+        GroupLayout.from_padded(good_prompt, torch.tensor([[0, 1]]), [1])
+    with pytest.raises(ValueError, match="group_sizes sums to 2"):
+        GroupLayout.from_padded(good_prompt, good_completion, [2])
+    with pytest.raises(ValueError, match="group_sizes has 2 entries"):
+        GroupLayout.from_padded(good_prompt, good_completion, [1, 0])
+    with pytest.raises(ValueError, match="prompt_mask must be a 2-D tensor"):
+        GroupLayout.from_padded(torch.tensor([1]), good_completion, [1])
+    with pytest.raises(TypeError, match="completion_mask must be bool or integer"):
+        GroupLayout.from_padded(good_prompt, good_completion.float(), [1])
+
+
+def test_pack_and_unpack_errors(layout):
+    with pytest.raises(ValueError, match="prompts has 3 rows"):
+        layout.pack(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="completions has length 1"):
+        layout.pack(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected a tensor with 1 rows"):
+        layout.pack([torch.zeros(2), torch.zeros(2)], torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="share trailing shape and dtype"):
+        layout.pack(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="T=8 or num_completion_tokens=5 rows"):
+        layout.unpack_completions(torch.zeros(6))

@@ -1,0 +1,210 @@
+"""prefix_attention: the torch backend against the dense reference and the naive layout.
+
+Tolerances: fp64 runs compare two exact algorithms, so differences are pure rounding
+(~1e-15 relative); we allow 1e-10. fp32 runs accumulate in fp32 over at most ~400 keys;
+rounding stays below ~1e-5 relative, we allow 2e-5 relative RMS.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_layout
+from prefix_grouper import GroupLayout, available_backends, prefix_attention
+
+
+def make_qkv(layout, hq, hkv, d, dtype, generator, requires_grad=True):
+    t = layout.total_tokens
+    tensors = [torch.randn(t, h, d, generator=generator, dtype=torch.float64).to(dtype)
+               for h in (hq, hkv, hkv)]
+    return [x.requires_grad_(requires_grad) for x in tensors]
+
+
+def outputs_and_grads(q, k, v, layout, backend, generator_seed=7):
+    out, lse = prefix_attention(q, k, v, layout, backend=backend, return_lse=True)
+    g = torch.Generator().manual_seed(generator_seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
+    loss = (out * w_out).sum() + (lse * w_lse).sum()
+    return [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+
+
+def rel_rms(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (3, 1)])
+def test_torch_matches_reference_fp64(seed, hq, hkv):
+    g = torch.Generator().manual_seed(seed)
+    layout = random_layout(g, num_groups=1 + seed)
+    q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, g)
+    expected = outputs_and_grads(q, k, v, layout, "reference")
+    actual = outputs_and_grads(q, k, v, layout, "torch")
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+        assert a.shape == e.shape, name
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("d", [8, 64])
+def test_torch_matches_reference_fp32(d, generator):
+    layout = GroupLayout.from_lengths([97, 7, 1], [[7, 1, 97], [1], [7, 7]])
+    q, k, v = make_qkv(layout, 4, 2, d, torch.float32, generator)
+    expected = outputs_and_grads(*[x.detach().double().requires_grad_() for x in (q, k, v)],
+                                 layout, "reference")
+    actual = outputs_and_grads(q, k, v, layout, "torch")
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+        assert a.dtype in (torch.float32,), name
+        assert rel_rms(a, e) < 2e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype, generator):
+    """Half inputs are computed in fp32 and rounded once: error is that of the rounding."""
+    layout = GroupLayout.from_lengths([7, 5], [[3, 1], [4]])
+    q, k, v = make_qkv(layout, 2, 1, 16, dtype, generator)
+    out = prefix_attention(q, k, v, layout, backend="torch")
+    ref = prefix_attention(q.double(), k.double(), v.double(), layout, backend="reference")
+    assert out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert (out.double() - ref).abs().max().item() <= 2 * eps
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_equals_naive_layout(backend, generator):
+    """Each [prefix; suffix_i] run on its own through causal SDPA gives the same completion
+    outputs, and the same q/k/v gradients once the G prefix copies' gradients are summed."""
+    prefix, suffix = [7, 1, 20], [[1, 7, 3], [5], [2, 9]]
+    layout = GroupLayout.from_lengths(prefix, suffix)
+    hq, hkv, d = 4, 2, 8
+    q, k, v = make_qkv(layout, hq, hkv, d, torch.float64, generator)
+    w = torch.randn(layout.total_tokens, hq, d, generator=generator, dtype=torch.float64)
+    completion = layout.token_completion >= 0
+    out = prefix_attention(q, k, v, layout, backend=backend)
+    grads = torch.autograd.grad((out * w)[completion].sum(), (q, k, v))
+
+    naive_grads = [torch.zeros_like(x) for x in (q, k, v)]
+    qd, kd, vd = (x.detach() for x in (q, k, v))
+    for j in range(layout.num_completions):
+        b = layout.completion_group[j].item()
+        p0, plen = layout.prefix_starts[b].item(), prefix[b]
+        s0, slen = layout.suffix_starts[j].item(), layout.suffix_lens_list[j]
+        rows = torch.cat([torch.arange(p0, p0 + plen), torch.arange(s0, s0 + slen)])
+        qs, ks, vs = (x[rows].clone().requires_grad_() for x in (qd, kd, vd))
+        o = F.scaled_dot_product_attention(
+            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True,
+            enable_gqa=True).transpose(0, 1)
+        if slen:
+            torch.testing.assert_close(o[plen:], out[s0:s0 + slen].detach(), rtol=1e-10, atol=1e-10)
+        loss = (o[plen:] * w[s0:s0 + slen]).sum()
+        for acc, gx in zip(naive_grads, torch.autograd.grad(loss, (qs, ks, vs))):
+            acc.index_add_(0, rows, gx)
+    for name, a, e in zip("qkv", grads, naive_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_prefix_outputs_are_plain_causal_attention(generator):
+    layout = GroupLayout.from_lengths([9], [[4, 2]])
+    q, k, v = make_qkv(layout, 2, 2, 8, torch.float64, generator, requires_grad=False)
+    out = prefix_attention(q, k, v, layout, backend="torch")
+    causal = F.scaled_dot_product_attention(
+        q[:9].transpose(0, 1), k[:9].transpose(0, 1), v[:9].transpose(0, 1), is_causal=True)
+    torch.testing.assert_close(out[:9], causal.transpose(0, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_leading_batch_dim_and_scale(generator):
+    layout = GroupLayout.from_lengths([5], [[3, 2]])
+    q, k, v = make_qkv(layout, 2, 1, 8, torch.float64, generator, requires_grad=False)
+    out, lse = prefix_attention(q[None], k[None], v[None], layout, softmax_scale=0.3, return_lse=True)
+    ref, ref_lse = prefix_attention(q, k, v, layout, softmax_scale=0.3, backend="reference",
+                                    return_lse=True)
+    assert out.shape == (1, *q.shape) and lse.shape == (1, layout.total_tokens, 2)
+    torch.testing.assert_close(out[0], ref)
+    torch.testing.assert_close(lse[0], ref_lse)
+
+
+def test_non_contiguous_inputs(generator):
+    layout = GroupLayout.from_lengths([6, 3], [[2, 5], [1]])
+    t = layout.total_tokens
+    qkv = torch.randn(t, 3, 2, 8, generator=generator, dtype=torch.float64)
+    q, k, v = qkv.unbind(1)  # strided views
+    torch.testing.assert_close(prefix_attention(q, k, v, layout, backend="torch"),
+                               prefix_attention(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                layout, backend="reference"))
+
+
+def test_auto_on_cpu_is_torch():
+    assert available_backends("cpu")[:2] == ["reference", "torch"]
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.fixture
+def small():
+    layout = GroupLayout.from_lengths([3], [[2, 1]])
+    t = layout.total_tokens
+    return layout, torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
+
+
+def test_error_wrong_rank(small):
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match=r"q must have shape \[T, heads, head_dim\]"):
+        prefix_attention(q[0], k, v, layout)
+    with pytest.raises(ValueError, match=r"k must be \[1, T, heads, head_dim\]"):
+        prefix_attention(q[None], k, v[None], layout)
+    with pytest.raises(ValueError, match=r"q must be \[1, T, heads, head_dim\]"):
+        prefix_attention(torch.stack([q, q]), torch.stack([k, k]), torch.stack([v, v]), layout)
+
+
+def test_error_tokens_mismatch(small):
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match="q has 5 tokens but the layout packs T=6"):
+        prefix_attention(q[:5], k[:5], v[:5], layout)
+
+
+def test_error_heads(small):
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k/v heads \(3\)"):
+        prefix_attention(q, torch.randn(6, 3, 8), torch.randn(6, 3, 8), layout)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        prefix_attention(q, k, v[:, :1], layout)
+    with pytest.raises(ValueError, match="head_dim 4 must equal q head_dim 8"):
+        prefix_attention(q, k[..., :4], v[..., :4], layout)
+    with pytest.raises(ValueError, match=r"head_dim must be in \[1, 256\], got 300"):
+        prefix_attention(torch.randn(6, 1, 300), torch.randn(6, 1, 300), torch.randn(6, 1, 300), layout)
+
+
+def test_error_dtype(small):
+    layout, q, k, v = small
+    with pytest.raises(TypeError, match="q, k, v must share a dtype"):
+        prefix_attention(q, k.double(), v, layout)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got torch.int64"):
+        prefix_attention(q.long(), k.long(), v.long(), layout)
+
+
+def test_error_device(small):
+    layout, q, k, v = small
+    meta = GroupLayout.from_lengths([3], [[2, 1]], device="meta")
+    with pytest.raises(ValueError, match="q, k, v must be on one device"):
+        prefix_attention(q, k.to("meta"), v, layout)
+    with pytest.raises(ValueError, match="layout is on meta but q is on cpu"):
+        prefix_attention(q, k, v, meta)
+
+
+def test_error_layout_and_scale(small):
+    layout, q, k, v = small
+    with pytest.raises(TypeError, match="layout must be a GroupLayout"):
+        prefix_attention(q, k, v, [3, 2, 1])
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+        prefix_attention(q, k, v, layout, softmax_scale=float("nan"))
+
+
+def test_error_backend(small, monkeypatch):
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match="backend must be one of"):
+        prefix_attention(q, k, v, layout, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='triton' is not available on cpu"):
+        prefix_attention(q, k, v, layout, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
+        prefix_attention(q.double(), k.double(), v.double(), layout, backend="triton")

@@ -59,23 +59,18 @@ def _attend(q, k, v, mask, scale):
     """Masked softmax attention returning ``(out, lse)``.
 
     q ``[R, Lq, Hq, D]``, k/v ``[R, Lk, Hkv, D]``, mask broadcastable to ``[R, Lq, Lk]``.
-    Returns out ``[R, Lq, Hq, D]`` and lse ``[R, Lq, Hq]`` (-inf and 0 output on rows that
-    see no key, which only padding rows do).
+    Every row must see at least one key; all three calls below guarantee it, padding rows
+    included (P >= 1 and key 0 / the diagonal is always visible).
+    Returns out ``[R, Lq, Hq, D]`` and lse ``[R, Lq, Hq]``.
     """
     r, lq, hq, d = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(r, lq, hkv, hq // hkv, d)
-    scores = torch.einsum("rqhgd,rkhd->rhgqk", qg, k) * scale
+    qg = (q * scale).reshape(r, lq, hkv, hq // hkv, d)
+    scores = torch.einsum("rqhgd,rkhd->rhgqk", qg, k)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(scores - row_max)
-    denom = probs.sum(-1, keepdim=True)
-    seen = denom > 0
-    denom_safe = torch.where(seen, denom, torch.ones_like(denom))
-    out = torch.einsum("rhgqk,rkhd->rqhgd", probs / denom_safe, v).reshape(r, lq, hq, d)
-    lse = torch.where(seen, row_max + torch.log(denom_safe), torch.full_like(denom, float("-inf")))
-    return out, lse.squeeze(-1).permute(0, 3, 1, 2).reshape(r, lq, hq)
+    out = torch.einsum("rhgqk,rkhd->rqhgd", torch.softmax(scores, -1), v).reshape(r, lq, hq, d)
+    lse = torch.logsumexp(scores, -1)  # [R, Hkv, g, Lq]
+    return out, lse.permute(0, 3, 1, 2).reshape(r, lq, hq)
 
 
 def torch_prefix_attention(
@@ -93,8 +88,9 @@ def torch_prefix_attention(
     qc, kc, vc = (x.to(compute) for x in (q, k, v))
     t, hq, d = q.shape
 
+    # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
     def padded(x, idx):
-        return x.index_select(0, idx.flatten()).reshape(*idx.shape, *x.shape[1:])
+        return x[idx]
 
     q_prefix, k_prefix, v_prefix = (padded(x, plan["prefix_idx"]) for x in (qc, kc, vc))
     causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
@@ -111,7 +107,7 @@ def torch_prefix_attention(
     o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)
 
     def to_packed(x, where):
-        return x.reshape(-1, *x.shape[2:]).index_select(0, plan[where])
+        return x.reshape(-1, *x.shape[2:])[plan[where]]
 
     o_pre, lse_pre = to_packed(o_pre, "in_prefix"), to_packed(lse_pre, "in_prefix")
     o_cross, lse_cross = to_packed(o_cross, "in_group"), to_packed(lse_cross, "in_group")

@@ -208,3 +208,19 @@ def test_error_backend(small, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
         prefix_attention(q.double(), k.double(), v.double(), layout, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_sync_in_forward_and_backward(backend, generator):
+    layout = GroupLayout.from_lengths([7, 33], [[5, 1, 0], [17]], device="cuda")
+    q, k, v = (x.detach().to("cuda", torch.bfloat16).requires_grad_()
+               for x in make_qkv(layout, 4, 2, 64, torch.float32, generator))
+    prefix_attention(q, k, v, layout, backend=backend).sum().backward()  # warm caches/compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = prefix_attention(q, k, v, layout, backend=backend, return_lse=True)
+        (out.float().sum() + lse.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

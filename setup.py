@@ -69,13 +69,13 @@ def _cuda_extensions():
     if not sources:
         return skip("csrc/ holds no sources")
     archs = os.environ.get("PREFIX_GROUPER_CUDA_ARCHS", "80;90a")
-    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"] + _gencode_flags(archs)
+    nvcc_flags = ["-O3", "-lineinfo"] + _gencode_flags(archs)
     print(f"prefix_grouper: building the CUDA extension with {cuda_home} for sm {archs}")
     ext = CUDAExtension(
         name="prefix_grouper._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -1,0 +1,51 @@
+"""Argument checks shared by the advantage functions: errors name the offending argument."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_float_tensor(x: Any, name: str, ndim: int) -> None:
+    """``x`` must be a non-empty floating-point tensor with ``ndim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point (NaN marks a missing value), got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: there is nothing to normalize")
+
+
+def as_index(ids: Any, name: str, num_rows: int, device: torch.device, rows_name: str) -> torch.Tensor:
+    """``ids`` (tensor or sequence of ints) as int64 ``[num_rows]`` on ``device``, checked.
+
+    ``rows_name`` names the argument that fixes ``num_rows`` and ``device``, for the errors.
+    """
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a tensor or sequence of integers ({exc})") from exc
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.shape[0] != num_rows:
+        raise ValueError(f"{name} has {ids.shape[0]} entries but {rows_name} has {num_rows} rows")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but {rows_name} is on {device}; move both to one device")
+    return ids.long()
+
+
+def check_real(value: Any, name: str, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a real number in [{low}, {high}], got {value!r}")
+    return float(value)

@@ -1,0 +1,310 @@
+"""Backward Triton kernels of shared-prefix attention: delta, dQ, and dK/dV.
+
+``delta = rowsum(dO * O) - dLSE`` (the lse output's gradient enters here, because
+``d lse / d s_j = p_j``), then ``dS = P * (dP - delta)`` in both gradient kernels.
+
+* dQ: one program per (query tile, query head), the forward's schedule and key runs.
+* dK/dV: one program per (key tile, KV head), looping over the query heads that share
+  the KV head. A key-tile row of the schedule holds ``k_start, k_end, q_end``; the
+  queries that see the tile form the single packed range ``[k_start, q_end)``:
+  a prefix key tile's range runs from the tile to the end of its group, so it covers the
+  causal prefix queries and then every suffix query of the group (the suffixes are
+  packed right behind their prefix); a suffix key tile's range ends with its suffix.
+  Queries are walked as the diagonal (causal mask, also exact for suffix queries, whose
+  packed index exceeds every prefix key), full unmasked blocks, and a bounded last
+  block. dK/dV accumulate in registers: no atomics, deterministic.
+
+lse and delta are kept head-major (``[Hq, T]``) here so a block of query rows reads its
+statistics contiguously.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import (
+    BOUND_MASK, CAUSAL_MASK, INTERPRETER_INNER_BLOCK, LOG2E, NO_MASK, dot_precision,
+    inner_block_configs, interpreted, keep_inner_blocks_dividing, load_tile, padded_head_dim,
+)
+
+DELTA_BLOCK_TOKENS = 64
+
+
+@triton.jit
+def _delta_kernel(
+    out_ptr, dout_ptr, dlse_ptr, delta_ptr, num_tokens,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    row_offsets = rows[:, None].to(tl.int64)
+    out = tl.load(out_ptr + head.to(tl.int64) * stride_oh + row_offsets * stride_ot + dims[None, :],
+                  mask=mask, other=0.0)
+    dout = tl.load(dout_ptr + head.to(tl.int64) * stride_doh + row_offsets * stride_dot + dims[None, :],
+                   mask=mask, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
+    stat_offsets = head.to(tl.int64) * num_tokens + rows
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + stat_offsets, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + stat_offsets, delta, mask=row_ok)
+
+
+@triton.jit
+def _dq_key_block(
+    dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
+    key_start, key_end, dims, dim_ok, qk_scale_log2,
+    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Add keys ``[key_start, key_start + BLOCK_N)``'s share of dQ (still unscaled)."""
+    keys = key_start + tl.arange(0, BLOCK_N)
+    key_ok = keys < key_end
+    key_offsets = keys[:, None].to(tl.int64)
+    k = load_tile(k_head + key_offsets * stride_kt + dims[None, :], key_ok, dim_ok,
+                  MASK != NO_MASK, CHECK_DIMS)
+    v = load_tile(v_head + key_offsets * stride_vt + dims[None, :], key_ok, dim_ok,
+                  MASK != NO_MASK, CHECK_DIMS)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    probs = tl.exp2(scores - lse_log2[:, None])
+    if MASK == CAUSAL_MASK:
+        probs = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], probs, 0.0)
+    elif MASK == BOUND_MASK:
+        probs = tl.where(key_ok[None, :], probs, 0.0)
+    dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    dscores = probs * (dprobs - delta[:, None])
+    return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _prefix_attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, q_tiles_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    num_tokens, num_q_heads, heads_per_kv, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid // num_q_heads
+    head = pid % num_q_heads
+    kv_head = head // heads_per_kv
+    meta = q_tiles_ptr + tile * 5
+    q_start = tl.load(meta)
+    seg_start = tl.load(meta + 1)
+    seg_end = tl.load(meta + 2)
+    shared_start = tl.load(meta + 3)
+    shared_len = tl.load(meta + 4)
+
+    rows = q_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_end
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    row_offsets = rows[:, None].to(tl.int64)
+    head64 = head.to(tl.int64)
+    q = load_tile(q_ptr + head64 * stride_qh + row_offsets * stride_qt + dims[None, :],
+                  row_ok, dim_ok, True, CHECK_DIMS)
+    dout = load_tile(dout_ptr + head64 * stride_doh + row_offsets * stride_dot + dims[None, :],
+                     row_ok, dim_ok, True, CHECK_DIMS)
+    stat_offsets = head64 * num_tokens + rows
+    lse_log2 = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    shared_end = shared_start + shared_len
+    shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
+    for key_start in range(shared_start, shared_full_end, BLOCK_N):
+        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
+                           key_start, shared_end, dims, dim_ok, qk_scale_log2,
+                           NO_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(shared_full_end, shared_end, BLOCK_N):
+        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
+                           key_start, shared_end, dims, dim_ok, qk_scale_log2,
+                           BOUND_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(seg_start, q_start, BLOCK_N):
+        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
+                           key_start, seg_end, dims, dim_ok, qk_scale_log2,
+                           NO_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(q_start, tl.minimum(q_start + BLOCK_M, seg_end), BLOCK_N):
+        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
+                           key_start, seg_end, dims, dim_ok, qk_scale_log2,
+                           CAUSAL_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+
+    dq_ptrs = dq_ptr + head64 * stride_dqh + row_offsets * stride_dqt + dims[None, :]
+    tl.store(dq_ptrs, (dq * softmax_scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _dkdv_query_block(
+    dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
+    stride_qt, stride_dot, query_start, query_end, dims, dim_ok, qk_scale_log2,
+    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Add queries ``[query_start, query_start + BLOCK_M)``'s share of dK (unscaled), dV."""
+    rows = query_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < query_end
+    row_offsets = rows[:, None].to(tl.int64)
+    q = load_tile(q_head + row_offsets * stride_qt + dims[None, :], row_ok, dim_ok,
+                  MASK != NO_MASK, CHECK_DIMS)
+    dout = load_tile(dout_head + row_offsets * stride_dot + dims[None, :], row_ok, dim_ok,
+                     MASK != NO_MASK, CHECK_DIMS)
+    if MASK == NO_MASK:
+        lse_log2 = tl.load(lse_head + rows) * LOG2E
+        delta = tl.load(delta_head + rows)
+    else:
+        lse_log2 = tl.load(lse_head + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_head + rows, mask=row_ok, other=0.0)
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+    probs_t = tl.exp2(scores_t - lse_log2[None, :])
+    if MASK == CAUSAL_MASK:
+        probs_t = tl.where((rows[None, :] >= keys[:, None]) & row_ok[None, :], probs_t, 0.0)
+    elif MASK == BOUND_MASK:
+        probs_t = tl.where(row_ok[None, :], probs_t, 0.0)
+    dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+    dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+    dscores_t = probs_t * (dprobs_t - delta[None, :])
+    dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_tiles_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    num_tokens, num_kv_heads, heads_per_kv, softmax_scale, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    meta = kv_tiles_ptr + tile * 3
+    k_start = tl.load(meta)
+    k_end = tl.load(meta + 1)
+    q_end = tl.load(meta + 2)
+
+    keys = k_start + tl.arange(0, BLOCK_N)
+    key_ok = keys < k_end
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    key_offsets = keys[:, None].to(tl.int64)
+    kv_head64 = kv_head.to(tl.int64)
+    k = load_tile(k_ptr + kv_head64 * stride_kh + key_offsets * stride_kt + dims[None, :],
+                  key_ok, dim_ok, True, CHECK_DIMS)
+    v = load_tile(v_ptr + kv_head64 * stride_vh + key_offsets * stride_vt + dims[None, :],
+                  key_ok, dim_ok, True, CHECK_DIMS)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    diag_end = tl.minimum(k_start + BLOCK_N, q_end)
+    full_end = diag_end + ((q_end - diag_end) // BLOCK_M) * BLOCK_M
+    for head_in_group in range(heads_per_kv):
+        head = kv_head * heads_per_kv + head_in_group
+        head64 = head.to(tl.int64)
+        q_head = q_ptr + head64 * stride_qh
+        dout_head = dout_ptr + head64 * stride_doh
+        lse_head = lse_ptr + head64 * num_tokens
+        delta_head = delta_ptr + head64 * num_tokens
+        for query_start in range(k_start, diag_end, BLOCK_M):
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
+                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                CAUSAL_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
+        for query_start in range(diag_end, full_end, BLOCK_M):
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
+                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                NO_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
+        for query_start in range(full_end, q_end, BLOCK_M):
+            dk, dv = _dkdv_query_block(
+                dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
+                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                BOUND_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
+
+    store_mask = key_ok[:, None] & dim_ok[None, :]
+    tl.store(dk_ptr + kv_head64 * stride_dkh + key_offsets * stride_dkt + dims[None, :],
+             (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptr + kv_head64 * stride_dvh + key_offsets * stride_dvt + dims[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+_prefix_attention_dq_tuned = triton.autotune(
+    configs=inner_block_configs("BLOCK_N", (16, 32, 64)), key=["HEAD_DIM", "BLOCK_M"],
+    prune_configs_by=keep_inner_blocks_dividing("BLOCK_M", "BLOCK_N"),
+)(_prefix_attention_dq_kernel)
+_prefix_attention_dkdv_tuned = triton.autotune(
+    configs=inner_block_configs("BLOCK_M", (16, 32, 64)), key=["HEAD_DIM", "BLOCK_N"],
+    prune_configs_by=keep_inner_blocks_dividing("BLOCK_N", "BLOCK_M"),
+)(_prefix_attention_dkdv_kernel)
+
+
+def launch_backward(
+    dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    q_tiles: torch.Tensor, kv_tiles: torch.Tensor, q_tile_size: int, kv_tile_size: int,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of shared-prefix attention.
+
+    Args:
+        dout, out, q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
+        dlse, lse: ``[T, Hq]`` float32 (dlse None when lse got no gradient).
+        q_tiles: ``[num_q_tiles, 5]`` int32, tiles of ``q_tile_size`` query rows.
+        kv_tiles: ``[num_kv_tiles, 3]`` int32, tiles of ``kv_tile_size`` key rows.
+
+    Returns contiguous ``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])`` in q.dtype.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    head_dim_pad = padded_head_dim(head_dim)
+    qk_scale_log2 = softmax_scale * LOG2E.value
+    precision = dot_precision(q.dtype)
+
+    # Head-major statistics: a block of query rows then reads them contiguously.
+    lse_by_head = lse.t().contiguous()
+    dlse_by_head = dlse.t().contiguous() if dlse is not None else None
+    delta = torch.empty((num_q_heads, num_tokens), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(num_tokens, DELTA_BLOCK_TOKENS), num_q_heads)](
+        out, dout, delta if dlse_by_head is None else dlse_by_head,  # not read without HAS_DLSE
+        delta, num_tokens,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_T=DELTA_BLOCK_TOKENS,
+        HAS_DLSE=dlse is not None,
+    )
+
+    dq = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=q.device)
+    dv = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=v.dtype, device=q.device)
+    dq_kernel, dq_fixed = _prefix_attention_dq_tuned, {}
+    dkdv_kernel, dkdv_fixed = _prefix_attention_dkdv_tuned, {}
+    if interpreted():
+        dq_kernel, dq_fixed = _prefix_attention_dq_kernel, {"BLOCK_N": INTERPRETER_INNER_BLOCK}
+        dkdv_kernel, dkdv_fixed = _prefix_attention_dkdv_kernel, {"BLOCK_M": INTERPRETER_INNER_BLOCK}
+
+    dq_kernel[(q_tiles.shape[0] * num_q_heads,)](
+        q, k, v, dout, lse_by_head, delta, dq, q_tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        num_tokens, num_q_heads, num_q_heads // num_kv_heads, softmax_scale, qk_scale_log2,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
+        BLOCK_M=q_tile_size, DOT_PRECISION=precision, **dq_fixed,
+    )
+    dkdv_kernel[(kv_tiles.shape[0] * num_kv_heads,)](
+        q, k, v, dout, lse_by_head, delta, dk, dv, kv_tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        num_tokens, num_kv_heads, num_q_heads // num_kv_heads, softmax_scale, qk_scale_log2,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
+        BLOCK_N=kv_tile_size, DOT_PRECISION=precision, **dkdv_fixed,
+    )
+    return dq, dk, dv

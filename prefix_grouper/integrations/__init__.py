@@ -1,0 +1,1 @@
+"""Plug-in use of prefix_grouper in model libraries."""

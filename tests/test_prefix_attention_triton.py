@@ -1,0 +1,213 @@
+"""backend="triton" against the dense float64 reference.
+
+Without a GPU the kernels run through the Triton interpreter (fp32, tiny shapes, query
+and key tiles of 32 rows walked in blocks of 16, so diagonals span several blocks and
+lengths such as 1, 7, 19, 97 leave partial tiles).
+"""
+import os
+import shutil
+
+import torch
+
+if not torch.cuda.is_available() and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest  # noqa: E402
+
+from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
+from prefix_grouper.attention.naive import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
+from prefix_grouper.attention.triton_backend import (  # noqa: E402
+    _key_tile_rows, _query_tile_rows, _schedules, triton_prefix_attention, triton_unavailable_reason,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if triton_unavailable_reason(DEVICE) is not None:
+    pytest.skip(f"triton backend unavailable: {triton_unavailable_reason(DEVICE)}", allow_module_level=True)
+
+# fp32 kernels (fp32 dot products, fp32 online softmax) against float64: over at most a
+# few hundred keys of unit-scale inputs, rounding stays around 1e-6 (observed <= 2e-6 on
+# the interpreter). 1e-4 leaves 50x headroom, while a wrong mask or a missed key block
+# moves values by O(0.1).
+FP32_ATOL = 1e-4
+
+RAGGED = ([1, 7, 20], [[0, 1, 7], [19], [7, 0, 1, 19]])  # empty completions, G = 3, 1, 4
+LONG = ([97, 5], [[1, 40], [33]])  # a prefix spanning several tiles, a partial last tile
+SINGLE = ([33], [[45]])  # G = 1
+# GPU tiles are 32-128 rows: lengths around and across several of them.
+GPU_SIZED = ([300, 129], [[0, 257, 1], [128, 500]])
+
+
+def _layout(lengths):
+    return GroupLayout.from_lengths(*lengths, device=DEVICE)
+
+
+def _inputs(layout, q_heads, kv_heads, head_dim, dtype=torch.float32, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    t = layout.total_tokens
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    return randn(t, q_heads, head_dim), randn(t, kv_heads, head_dim), randn(t, kv_heads, head_dim)
+
+
+def _grads(fn, q, k, v, out_weight, lse_weight):
+    """``(out, lse, dq, dk, dv)`` of ``sum(out * out_weight) + sum(lse * lse_weight)``."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = 0
+    if out_weight is not None:
+        loss = loss + (out.to(out_weight.dtype) * out_weight).sum()
+    if lse_weight is not None:
+        loss = loss + (lse.to(lse_weight.dtype) * lse_weight).sum()
+    # lse does not depend on v: the reference leaves dv unset for an lse-only loss.
+    grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    dq, dk, dv = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v)))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def _max_errors(layout, q, k, v, scale, use_out=True, use_lse=True):
+    """Max abs error of (out, lse, dq, dk, dv) of the triton backend vs float64 reference."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    t, hq, d = q.shape
+    out_weight = torch.randn(t, hq, d, generator=gen, device=DEVICE, dtype=torch.float64) if use_out else None
+    lse_weight = torch.randn(t, hq, generator=gen, device=DEVICE, dtype=torch.float64) if use_lse else None
+    got = _grads(lambda *x: prefix_attention(*x, layout, softmax_scale=scale, backend="triton",
+                                             return_lse=True), q, k, v, out_weight, lse_weight)
+    want = _grads(lambda *x: reference_prefix_attention(*x, layout, scale),
+                  q.double(), k.double(), v.double(), out_weight, lse_weight)
+    return [(a.double() - b).abs().max().item() for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("lengths, q_heads, kv_heads, head_dim", [
+    (RAGGED, 2, 2, 16),
+    (RAGGED, 4, 2, 32),   # GQA
+    (RAGGED, 3, 1, 24),   # MQA, head dim padded to 32 inside the kernels
+    (LONG, 4, 2, 16),
+    (SINGLE, 1, 1, 80),   # padded to 128
+    pytest.param(GPU_SIZED, 4, 2, 64, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="too slow for the interpreter")),
+])
+def test_matches_reference_fp32(lengths, q_heads, kv_heads, head_dim):
+    layout = _layout(lengths)
+    q, k, v = _inputs(layout, q_heads, kv_heads, head_dim)
+    errors = _max_errors(layout, q, k, v, scale=head_dim ** -0.5)
+    assert max(errors) <= FP32_ATOL, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))
+
+
+@pytest.mark.parametrize("use_out, use_lse", [(True, False), (False, True)])
+def test_loss_on_one_output_only(use_out, use_lse):
+    """The unused output's gradient arrives as None; both paths must still be exact."""
+    layout = _layout(RAGGED)
+    q, k, v = _inputs(layout, 2, 1, 16, seed=2)
+    errors = _max_errors(layout, q, k, v, scale=0.7, use_out=use_out, use_lse=use_lse)
+    assert max(errors) <= FP32_ATOL, errors
+
+
+def test_non_contiguous_inputs():
+    layout = _layout(RAGGED)
+    t, d = layout.total_tokens, 16
+    q0, k0, v0 = _inputs(layout, 4, 2, 2 * d, seed=3)
+    q = q0[..., :d]                                   # head stride 2D
+    k = k0.transpose(0, 1).contiguous().transpose(0, 1)[..., d:]  # head-major storage
+    v = v0[..., ::2]                                  # last-dim stride 2: copied
+    assert not any(x.is_contiguous() for x in (q, k, v)) and q.shape == (t, 4, d)
+    errors = _max_errors(layout, q, k, v, scale=d ** -0.5)
+    assert max(errors) <= FP32_ATOL, errors
+
+
+def test_tile_schedules_cover_the_layout_once():
+    tile = 4
+    layout = GroupLayout.from_lengths([1, 9], [[0, 5, 0], [4, 8]])
+    segments = layout.cu_seqlens.tolist()
+    query_rows = _query_tile_rows(layout, tile)
+    covered = sorted(r for q_start, _, seg_end, _, _ in query_rows
+                     for r in range(q_start, min(q_start + tile, seg_end)))
+    assert covered == list(range(layout.total_tokens))
+    for q_start, seg_start, seg_end, shared_start, shared_len in query_rows:
+        assert (seg_start, seg_end) in zip(segments, segments[1:]) and seg_start <= q_start < seg_end
+        assert (q_start - seg_start) % tile == 0
+        group = layout.token_group[q_start].item()
+        is_suffix = layout.token_completion[q_start].item() >= 0
+        assert shared_start == layout.prefix_starts[group].item()
+        assert shared_len == (layout.prefix_lens[group].item() if is_suffix else 0)
+    key_rows = _key_tile_rows(layout, tile)
+    assert sorted(r for k_start, k_end, _ in key_rows
+                  for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
+    mask = prefix_sharing_mask(layout)
+    for k_start, k_end, q_end in key_rows:
+        # The query range [k_start, q_end) is exactly who sees the tile's first key.
+        assert mask[:, k_start].nonzero().flatten().tolist() == list(range(k_start, q_end))
+
+
+def test_custom_op_registration():
+    layout = _layout(([3, 2], [[2, 0], [1]]))
+    q, k, v = _inputs(layout, 2, 1, 16, seed=4)
+    q_tiles, kv_tiles, q_tile, kv_tile = _schedules(layout, 16, torch.float32, DEVICE)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.prefix_grouper.prefix_attention_fwd.default,
+                          (q, k, v, q_tiles, kv_tiles, 0.25, q_tile, kv_tile))
+
+
+def test_torch_compile_fullgraph():
+    layout = _layout(RAGGED)
+    q, k, v = _inputs(layout, 2, 2, 16, seed=5)
+
+    def loss_fn(q, k, v):
+        out, lse = prefix_attention(q, k, v, layout, backend="triton", return_lse=True)
+        return (out.float() ** 2).sum() + lse.sum()
+
+    # On CPU, aot_eager still checks the fake and autograd registrations without
+    # compiling C++ around interpreted kernels.
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
+    eager_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    eager_loss = loss_fn(*eager_inputs)
+    compiled_loss = compiled(*compiled_inputs)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(torch.autograd.grad(compiled_loss, compiled_inputs),
+                    torch.autograd.grad(eager_loss, eager_inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_unavailable_reason():
+    assert triton_unavailable_reason(DEVICE) is None
+    assert "meta" in triton_unavailable_reason(torch.device("meta"))
+
+
+def _dense_attention(q, k, v, layout, scale):
+    """Plain PyTorch attention computed in the inputs' dtype (the low-precision baseline)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~prefix_sharing_mask(layout), float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1).transpose(0, 1)
+    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), v), lse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_flash_attention_rule(head_dim):
+    """Error vs float64 <= 2x the error of plain bf16 PyTorch (+ eps), and deterministic."""
+    layout = _layout(([300, 1000, 64], [[0, 129, 500, 1], [7, 300], [200] * 8]))
+    q, k, v = _inputs(layout, 8, 2, head_dim, dtype=torch.bfloat16, seed=6)
+    scale = head_dim ** -0.5
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    out_weight = torch.randn(*q.shape, generator=gen, device=DEVICE, dtype=torch.float64)
+    lse_weight = torch.randn(*q.shape[:2], generator=gen, device=DEVICE, dtype=torch.float64)
+
+    def triton_fn(*x):
+        return triton_prefix_attention(*x, layout, scale)
+
+    got = _grads(triton_fn, q, k, v, out_weight, lse_weight)
+    baseline = _grads(lambda *x: _dense_attention(*x, layout, scale), q, k, v, out_weight, lse_weight)
+    want = _grads(lambda *x: reference_prefix_attention(*x, layout, scale),
+                  q.double(), k.double(), v.double(), out_weight, lse_weight)
+    for name, a, b, w in zip(("out", "lse", "dq", "dk", "dv"), got, baseline, want):
+        err = (a.double() - w).abs().max().item()
+        baseline_err = (b.double() - w).abs().max().item()
+        assert err <= 2 * baseline_err + 1e-5, (name, err, baseline_err)
+    again = _grads(triton_fn, q, k, v, out_weight, lse_weight)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)

@@ -1,9 +1,14 @@
-"""Demo: shared-prefix attention equals the naive layout, and is faster.
+"""Demo: the packed shared-prefix layout equals the naive layout, and is faster.
 
-Builds a ragged GRPO batch, runs ``prefix_attention`` (backend "auto") on the packed
-layout and causal SDPA on the naive layout (every ``[prefix; completion]`` its own padded
-row), checks that completion outputs and q/k/v gradients agree, then times both
-(forward and forward+backward). Writes a CSV and a PNG under benchmarks/results/.
+1. Attention alone: builds ragged GRPO batches, runs ``prefix_attention`` (backend
+   "auto") on the packed layout and causal SDPA on the naive layout (every
+   ``[prefix; completion]`` its own padded row), checks in float64 that completion outputs
+   and q/k/v gradients agree, then times both (forward and forward+backward).
+2. A whole model: a randomly initialized Qwen2-shaped transformers model computes the
+   completion log-probs of a GRPO batch, naive (padded rows through SDPA) and packed
+   (``attn_implementation="prefix_grouper"``); checks they agree and times forward+backward.
+
+Writes CSVs and PNGs under benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, share
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.api import _resolve_backend  # noqa: E402
+from model_demo import model_demo  # noqa: E402
 
 
 def batches(device):
@@ -71,6 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--skip-model", action="store_true", help="skip the whole-model part")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -118,6 +125,8 @@ def main():
             "useful_tflops_fwd_bwd": f"{3.5 * flops / times['grouped_fwd_bwd'] / 1e9:.3f}",
         })
     write_results(rows, device, args.out)
+    if not args.skip_model:
+        model_demo(device, args.out)
 
 
 def write_results(rows, device, out_dir):

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q "torch==2.14.1" numpy tqdm matplotlib pytest ninja cmake
+python -m pip install -q "torch==2.14.1" numpy tqdm matplotlib pytest ninja cmake transformers
 python -m pip install -q --no-build-isolation -e .
 python - <<'PY'
 import torch, prefix_grouper

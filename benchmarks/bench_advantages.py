@@ -18,7 +18,6 @@ interpreter, which says nothing about speed: it is skipped there unless --backen
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, device_name, measure_ms, slug, versions  # noqa: E402
+from common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, slug, versions, write_csv  # noqa: E402
 
 from prefix_grouper.advantages import available_backends, grpo_advantages  # noqa: E402
 from prefix_grouper.advantages.api import normalize_in_groups  # noqa: E402
@@ -110,12 +109,8 @@ def main():
                                 copy_gbps=round(copy_gbps[rows], 3),
                                 fraction_of_copy=round(gbps / copy_gbps[rows], 4)))
 
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"advantages_{slug(name)}")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(results, stem + ".csv")
     plot(results, copy_gbps, header, stem + ".png")
 
     print(f"\n{header}")
@@ -128,10 +123,7 @@ def main():
 
 
 def plot(results, copy_gbps, title, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = matplotlib_pyplot()
 
     scopes = sorted({r["scope"] for r in results})
     fig, axes = plt.subplots(1, len(scopes), figsize=(6.5 * len(scopes), 4.8), sharey=True, squeeze=False)

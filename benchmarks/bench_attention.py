@@ -15,7 +15,6 @@ benchmarks/results/ named after the device.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, shared_prefix_flops,  # noqa: E402
-                    slug, versions)
+                    slug, versions, matplotlib_pyplot, write_csv)
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
@@ -192,11 +191,7 @@ def main():
     for config in tqdm(configs, desc="configs"):
         rows.extend(bench_config(*config, device, dtype))
     stem = os.path.join(args.out, f"attention_{slug(device_name(device))}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, stem + ".csv")
     print(f"\n{device_name(device)}; {versions()}; {dtype}")
     print(f"{'config':<22}{'approach':<10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
           f"{'TF/s fwd':>10}{'TF/s f+b':>10}{'diff':>11}")
@@ -209,10 +204,7 @@ def main():
 
 
 def plot(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = matplotlib_pyplot()
 
     configs = list(dict.fromkeys(r["config"] for r in rows))
     names = list(dict.fromkeys(r["approach"] for r in rows))

@@ -68,3 +68,24 @@ def naive_row_index(layout):
                         layout.prefix_starts[layout.completion_group][:, None] + cols,
                         layout.suffix_starts[:, None] + cols - prefix_len)
     return index.clamp(max=layout.total_tokens - 1), lengths
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """Rows of one dict each (same keys) to ``path``, creating its folder."""
+    import csv
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def matplotlib_pyplot():
+    """pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

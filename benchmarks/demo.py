@@ -13,7 +13,6 @@ Writes CSVs and PNGs under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, shared_prefix_flops,  # noqa: E402
-                    slug, versions)
+                    slug, versions, matplotlib_pyplot, write_csv)
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.api import _resolve_backend  # noqa: E402
@@ -130,12 +129,8 @@ def main():
 
 
 def write_results(rows, device, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"demo_{slug(device_name(device))}")
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, stem + ".csv")
     print(f"\n{device_name(device)}; {versions()}")
     header = f"{'batch':<16}{'backend':<9}{'tokens naive->packed':>22}{'out err':>10}{'grad err':>10}" \
              f"{'fwd ms naive/grouped':>24}{'fwd+bwd ms naive/grouped':>28}{'speedup':>9}"
@@ -150,10 +145,7 @@ def write_results(rows, device, out_dir):
 
 
 def plot(rows, path, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = matplotlib_pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = range(len(rows))

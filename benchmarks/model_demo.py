@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import csv
 import os
 
 import torch
 from tqdm import tqdm
 
-from common import device_name, measure_ms, slug, versions
+from common import device_name, measure_ms, slug, versions, write_csv
 
 from prefix_grouper import GroupLayout
 from prefix_grouper.integrations.transformers import ATTENTION_NAME, completion_log_probs, register
@@ -106,10 +105,7 @@ def model_demo(device, out_dir):
         "speedup": f"{times['naive'] / times['grouped']:.2f}",
     }
     path = os.path.join(out_dir, f"demo_model_{slug(device_name(device))}.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+    write_csv([row], path)
     print(f"\nwhole model ({row['model']}, {row['dtype']}, gradient checkpointing) on {row['device']}; {versions()}")
     print(f"tokens naive {row['naive_tokens']} -> packed {row['packed_tokens']}; completion log-probs differ by "
           f"at most {row['max_logprob_diff']}, parameter grads by {row['max_rel_grad_diff']} (relative)")

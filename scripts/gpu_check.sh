@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and torch/triton already installed (no network needed):
+# build the extension, run the whole test suite (the CUDA-only tests included), the CMake
+# kernel test, and every benchmark. Results land in benchmarks/results/ (and $OUT if set).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+status=0
+MAX_JOBS=${MAX_JOBS:-8} python3 -m pip install -q --no-build-isolation --no-deps -e . || status=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m pytest tests -q -x || status=1
+if command -v cmake >/dev/null; then
+  cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j \
+    && ctest --test-dir build/cmake --output-on-failure || status=1
+fi
+python3 benchmarks/bench_attention.py || status=1
+python3 benchmarks/bench_advantages.py || status=1
+python3 benchmarks/demo.py || status=1
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null; fi
+exit $status

@@ -18,6 +18,8 @@ __all__ = ["GroupLayout"]
 
 
 def _as_int_list(values: Any, name: str) -> list[int]:
+    if isinstance(values, (int, float, str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__} {values!r}")
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got a tensor of dtype {values.dtype}")
@@ -66,6 +68,9 @@ class GroupLayout:
         device: torch.device | str | None = None,
     ) -> None:
         prefix = _as_int_list(prefix_lens, "prefix_lens")
+        if isinstance(suffix_lens, (int, float, str, bytes)) or not hasattr(suffix_lens, "__len__"):
+            raise TypeError(f"suffix_lens must hold one sequence of completion lengths per group, "
+                            f"got {type(suffix_lens).__name__}")
         if len(prefix) == 0:
             raise ValueError("prefix_lens is empty: a layout needs at least one group")
         if len(suffix_lens) != len(prefix):

@@ -120,6 +120,15 @@ def test_from_lengths_errors(prefix, suffix, match):
         GroupLayout.from_lengths(prefix, suffix)
 
 
+def test_from_lengths_rejects_flat_or_scalar_lengths():
+    with pytest.raises(TypeError, match=r"suffix_lens\[0\] must be a sequence of integers, got int 3"):
+        GroupLayout.from_lengths([5], [3])
+    with pytest.raises(TypeError, match="prefix_lens must be a sequence of integers, got int 5"):
+        GroupLayout.from_lengths(5, [[3]])
+    with pytest.raises(TypeError, match="suffix_lens must hold one sequence of completion lengths per group"):
+        GroupLayout.from_lengths([5], 3)
+
+
 def test_from_lengths_rejects_non_integers():
     with pytest.raises(TypeError, match="prefix_lens must hold integers"):
         GroupLayout.from_lengths([2.5], [[1]])

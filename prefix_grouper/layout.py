@@ -20,6 +20,8 @@ __all__ = ["GroupLayout"]
 def _as_int_list(values: Any, name: str) -> list[int]:
     if isinstance(values, (int, float, str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__} {values!r}")
+    if isinstance(values, (set, frozenset, dict)):
+        raise TypeError(f"{name} must be an ordered sequence of integers, got a {type(values).__name__}")
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got a tensor of dtype {values.dtype}")
@@ -105,6 +107,8 @@ class GroupLayout:
         self.max_group_suffix_tokens = max(sum(g) for g in groups)
         self._cache: dict[Any, Any] = {}
         self._build_index_tensors(groups)
+        # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
+        self.device = self.prefix_lens.device
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -132,7 +136,7 @@ class GroupLayout:
                 padding); the completions of a group are consecutive rows.
             group_sizes: ``[B]`` number of completions of each group, summing to N.
 
-        Reads the masks once on the host (one synchronization per batch).
+        Reads the mask lengths back to the host (a few synchronizations, once per batch).
         """
         for name, mask in (("prompt_mask", prompt_mask), ("completion_mask", completion_mask)):
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -141,6 +145,9 @@ class GroupLayout:
             if mask.dtype.is_floating_point:
                 raise TypeError(f"{name} must be bool or integer, got {mask.dtype}")
         sizes = _as_int_list(group_sizes, "group_sizes")
+        for b, g in enumerate(sizes):
+            if g < 1:
+                raise ValueError(f"group_sizes[{b}] = {g}: every group needs at least one completion")
         if len(sizes) != prompt_mask.shape[0]:
             raise ValueError(
                 f"group_sizes has {len(sizes)} entries but prompt_mask has {prompt_mask.shape[0]} rows"
@@ -162,6 +169,10 @@ class GroupLayout:
             raise ValueError("prompt_mask must be left-padded: zeros first, then ones, in every row")
         if not bool((cm == (completion_cols[None] < completion_counts[:, None])).all()):
             raise ValueError("completion_mask must be right-padded: ones first, then zeros, in every row")
+        empty_prompts = (prompt_counts == 0).nonzero().flatten().tolist()
+        if empty_prompts:
+            raise ValueError(f"prompt_mask row {empty_prompts[0]} has no real token: every prompt needs at "
+                             f"least 1 (its last token predicts the first completion token)")
         flat = completion_counts.tolist()
         suffix, start = [], 0
         for g in sizes:
@@ -230,8 +241,9 @@ class GroupLayout:
         completion_of = torch.repeat_interleave(torch.arange(self.num_completions, **long),
                                                 self.suffix_lens, output_size=n_ct)
         first_of_completion = torch.cumsum(self.suffix_lens, 0) - self.suffix_lens
-        self._completion_positions = (self.suffix_starts[completion_of]
-                                      + torch.arange(n_ct, **long) - first_of_completion[completion_of])
+        offset_in_completion = torch.arange(n_ct, **long) - first_of_completion[completion_of]
+        self._completion_positions = self.suffix_starts[completion_of] + offset_in_completion
+        self._completion_padded_index = completion_of * self.max_suffix_len + offset_in_completion
         # The first token of a completion is predicted by its group's last prefix token;
         # any later one by the token right before it.
         first = self.position_ids[self._completion_positions] == self.prefix_lens[
@@ -252,7 +264,7 @@ class GroupLayout:
 
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its tensors on ``device``."""
-        device = torch.device(device)
+        device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
         if device == self.device:
             return self
         groups, start = [], 0
@@ -367,6 +379,9 @@ class GroupLayout:
 
         Returns ``(values [N, max_S, ...], mask [N, max_S] bool)``, zeros where padded.
         """
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"x must be a tensor with a leading token dim, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")
         if x.shape[0] == self.total_tokens:
             x = x.index_select(0, self._completion_positions.to(x.device))
         elif x.shape[0] != self.num_completion_tokens:
@@ -374,11 +389,8 @@ class GroupLayout:
                 f"x must have T={self.total_tokens} or num_completion_tokens="
                 f"{self.num_completion_tokens} rows, got shape {tuple(x.shape)}"
             )
-        mask = self._completion_mask()
-        out = x.new_zeros((self.num_completions, self.max_suffix_len, *x.shape[1:]))
-        out[mask.to(x.device)] = x
-        return out, mask.to(x.device)
-
-    def _completion_mask(self) -> torch.Tensor:
         cols = torch.arange(self.max_suffix_len, device=self.device)
-        return cols[None, :] < self.suffix_lens[:, None]
+        mask = cols[None, :] < self.suffix_lens[:, None]
+        out = x.new_zeros((self.num_completions * self.max_suffix_len, *x.shape[1:]))
+        out = out.index_copy(0, self._completion_padded_index.to(x.device), x)
+        return out.view(self.num_completions, self.max_suffix_len, *x.shape[1:]), mask.to(x.device)

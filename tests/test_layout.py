@@ -103,6 +103,12 @@ def test_from_padded_round_trip_of_log_prob_indices():
 
 def test_to_device_is_identity_on_same_device(layout):
     assert layout.to("cpu") is layout
+    assert layout.to("cpu:0") is layout
+
+
+def test_device_is_normalized():
+    """An index-less or indexed device name must compare equal to the tensors' device."""
+    assert GroupLayout.from_lengths([2], [[1]], device="cpu:0").device == torch.zeros(1).device
 
 
 @pytest.mark.parametrize(
@@ -146,7 +152,11 @@ def test_from_padded_errors():
     with pytest.raises(ValueError, match="group_sizes sums to 2"):
         GroupLayout.from_padded(good_prompt, good_completion, [2])
     with pytest.raises(ValueError, match="group_sizes has 2 entries"):
-        GroupLayout.from_padded(good_prompt, good_completion, [1, 0])
+        GroupLayout.from_padded(good_prompt, good_completion, [1, 1])
+    with pytest.raises(ValueError, match=r"group_sizes\[1\] = 0: every group needs at least one completion"):
+        GroupLayout.from_padded(torch.tensor([[0, 1], [1, 1]]), good_completion, [1, 0])
+    with pytest.raises(ValueError, match="prompt_mask row 0 has no real token"):
+        GroupLayout.from_padded(torch.tensor([[0, 0]]), good_completion, [1])
     with pytest.raises(ValueError, match="prompt_mask must be a 2-D tensor"):
         GroupLayout.from_padded(torch.tensor([1]), good_completion, [1])
     with pytest.raises(TypeError, match="completion_mask must be bool or integer"):
@@ -164,3 +174,9 @@ def test_pack_and_unpack_errors(layout):
         layout.pack(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="T=8 or num_completion_tokens=5 rows"):
         layout.unpack_completions(torch.zeros(6))
+    with pytest.raises(TypeError, match="x must be a tensor with a leading token dim"):
+        layout.unpack_completions([1, 2, 3, 4, 5])
+    with pytest.raises(TypeError, match="x must be a tensor with a leading token dim"):
+        layout.unpack_completions(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="must be an ordered sequence of integers, got a set"):
+        GroupLayout.from_lengths({3, 4}, [[1], [2]])

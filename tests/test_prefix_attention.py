@@ -133,6 +133,26 @@ def test_non_contiguous_inputs(generator):
                                                 layout, backend="reference"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_completions_empty(backend, generator):
+    """Prefix-only batches are plain causal attention per prefix."""
+    layout = GroupLayout.from_lengths([4, 3], [[0, 0], [0]])
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = make_qkv(layout, 2, 1, 16, dtype, generator)
+    actual = outputs_and_grads(q, k, v, layout, backend)
+    expected = outputs_and_grads(*[x.detach().double().requires_grad_() for x in (q, k, v)], layout, "reference")
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_scale_accepts_numpy_and_tensor_scalars(small):
+    np = pytest.importorskip("numpy")
+    layout, q, k, v = small
+    expected = prefix_attention(q, k, v, layout, softmax_scale=0.25)
+    for scale in (np.float32(0.25), torch.tensor(0.25), 0.25):
+        torch.testing.assert_close(prefix_attention(q, k, v, layout, softmax_scale=scale), expected)
+
+
 def test_auto_on_cpu_is_torch():
     assert available_backends("cpu")[:2] == ["reference", "torch"]
 
@@ -196,6 +216,10 @@ def test_error_layout_and_scale(small):
         prefix_attention(q, k, v, [3, 2, 1])
     with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
         prefix_attention(q, k, v, layout, softmax_scale=float("nan"))
+    with pytest.raises(TypeError, match="softmax_scale must be a real number, got bool"):
+        prefix_attention(q, k, v, layout, softmax_scale=True)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        prefix_attention(q, k, v, layout, return_lse="yes")
 
 
 def test_error_backend(small, monkeypatch):
@@ -208,6 +232,9 @@ def test_error_backend(small, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
         prefix_attention(q.double(), k.double(), v.double(), layout, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="Triton interpreter.*not bfloat16"):
+            prefix_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, backend="triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs CUDA")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -44,6 +45,10 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
         reason = _triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # Triton's interpreter (3.8) computes bf16 tl.dot wrongly; refuse rather than mislead.
+            raise TypeError("backend='triton' on CPU (the Triton interpreter) supports float32 and float16, "
+                            "not bfloat16")
     return backend
 
 
@@ -85,6 +90,18 @@ def _validate(q, k, v, layout):
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
+def _positive_float(value, name: str) -> float:
+    """A positive finite float from a Python/NumPy real or a 0-d tensor (bools refused)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,6 +133,8 @@ def prefix_attention(
         ``return_lse``, lse ``[T, Hq]`` float32 (float64 for float64 inputs),
         differentiable too.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
     if batched:
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -128,17 +147,17 @@ def prefix_attention(
     _validate(q, k, v, layout)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    else:
+        softmax_scale = _positive_float(softmax_scale, "softmax_scale")
     name = _resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
-        out, lse = reference_prefix_attention(q, k, v, layout, float(softmax_scale))
+        out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale)
     elif name == "torch":
-        out, lse = torch_prefix_attention(q, k, v, layout, float(softmax_scale))
+        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale)
     else:
         from .triton_backend import triton_prefix_attention
 
-        out, lse = triton_prefix_attention(q, k, v, layout, float(softmax_scale))
+        out, lse = triton_prefix_attention(q, k, v, layout, softmax_scale)
     if batched:
         out, lse = out[None], lse[None]
     return (out, lse) if return_lse else out

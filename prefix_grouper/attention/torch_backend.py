@@ -96,6 +96,8 @@ def torch_prefix_attention(
     causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
                                device=q.device).tril()
     o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
+    if layout.num_completion_tokens == 0:  # every completion empty: prefixes only
+        return o_pre[plan["prefix_valid"]].to(q.dtype), lse_pre[plan["prefix_valid"]]
 
     q_group = padded(qc, plan["group_idx"])
     o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],

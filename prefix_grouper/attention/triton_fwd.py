@@ -34,9 +34,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 INTERPRETER_INNER_BLOCK = 16
 
 
+def _torch_allows_tf32() -> bool:
+    # torch >= 2.9 has fp32_precision; reading the legacy allow_tf32 after the new switch
+    # was set raises, so ask the new one first.
+    matmul = torch.backends.cuda.matmul
+    try:
+        return getattr(matmul, "fp32_precision") == "tf32"
+    except (AttributeError, RuntimeError):
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's TF32 switch for matmuls; 16-bit inputs ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _torch_allows_tf32():
         return "ieee"
     return "tf32"
 

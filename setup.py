@@ -25,7 +25,11 @@ def _find_cuda_home():
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     # /usr/local/bin/nvcc may be a wrapper script, so prefer the toolkit directory itself.
-    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+    def version(path):
+        digits = path.rsplit("-", 1)[-1].split(".")
+        return tuple(int(d) for d in digits if d.isdigit())
+
+    for candidate in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), key=version, reverse=True):
         if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
             return candidate
     nvcc = shutil.which("nvcc")

@@ -51,25 +51,33 @@ def naive_attention(qn, kn, vn, lengths):
     return out.transpose(1, 2)
 
 
-def check_equivalence(layout, q, k, v):
-    """Max |grouped - naive| over completion outputs and over the q/k/v gradients."""
+def check_equivalence(layout, q, k, v, backend):
+    """Max |grouped - naive| over completion outputs and the q/k/v gradients, with the
+    grouped side on the ``backend`` that gets timed (float64 where it supports it, else
+    float32) and the naive side in float64. Exits if they disagree."""
+    precision = torch.float64 if backend in ("torch", "reference") else torch.float32
+    tolerance = 1e-9 if precision == torch.float64 else 1e-3
     index, lengths = naive_row_index(layout)
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    grouped = prefix_attention(*leaves, layout, backend="torch")
+    grouped_leaves = [x.detach().to(precision).requires_grad_() for x in (q, k, v)]
+    grouped = prefix_attention(*grouped_leaves, layout, backend=backend)
     naive = naive_attention(*(x[index] for x in leaves), lengths)
     # Completion token j, column c of naive row r <-> packed completion position.
     prefix_len = layout.prefix_lens[layout.completion_group]
     cols = torch.arange(index.shape[1], device=index.device)[None]
     is_completion = (cols >= prefix_len[:, None]) & (cols < lengths[:, None])
-    weight = torch.randn_like(grouped)
+    weight = torch.randn(grouped.shape, dtype=torch.float64, device=grouped.device)
     loss_naive = (naive * weight[index])[is_completion].sum()
     completion_tokens = layout.token_completion >= 0
-    loss_grouped = (grouped * weight)[completion_tokens].sum()
-    out_err = (naive[is_completion] - grouped[index[is_completion]]).abs().max().item()
+    loss_grouped = (grouped * weight.to(precision))[completion_tokens].sum()
+    out_err = (naive[is_completion] - grouped[index[is_completion]].double()).abs().max().item()
     grad_naive = torch.autograd.grad(loss_naive, leaves)
-    grad_grouped = torch.autograd.grad(loss_grouped, leaves)
-    grad_err = max((a - b).abs().max().item() for a, b in zip(grad_naive, grad_grouped))
-    return out_err, grad_err
+    grad_grouped = torch.autograd.grad(loss_grouped, grouped_leaves)
+    grad_err = max((a - b.double()).abs().max().item() for a, b in zip(grad_naive, grad_grouped))
+    if max(out_err, grad_err) > tolerance:
+        raise SystemExit(f"prefix_attention (backend={backend}) disagrees with the naive layout: "
+                         f"output error {out_err:.2e}, gradient error {grad_err:.2e} > {tolerance:.0e}")
+    return out_err, grad_err, str(precision).replace("torch.", "")
 
 
 def main():
@@ -87,8 +95,8 @@ def main():
         q = torch.randn(layout.total_tokens, hq, d, device=device, dtype=dtype)
         k = torch.randn(layout.total_tokens, hkv, d, device=device, dtype=dtype)
         v = torch.randn(layout.total_tokens, hkv, d, device=device, dtype=dtype)
-        out_err, grad_err = check_equivalence(layout, q, k, v)
         backend = _resolve_backend("auto", device, dtype)
+        out_err, grad_err, checked_in = check_equivalence(layout, q, k, v, backend)
 
         index, lengths = naive_row_index(layout)
         qn, kn, vn = (x[index].detach().requires_grad_() for x in (q, k, v))
@@ -117,11 +125,12 @@ def main():
         rows.append({
             "batch": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "backend": backend, "packed_tokens": layout.total_tokens, "naive_tokens": layout.naive_tokens(),
-            "max_out_err_fp64": f"{out_err:.2e}", "max_grad_err_fp64": f"{grad_err:.2e}",
+            "checked_in": checked_in, "max_out_err": f"{out_err:.2e}", "max_grad_err": f"{grad_err:.2e}",
             **{f"{key}_ms": f"{value:.3f}" for key, value in times.items()},
             "speedup_fwd": f"{times['naive_fwd'] / times['grouped_fwd']:.2f}",
             "speedup_fwd_bwd": f"{times['naive_fwd_bwd'] / times['grouped_fwd_bwd']:.2f}",
             "useful_tflops_fwd_bwd": f"{3.5 * flops / times['grouped_fwd_bwd'] / 1e9:.3f}",
+            "versions": versions(),
         })
     write_results(rows, device, args.out)
     if not args.skip_model:
@@ -137,7 +146,7 @@ def write_results(rows, device, out_dir):
     print(header)
     for r in rows:
         print(f"{r['batch']:<16}{r['backend']:<9}{str(r['naive_tokens']) + ' -> ' + str(r['packed_tokens']):>22}"
-              f"{r['max_out_err_fp64']:>10}{r['max_grad_err_fp64']:>10}"
+              f"{r['max_out_err']:>10}{r['max_grad_err']:>10}"
               f"{r['naive_fwd_ms'] + ' / ' + r['grouped_fwd_ms']:>24}"
               f"{r['naive_fwd_bwd_ms'] + ' / ' + r['grouped_fwd_bwd_ms']:>28}{r['speedup_fwd_bwd'] + 'x':>9}")
     plot(rows, stem + ".png", device)

@@ -167,8 +167,8 @@ def test_grpo_float32_and_long_groups(backend, device):
     gen = torch.Generator().manual_seed(5)
     ids = torch.cat([torch.arange(40).repeat_interleave(8), torch.full((700,), 40)])
     ids = ids[torch.randperm(ids.numel(), generator=gen)]
-    # Far from 0, float32 keeps ~3e-5 of absolute precision: a two-pass std stays within
-    # 1e-4, a one-pass E[x^2] - E[x]^2 would not.
+    # Far from 0, float32 inputs keep ~3e-5 of absolute precision; the float64 statistics
+    # (two-pass) add nothing to that, so the float32 result stays within 1e-4.
     rewards = torch.randn(ids.numel(), generator=gen) * 2 + 300
     out = grpo_advantages(rewards.to(device), ids.to(device), backend=backend)
     assert out.dtype == torch.float32
@@ -181,6 +181,39 @@ def test_grpo_bfloat16(backend, device):
     out = grpo_advantages(rewards.to(device), ids.to(device), backend=backend)
     assert out.dtype == torch.bfloat16
     close(out, naive.grpo_advantages(rewards, ids), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_identical_rewards_give_exactly_zero(backend, device, dtype):
+    # Regression: with float32 statistics the mean of 12 x 0.7 was an ulp off and the std
+    # ~1e-8, so eps=1e-9 turned that ulp into advantages near +-0.95 (torch) or 0 (Triton).
+    # A 300-row group of another constant crosses the kernels' chunk boundaries.
+    ids = torch.cat([torch.zeros(12, dtype=torch.long), torch.ones(300, dtype=torch.long)]).to(device)
+    rewards = torch.where(ids == 0, 0.7, 0.1).to(dtype)
+    for scale in ("group", "batch", "none"):
+        out = grpo_advantages(rewards, ids, eps=1e-9, scale=scale, backend=backend)
+        assert out.dtype == dtype and out.device.type == device
+        assert torch.equal(out.cpu(), torch.zeros(312, dtype=dtype)), scale
+    options = dict(eps=1e-9, backend=backend)
+    both = torch.stack([rewards, rewards], 1)
+    for mode in ("sum_then_normalize", "normalize_then_sum"):
+        out = multi_objective_advantages(both, ids, [1.0, 0.5], mode=mode, **options)
+        assert torch.equal(out.cpu(), torch.zeros(312, dtype=dtype)), mode
+    out = gigpo_advantages(rewards, rewards, ids, torch.zeros_like(ids), mode="mean_std_norm", **options)
+    assert torch.equal(out.cpu(), torch.zeros(312, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_nearly_identical_float32_rewards(backend, device):
+    # The last reward is an ulp or two above the others: a real, tiny spread that float64
+    # statistics resolve (std ~3e-8, so the advantages are of order 1) and float32 ones did not.
+    rewards = torch.tensor([0.7] * 11 + [0.7000001])
+    assert rewards[-1] != rewards[0]
+    ids = torch.zeros(12, dtype=torch.long)
+    out = grpo_advantages(rewards.to(device), ids.to(device), eps=1e-9, backend=backend)
+    assert out.dtype == torch.float32
+    close(out, naive.grpo_advantages(rewards, ids, eps=1e-9), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_backend_matches_torch():
@@ -300,7 +333,8 @@ def test_gigpo_convention(mode, episode_stats):
                                       batch["gamma"])
     close(step_returns, torch.tensor(batch["step_return"], dtype=torch.float64))
     args = (torch.tensor(batch["episode"], dtype=torch.float64), step_returns, batch["group"], anchors)
-    options = dict(mode=mode, episode_stats=episode_stats, omega=0.7, traj_index=batch["traj"])
+    traj = batch["traj"] if episode_stats == "trajectories" else None  # refused with "rows"
+    options = dict(mode=mode, episode_stats=episode_stats, omega=0.7, traj_index=traj)
     expected = gigpo_reference(batch, mode, episode_stats, omega=0.7)
     close(gigpo_advantages(*args, **options), expected)
     close(naive.gigpo_advantages(*args, **options), expected)
@@ -316,9 +350,10 @@ def test_gigpo_backends_match_reference(backend, device):
     for mode in ("mean_norm", "mean_std_norm"):
         for episode_stats in ("rows", "trajectories"):
             options = dict(mode=mode, episode_stats=episode_stats, omega=1.3)
-            out = gigpo_advantages(*[a.to(device) for a in args], traj_index=traj.to(device), backend=backend,
-                                   **options)
-            close(out, naive.gigpo_advantages(*args, traj_index=traj, **options))
+            rows_traj = traj if episode_stats == "trajectories" else None  # refused with "rows"
+            out = gigpo_advantages(*[a.to(device) for a in args], backend=backend, **options,
+                                   traj_index=None if rows_traj is None else rows_traj.to(device))
+            close(out, naive.gigpo_advantages(*args, traj_index=rows_traj, **options))
 
 
 # ---------------------------------------------------------------------- trajectories

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .._extension import cuda_extension_available, require_cuda_extension
-from .checks import as_index, check_choice, check_float_tensor, check_real
+from .checks import as_index, check_bool, check_choice, check_float_tensor, check_real
 from .cuda_impl import group_normalize_cuda
 from .options import BACKENDS, EPISODE_STATS, GIGPO_MODES, MULTI_OBJECTIVE_MODES, SCALES, SINGLETONS
 from .segments import Segments
@@ -82,10 +82,12 @@ def normalize_in_groups(
 ) -> torch.Tensor:
     """``[N]`` advantages of ``values [N]`` within ``segments`` on a resolved ``backend``.
 
-    Half-precision inputs are computed in float32 and the result cast back.
+    Every backend computes in float64 and the result is cast back to the dtype of ``values``.
     """
-    compute = values if values.dtype in (torch.float32, torch.float64) else values.float()
-    compute = compute.contiguous()
+    # float32 statistics are not enough: the float32 mean of identical rewards can be an ulp
+    # off, and that ulp divided by a ~1e-8 std (eps 1e-9) becomes an advantage near +-1. The
+    # float64 mean of identical float32/half values is exact, so they get exactly 0.
+    compute = values.to(torch.float64).contiguous()
     out = _IMPLEMENTATIONS[backend](
         compute,
         segments,
@@ -98,10 +100,22 @@ def normalize_in_groups(
     return out.to(values.dtype)
 
 
-def _check_normalization(scale: str, eps: Any, singleton: str) -> float:
+def _check_eps(eps: Any, divides: bool) -> float:
+    """``eps`` as a float; it must be > 0 when ``divides`` (advantages are divided by a std)."""
+    eps = check_real(eps, "eps", 0.0)
+    if divides and eps == 0.0:
+        # A group of identical values has std 0, and eps = 0 would make its advantages 0 / 0.
+        raise ValueError("eps must be > 0 when advantages are divided by a std (scale 'group' or 'batch', "
+                         "mode 'normalize_then_sum' with batch_normalize, or mode 'mean_std_norm'), got 0")
+    return eps
+
+
+def _check_normalization(scale: str, eps: Any, singleton: str, unbiased: Any, divides: bool = False) -> float:
+    """The checked ``eps``; ``divides``: some later step divides by a std even if ``scale`` does not."""
     check_choice(scale, "scale", SCALES)
     check_choice(singleton, "singleton", SINGLETONS)
-    return check_real(eps, "eps", 0.0)
+    check_bool(unbiased, "unbiased")
+    return _check_eps(eps, divides=divides or scale != "none")
 
 
 # ---------------------------------------------------------------------- GRPO
@@ -125,7 +139,8 @@ def grpo_advantages(
         scale: ``"group"``: divide by the group's std; ``"batch"``: subtract the group mean,
             divide by the std of all non-NaN rewards of the batch; ``"none"``: ``r - mean``
             (no division, eps unused).
-        eps: added to the std.
+        eps: added to the std; a real number, > 0 unless scale is "none" (identical rewards
+            have std 0).
         unbiased: std divides by ``n - 1`` (else ``n``), ``n`` counting non-NaN rewards.
         singleton: what a group with exactly one non-NaN reward gets (also when NaNs left
             only one): ``"raw"`` measures it against mean 0, and std 1 in place of the
@@ -150,7 +165,7 @@ def grpo_advantages(
     """
     check_float_tensor(rewards, "rewards", 1)
     ids = as_index(group_index, "group_index", rewards.shape[0], rewards.device, "rewards")
-    eps = _check_normalization(scale, eps, singleton)
+    eps = _check_normalization(scale, eps, singleton, unbiased)
     backend = resolve_backend(backend, rewards.device)
     return normalize_in_groups(rewards, Segments(ids), scale=scale, eps=eps, unbiased=unbiased,
                                singleton=singleton, backend=backend)
@@ -195,12 +210,23 @@ def multi_objective_advantages(
     ids = as_index(group_index, "group_index", rewards.shape[0], rewards.device, "rewards")
     if isinstance(weights, torch.Tensor) and weights.device != rewards.device:
         raise ValueError(f"weights is on {weights.device} but rewards is on {rewards.device}")
-    weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+    try:
+        weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"weights must be a tensor or sequence of real numbers, got "
+                        f"{type(weights).__name__} ({exc})") from exc
     if weights.dim() != 1 or weights.shape[0] != num_objectives:
         raise ValueError(f"weights must have one entry per objective column of rewards ({num_objectives}), "
                          f"got shape {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()):
+        # A NaN or inf weight would spread NaN over every advantage of the batch.
+        raise ValueError(f"weights must be finite (in the dtype of rewards, {rewards.dtype}), "
+                         f"got {weights.tolist()}")
     check_choice(mode, "mode", MULTI_OBJECTIVE_MODES)
-    eps = _check_normalization(scale, eps, singleton)
+    check_bool(batch_normalize, "batch_normalize")
+    # The final whole-batch step of "normalize_then_sum" divides by the std whatever the scale.
+    eps = _check_normalization(scale, eps, singleton, unbiased,
+                               divides=mode == "normalize_then_sum" and batch_normalize)
     if mode == "sum_then_normalize" and not batch_normalize:
         raise ValueError("batch_normalize=False applies to mode='normalize_then_sum' only")
     backend = resolve_backend(backend, rewards.device)
@@ -256,9 +282,9 @@ def gigpo_advantages(
         omega: weight of the step-level advantage.
         mode: ``"mean_norm"``: ``x - mean`` at both levels; ``"mean_std_norm"``:
             ``(x - mean) / (std + eps)`` (unbiased std).
-        eps: added to the std in "mean_std_norm".
+        eps: added to the std in "mean_std_norm" (there > 0).
         traj_index: ``[N]`` integer trajectory of every row; required by
-            ``episode_stats="trajectories"``, unused otherwise.
+            ``episode_stats="trajectories"`` and refused (ValueError) with ``"rows"``.
         episode_stats: episode statistics over ``"rows"`` (every step row of the group
             counts, so long trajectories weigh more; the verl-agent default) or
             ``"trajectories"`` (one entry per trajectory).
@@ -283,10 +309,14 @@ def gigpo_advantages(
     anchor = as_index(anchor_index, "anchor_index", *like_episodes)
     check_choice(mode, "mode", GIGPO_MODES)
     check_choice(episode_stats, "episode_stats", EPISODE_STATS)
-    eps = check_real(eps, "eps", 0.0)
+    eps = _check_eps(eps, divides=mode == "mean_std_norm")
     omega = check_real(omega, "omega")
     if episode_stats == "trajectories" and traj_index is None:
         raise ValueError("episode_stats='trajectories' needs traj_index, the trajectory of every row")
+    if episode_stats == "rows" and traj_index is not None:
+        # Refused rather than ignored: passing it suggests per-trajectory statistics were meant.
+        raise ValueError("traj_index is only used with episode_stats='trajectories'; with "
+                         "episode_stats='rows' leave it None")
     backend = resolve_backend(backend, episode_returns.device)
     options = dict(scale="none" if mode == "mean_norm" else "group", eps=eps, unbiased=True, backend=backend)
 

@@ -24,6 +24,9 @@ def broadcast_to_tokens(values: torch.Tensor, layout: GroupLayout) -> torch.Tens
         values: ``[N]`` one value per completion, in the layout's completion order.
         layout: the packed batch (``layout.token_completion`` maps tokens to completions).
     """
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}; for padded rows "
+                        f"use broadcast_to_padded")
     _check_values(values, layout.num_completions, layout.device)
     completion = layout.token_completion
     return torch.where(completion >= 0, values.index_select(0, completion.clamp(min=0)), 0.0).to(values.dtype)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping, Set
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +31,9 @@ def as_index(ids: Any, name: str, num_rows: int, device: torch.device, rows_name
 
     ``rows_name`` names the argument that fixes ``num_rows`` and ``device``, for the errors.
     """
+    if isinstance(ids, (Set, Mapping)):
+        # Sets and dicts have no row order to line up with the rows of the batch.
+        raise TypeError(f"{name} must be an ordered tensor or sequence of integers, got {type(ids).__name__}")
     if not isinstance(ids, torch.Tensor):
         try:
             ids = torch.as_tensor(ids, device=device)
@@ -46,6 +51,21 @@ def as_index(ids: Any, name: str, num_rows: int, device: torch.device, rows_name
 
 
 def check_real(value: Any, name: str, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    """``value`` as a float in ``[low, high]``: a Python/NumPy real or a 0-d tensor, not a bool."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or 0-d real tensor, got a {value.dtype} tensor "
+                            f"of shape {tuple(value.shape)}")
+    # numpy registers its floating and integer scalars as numbers.Real; np.bool_ is neither.
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not low <= value <= high:
         raise ValueError(f"{name} must be a real number in [{low}, {high}], got {value!r}")
-    return float(value)
+    return value
+
+
+def check_bool(value: Any, name: str) -> None:
+    """``value`` must be a bool: None or a string such as "false" would be silently truthy or falsy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")

@@ -1,7 +1,7 @@
 """Per-step inputs of GiGPO: discounted step returns and anchor-state ids."""
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -69,19 +69,24 @@ def _state_key(state: Any, row: int) -> Hashable:
 
 
 def anchor_index_from_states(
-    states: Sequence[Any], group_index: torch.Tensor | Sequence[int]
+    states: Iterable[Any], group_index: torch.Tensor | Sequence[int]
 ) -> torch.Tensor:
     """``[N]`` int64 anchor id of every row: rows of one group with identical states share it.
 
     Args:
-        states: ``N`` environment observations (the raw current state, not the prompt):
-            hashable values (str, tuple, ...) compared with ``==``, or tensors / numpy arrays
-            compared by dtype, shape and content.
+        states: ``N`` environment observations (the raw current state, not the prompt), any
+            iterable (list, generator, ...): hashable values (str, tuple, ...) compared with
+            ``==``, or tensors / numpy arrays compared by dtype, shape and content.
         group_index: ``[N]`` integer task group of every row.
 
     Ids are distinct across groups (the same state in two groups gets two ids), numbered by
     first appearance, on the device of ``group_index`` (CPU for a sequence).
     """
+    # A generator has no len() and can be read once: materialize it (lists too, it is cheap).
+    try:
+        states = list(states)
+    except TypeError as exc:
+        raise TypeError(f"states must be an iterable of observations, got {type(states).__name__}") from exc
     if len(states) == 0:
         raise ValueError("states is empty: there is nothing to group")
     device = group_index.device if isinstance(group_index, torch.Tensor) else torch.device("cpu")

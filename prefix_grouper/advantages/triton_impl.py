@@ -8,6 +8,7 @@ CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -128,13 +129,16 @@ def group_normalize_triton(
     groups_per_program = max(_TILE_ROWS // block, 1)
     grid = (triton.cdiv(segments.num_groups, groups_per_program),)
     perm = segments.perm
+    # Triton launches on the current CUDA device, which need not be the one values are on.
+    on_device = torch.cuda.device(values.device) if values.is_cuda else contextlib.nullcontext()
     # Pointers the kernel never reads (no permutation, no batch scale) get a placeholder.
-    _group_normalize_kernel[grid](
-        values, perm if perm is not None else segments.offsets, segments.offsets,
-        batch_scale if batch_scale is not None else values, out,
-        segments.num_groups, eps,
-        HAS_PERM=perm is not None, SCALE=SCALE_CODES[scale], UNBIASED=unbiased,
-        SINGLETON_RAW=singleton_raw, GROUPS_PER_PROGRAM=groups_per_program, BLOCK=block,
-        num_warps=4,
-    )
+    with on_device:
+        _group_normalize_kernel[grid](
+            values, perm if perm is not None else segments.offsets, segments.offsets,
+            batch_scale if batch_scale is not None else values, out,
+            segments.num_groups, eps,
+            HAS_PERM=perm is not None, SCALE=SCALE_CODES[scale], UNBIASED=unbiased,
+            SINGLETON_RAW=singleton_raw, GROUPS_PER_PROGRAM=groups_per_program, BLOCK=block,
+            num_warps=4,
+        )
     return out

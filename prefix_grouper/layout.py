@@ -59,6 +59,9 @@ class GroupLayout:
     ``token_completion``      [T] int64          completion of every token, -1 on prefixes
     ========================  =================  ===============================================
 
+    ``host_lengths`` is the one CPU tensor: int64 ``[1 + 2B + N]`` = B, prefix lengths, group
+    sizes, completion lengths, read by the Triton ops without a device synchronization.
+
     ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
     first completion token); completions may be empty (they then own no packed token).
     """
@@ -216,6 +219,12 @@ class GroupLayout:
         self.prefix_starts = torch.tensor(prefix_starts, **long)
         self.suffix_starts = torch.tensor(suffix_starts, **long)
         self.cu_seqlens = torch.tensor(cu, **long)
+        # Read-only CPU int64 [1 + 2B + N]: B, prefix lens, group sizes, completion lens. Ops
+        # read it without a device sync, and torch.compile sees one tensor input (never of
+        # size 0 or 1, so never specialized) instead of specializing on the host ints.
+        self.host_lengths = torch.tensor(
+            [self.num_groups, *prefix, *self.group_sizes_list, *self.suffix_lens_list],
+            dtype=torch.long, device="cpu")
 
         # Per-token tables, vectorized from the segment tables.
         seg_len_t = torch.tensor(seg_lens, **long)

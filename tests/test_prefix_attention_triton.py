@@ -16,8 +16,9 @@ import pytest  # noqa: E402
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.naive import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
+from prefix_grouper.attention import triton_backend  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
-    _key_tile_rows, _query_tile_rows, _schedules, triton_prefix_attention, triton_unavailable_reason,
+    _key_tile_rows, _query_tile_rows, triton_prefix_attention, triton_unavailable_reason,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +121,7 @@ def test_tile_schedules_cover_the_layout_once():
     tile = 4
     layout = GroupLayout.from_lengths([1, 9], [[0, 5, 0], [4, 8]])
     segments = layout.cu_seqlens.tolist()
-    query_rows = _query_tile_rows(layout, tile)
+    query_rows = _query_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
     covered = sorted(r for q_start, _, seg_end, _, _ in query_rows
                      for r in range(q_start, min(q_start + tile, seg_end)))
     assert covered == list(range(layout.total_tokens))
@@ -131,7 +132,7 @@ def test_tile_schedules_cover_the_layout_once():
         is_suffix = layout.token_completion[q_start].item() >= 0
         assert shared_start == layout.prefix_starts[group].item()
         assert shared_len == (layout.prefix_lens[group].item() if is_suffix else 0)
-    key_rows = _key_tile_rows(layout, tile)
+    key_rows = _key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
     assert sorted(r for k_start, k_end, _ in key_rows
                   for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
     mask = prefix_sharing_mask(layout)
@@ -143,32 +144,64 @@ def test_tile_schedules_cover_the_layout_once():
 def test_custom_op_registration():
     layout = _layout(([3, 2], [[2, 0], [1]]))
     q, k, v = _inputs(layout, 2, 1, 16, seed=4)
-    q_tiles, kv_tiles, q_tile, kv_tile = _schedules(layout, 16, torch.float32, DEVICE)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(torch.ops.prefix_grouper.prefix_attention_fwd.default,
-                          (q, k, v, q_tiles, kv_tiles, 0.25, q_tile, kv_tile))
+    host = layout.host_lengths
+    assert host.device.type == "cpu" and host.tolist() == [2, 3, 2, 2, 1, 2, 0, 1]
+    fwd = torch.ops.prefix_grouper.prefix_attention_fwd.default
+    torch.library.opcheck(fwd, (*(x.clone().requires_grad_() for x in (q, k, v)), host, 0.25))
+    out, lse = fwd(q, k, v, host, 0.25)
+    gen = torch.Generator(device=DEVICE).manual_seed(8)
+    dout = torch.randn(out.shape, generator=gen, device=DEVICE)
+    dlse = torch.randn(lse.shape, generator=gen, device=DEVICE)
+    bwd = torch.ops.prefix_grouper.prefix_attention_bwd.default
+    for maybe_dlse in (dlse, None):
+        torch.library.opcheck(bwd, (dout, maybe_dlse, q, k, v, out, lse, host, 0.25))
+    # Lengths that do not describe q's tokens are refused before any kernel launch.
+    other = _layout(([3, 2], [[2, 1], [1]]))
+    with pytest.raises(ValueError, match="packs T=9"):
+        fwd(q, k, v, other.host_lengths, 0.25)
+    with pytest.raises(ValueError, match="host_lengths is not"):
+        fwd(q, k, v, torch.tensor([2, 3, 2, 2, 1, 2, 0]), 0.25)
 
 
-def test_torch_compile_fullgraph():
-    layout = _layout(RAGGED)
-    q, k, v = _inputs(layout, 2, 2, 16, seed=5)
+def test_torch_compile_fullgraph_across_layouts(monkeypatch):
+    """One compiled function serves many layouts: no recompile per layout, no retraced
+    schedule builder, schedules built once per layout, results equal eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
-    def loss_fn(q, k, v):
+    builds = []
+    for name in ("_query_tile_rows", "_key_tile_rows"):
+        def counted(*args, _build=getattr(triton_backend, name), _name=name):
+            builds.append(_name)
+            return _build(*args)
+        monkeypatch.setattr(triton_backend, name, counted)
+
+    def loss_fn(q, k, v, layout):
         out, lse = prefix_attention(q, k, v, layout, backend="triton", return_lse=True)
         return (out.float() ** 2).sum() + lse.sum()
 
     # On CPU, aot_eager still checks the fake and autograd registrations without
     # compiling C++ around interpreted kernels.
-    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
-    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
-    eager_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    compiled_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    eager_loss = loss_fn(*eager_inputs)
-    compiled_loss = compiled(*compiled_inputs)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    for a, b in zip(torch.autograd.grad(compiled_loss, compiled_inputs),
-                    torch.autograd.grad(eager_loss, eager_inputs)):
-        torch.testing.assert_close(a, b)
+    counter = CompileCounterWithBackend("inductor" if DEVICE.type == "cuda" else "aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    # Different numbers of groups, completions and tokens.
+    layouts = [([3, 2], [[2, 0], [1]]), ([5], [[4, 9]]), RAGGED, ([2, 33, 4], [[3], [1, 40], [0, 2]])]
+    for i, lengths in enumerate(layouts):
+        layout = _layout(lengths)
+        q, k, v = _inputs(layout, 2, 2, 16, seed=5 + i)
+        eager_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        compiled_inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        eager_loss = loss_fn(*eager_inputs, layout)
+        compiled_loss = compiled(*compiled_inputs, layout)
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        for a, b in zip(torch.autograd.grad(compiled_loss, compiled_inputs),
+                        torch.autograd.grad(eager_loss, eager_inputs)):
+            torch.testing.assert_close(a, b)
+        # Eager and compiled calls, forward and backward, share one build of each schedule.
+        assert builds == ["_query_tile_rows", "_key_tile_rows"] * (i + 1), builds
+    # The first layout compiles a static graph, the second a dynamic one that serves the rest
+    # (a single group included: the layout reaches the ops as one tensor of 1 + 2B + N >= 4
+    # lengths, never of a size 0 or 1 that Dynamo would specialize on).
+    assert counter.frame_count <= 2, counter.frame_count
 
 
 def test_unavailable_reason():

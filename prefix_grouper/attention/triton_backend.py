@@ -1,8 +1,8 @@
 """``backend="triton"``: fused shared-prefix attention, forward and backward.
 
 The kernels (``triton_fwd``, ``triton_bwd``) read the packed batch in place through two
-tile schedules built once per layout from its host-side lengths (so no call ever
-synchronizes with the device):
+tile schedules built once per layout (and tiling and device) from its host-side lengths,
+so no call ever synchronizes with the device:
 
 * query tiles ``[num_q_tiles, 5]`` int32 rows ``q_start, seg_start, seg_end,
   shared_start, shared_len``: BLOCK_M rows of one segment; ``shared_*`` is the group's
@@ -15,15 +15,23 @@ a group's tiles stay adjacent, heaviest first, so the programs running together 
 read the same prefix K/V (L2 reuse) and the long ones start early (less tail).
 
 The kernels are wrapped as ``torch.library`` custom ops with fake and autograd
-registrations, so ``torch.compile`` treats them as opaque, differentiable nodes.
+registrations, so ``torch.compile`` treats them as opaque, differentiable nodes. The ops
+take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` (``B``, then the
+prefix lengths, group sizes and completion lengths), and build the schedules inside
+their real implementations, memoized per layout (keyed by that tensor, dropped with it).
+Compiled code thus sees only tensor inputs: it never traces the Python schedule builder
+nor specializes on lengths, so after one recompile with dynamic shapes a single graph
+serves every layout. Reading a CPU tensor is no device synchronization; each schedule is
+uploaded once per layout.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..layout import GroupLayout
 from .triton_bwd import launch_backward
@@ -64,10 +72,10 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return tile, tile
 
 
-def _group_segments(layout: GroupLayout):
+def _group_segments(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]]):
     """Per group: ``(prefix_start, prefix_len, [(suffix_start, suffix_len), ...], group_end)``."""
     groups, start = [], 0
-    for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
+    for prefix_len, suffix_lens in zip(prefix_lens, suffix_lens_per_group):
         prefix_start = start
         start += prefix_len
         suffixes = []
@@ -84,10 +92,11 @@ def _heaviest_first(per_group: list[list[tuple[int, tuple[int, ...]]]]) -> list[
     return [row for tiles in per_group for _, row in sorted(tiles, key=lambda t: -t[0])]
 
 
-def _query_tile_rows(layout: GroupLayout, tile: int) -> list[tuple[int, ...]]:
+def _query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                     tile: int) -> list[tuple[int, ...]]:
     """``(q_start, seg_start, seg_end, shared_start, shared_len)`` of every query tile."""
     per_group = []
-    for prefix_start, prefix_len, suffixes, _ in _group_segments(layout):
+    for prefix_start, prefix_len, suffixes, _ in _group_segments(prefix_lens, suffix_lens_per_group):
         segments = [(prefix_start, prefix_len, prefix_start, 0)]
         segments += [(start, length, prefix_start, prefix_len) for start, length in suffixes]
         tiles = []
@@ -99,10 +108,12 @@ def _query_tile_rows(layout: GroupLayout, tile: int) -> list[tuple[int, ...]]:
     return _heaviest_first(per_group)
 
 
-def _key_tile_rows(layout: GroupLayout, tile: int) -> list[tuple[int, ...]]:
+def _key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                   tile: int) -> list[tuple[int, ...]]:
     """``(k_start, k_end, q_end)`` of every key tile."""
     per_group = []
-    for prefix_start, prefix_len, suffixes, group_end in _group_segments(layout):
+    for prefix_start, prefix_len, suffixes, group_end in _group_segments(prefix_lens,
+                                                                         suffix_lens_per_group):
         # Prefix keys are seen by the causal prefix queries and every suffix query of the
         # group, which together fill [key, group_end); suffix keys only by their suffix.
         segments = [(prefix_start, prefix_len, group_end)]
@@ -115,19 +126,62 @@ def _key_tile_rows(layout: GroupLayout, tile: int) -> list[tuple[int, ...]]:
     return _heaviest_first(per_group)
 
 
-def _schedules(layout: GroupLayout, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """``(q_tiles, kv_tiles, q_tile, kv_tile)`` for this layout, built once per tiling."""
-    q_tile, kv_tile = _tile_sizes(head_dim, dtype)
+class _LayoutSchedules:
+    """One layout's lengths, read once from its host lengths, and its device schedules."""
 
-    def build():
-        if layout.total_tokens >= 2**31:
-            raise ValueError(f"the triton backend indexes tokens in int32, T={layout.total_tokens} "
+    def __init__(self, host_lengths: torch.Tensor):
+        if host_lengths.device.type != "cpu" or host_lengths.dtype != torch.int64 or host_lengths.dim() != 1:
+            raise ValueError(f"host_lengths must be a 1-D CPU int64 tensor, got {host_lengths.dtype} "
+                             f"{tuple(host_lengths.shape)} on {host_lengths.device}")
+        values = host_lengths.tolist()  # a CPU tensor: no device synchronization
+        num_groups = values[0] if values else 0
+        prefix = values[1:1 + num_groups]
+        sizes = values[1 + num_groups:1 + 2 * num_groups]
+        suffix = values[1 + 2 * num_groups:]
+        if (num_groups < 1 or len(sizes) != num_groups or sum(sizes) != len(suffix)
+                or min(prefix) < 1 or min(sizes) < 1 or min(suffix) < 0):
+            raise ValueError("host_lengths is not [B, prefix_lens (>= 1) x B, group_sizes (>= 1) x B, "
+                             "completion_lens (>= 0) x sum(group_sizes)]; use GroupLayout.host_lengths")
+        self.prefix_lens = prefix
+        self.suffix_lens_per_group, start = [], 0
+        for g in sizes:
+            self.suffix_lens_per_group.append(suffix[start:start + g])
+            start += g
+        self.total_tokens = sum(prefix) + sum(suffix)
+        if self.total_tokens >= 2**31:
+            raise ValueError(f"the triton backend indexes tokens in int32, T={self.total_tokens} "
                              f"does not fit")
-        q_tiles = torch.tensor(_query_tile_rows(layout, q_tile), dtype=torch.int32, device=device)
-        kv_tiles = torch.tensor(_key_tile_rows(layout, kv_tile), dtype=torch.int32, device=device)
-        return q_tiles, kv_tiles, q_tile, kv_tile
+        self.tiles: dict[tuple, torch.Tensor] = {}
 
-    return layout.cached(("triton_tile_schedules", q_tile, kv_tile, str(device)), build)
+
+# GroupLayout.host_lengths tensor -> its schedules; an entry vanishes with its tensor (and
+# layout). Keyed by identity, as tensors compare by value; the tensor is never mutated.
+_SCHEDULES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _schedules(host_lengths: torch.Tensor, q: torch.Tensor, need: tuple[str, ...] = ("q", "kv")):
+    """``(q_tiles, kv_tiles, q_tile, kv_tile)`` of the layout given by its host lengths, for
+    q's head dim, dtype and device; a schedule not in ``need`` comes back as None.
+
+    Each schedule is built and uploaded once per layout, tiling and device, then memoized.
+    """
+    q_tile, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
+    entry = _SCHEDULES.get(host_lengths)
+    if entry is None:
+        entry = _SCHEDULES[host_lengths] = _LayoutSchedules(host_lengths)
+    if entry.total_tokens != q.shape[0]:
+        raise ValueError(f"the layout packs T={entry.total_tokens} tokens but q has {q.shape[0]}")
+    out = []
+    for kind, tile, rows in (("q", q_tile, _query_tile_rows), ("kv", kv_tile, _key_tile_rows)):
+        if kind not in need:
+            out.append(None)
+            continue
+        key = (kind, tile, q.device)
+        if key not in entry.tiles:
+            entry.tiles[key] = torch.tensor(rows(entry.prefix_lens, entry.suffix_lens_per_group, tile),
+                                            dtype=torch.int32, device=q.device)
+        out.append(entry.tiles[key])
+    return out[0], out[1], q_tile, kv_tile
 
 
 def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
@@ -142,54 +196,56 @@ def _on_device(x: torch.Tensor):
 
 @torch.library.custom_op("prefix_grouper::prefix_attention_fwd", mutates_args=())
 def _prefix_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tiles: torch.Tensor,
-    kv_tiles: torch.Tensor, softmax_scale: float, q_tile: int, kv_tile: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, host_lengths: torch.Tensor,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [T, Hq, D], lse [T, Hq] float32)``; kv_tiles/kv_tile ride along for backward."""
+    """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
+    q_tiles, _, q_tile, _ = _schedules(host_lengths, q, need=("q",))
     with _on_device(q):
         return launch_forward(q, k, v, q_tiles, q_tile, softmax_scale)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, q_tiles, kv_tiles, softmax_scale, q_tile, kv_tile):
+def _(q, k, v, host_lengths, softmax_scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("prefix_grouper::prefix_attention_bwd", mutates_args=())
 def _prefix_attention_bwd(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_tiles: torch.Tensor,
-    kv_tiles: torch.Tensor, softmax_scale: float, q_tile: int, kv_tile: int,
+    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, host_lengths: torch.Tensor,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])``; dlse ``[T, Hq]`` may be None."""
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
+    q_tiles, kv_tiles, q_tile, kv_tile = _schedules(host_lengths, q)
     with _on_device(q):
         return launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles,
                                q_tile, kv_tile, softmax_scale)
 
 
 @_prefix_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles, softmax_scale, q_tile, kv_tile):
+def _(dout, dlse, q, k, v, out, lse, host_lengths, softmax_scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_tiles, kv_tiles, softmax_scale, q_tile, kv_tile = inputs
+    q, k, v, host_lengths, softmax_scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_tiles, kv_tiles)
+    ctx.save_for_backward(q, k, v, out, lse, host_lengths)
     # Most callers never use lse: let its gradient arrive as None instead of a zero tensor.
     ctx.set_materialize_grads(False)
-    ctx.softmax_scale, ctx.q_tile, ctx.kv_tile = softmax_scale, q_tile, kv_tile
+    ctx.softmax_scale = softmax_scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_tiles, kv_tiles = ctx.saved_tensors
+    q, k, v, out, lse, host_lengths = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _prefix_attention_bwd(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles,
-                                       ctx.softmax_scale, ctx.q_tile, ctx.kv_tile)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _prefix_attention_bwd(dout, dlse, q, k, v, out, lse, host_lengths,
+                                       ctx.softmax_scale)
+    return dq, dk, dv, None, None
 
 
 _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -208,5 +264,6 @@ def triton_prefix_attention(
 
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32)``, both differentiable.
     """
-    q_tiles, kv_tiles, q_tile, kv_tile = _schedules(layout, q.shape[-1], q.dtype, q.device)
-    return _prefix_attention_fwd(q, k, v, q_tiles, kv_tiles, float(softmax_scale), q_tile, kv_tile)
+    # Only tensors cross into the ops: torch.compile traces no schedule building and
+    # does not specialize on the layout's lengths.
+    return _prefix_attention_fwd(q, k, v, layout.host_lengths, float(softmax_scale))

@@ -41,7 +41,7 @@ class GroupLayout:
 
     Build it with :meth:`from_lengths` or :meth:`from_padded`. Host-side lengths are kept
     as Python tuples (``prefix_lens_list``, ``suffix_lens_list``, ``group_sizes_list``);
-    every tensor attribute lives on ``device``:
+    the tensor attributes below live on ``device``:
 
     ========================  =================  ===============================================
     attribute                 shape, dtype       meaning

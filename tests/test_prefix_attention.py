@@ -19,13 +19,21 @@ def make_qkv(layout, hq, hkv, d, dtype, generator, requires_grad=True):
     return [x.requires_grad_(requires_grad) for x in tensors]
 
 
-def outputs_and_grads(q, k, v, layout, backend, generator_seed=7):
-    out, lse = prefix_attention(q, k, v, layout, backend=backend, return_lse=True)
+def outputs_and_grads(q, k, v, layout, backend, generator_seed=7, with_lse=True):
+    """[out, lse, dq, dk, dv] of a random linear loss (on out and lse, or out alone)."""
     g = torch.Generator().manual_seed(generator_seed)
+    if with_lse:
+        out, lse = prefix_attention(q, k, v, layout, backend=backend, return_lse=True)
+    else:
+        out, lse = prefix_attention(q, k, v, layout, backend=backend), None
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)
-    loss = (out * w_out).sum() + (lse * w_lse).sum()
+    loss = (out * w_out).sum()
+    if with_lse:
+        loss = loss + (lse * torch.randn(lse.shape, generator=g, dtype=torch.float64).to(lse.dtype)).sum()
     return [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+
+
+NAMES = ["out", "lse", "dq", "dk", "dv"]
 
 
 def rel_rms(actual, expected):
@@ -33,27 +41,33 @@ def rel_rms(actual, expected):
     return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp(min=1e-30)).item()
 
 
+@pytest.mark.parametrize("with_lse", [True, False], ids=["lse-path", "fused-path"])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (3, 1)])
-def test_torch_matches_reference_fp64(seed, hq, hkv):
+def test_torch_matches_reference_fp64(seed, hq, hkv, with_lse):
     g = torch.Generator().manual_seed(seed)
     layout = random_layout(g, num_groups=1 + seed)
     q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, g)
-    expected = outputs_and_grads(q, k, v, layout, "reference")
-    actual = outputs_and_grads(q, k, v, layout, "torch")
-    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+    expected = outputs_and_grads(q, k, v, layout, "reference", with_lse=with_lse)
+    actual = outputs_and_grads(q, k, v, layout, "torch", with_lse=with_lse)
+    for name, a, e in zip(NAMES, actual, expected):
+        if e is None:
+            continue
         assert a.shape == e.shape, name
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("with_lse", [True, False], ids=["lse-path", "fused-path"])
 @pytest.mark.parametrize("d", [8, 64])
-def test_torch_matches_reference_fp32(d, generator):
+def test_torch_matches_reference_fp32(d, with_lse, generator):
     layout = GroupLayout.from_lengths([97, 7, 1], [[7, 1, 97], [1], [7, 7]])
     q, k, v = make_qkv(layout, 4, 2, d, torch.float32, generator)
     expected = outputs_and_grads(*[x.detach().double().requires_grad_() for x in (q, k, v)],
-                                 layout, "reference")
-    actual = outputs_and_grads(q, k, v, layout, "torch")
-    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
+                                 layout, "reference", with_lse=with_lse)
+    actual = outputs_and_grads(q, k, v, layout, "torch", with_lse=with_lse)
+    for name, a, e in zip(NAMES, actual, expected):
+        if e is None:
+            continue
         assert a.dtype in (torch.float32,), name
         assert rel_rms(a, e) < 2e-5, name
 
@@ -133,16 +147,19 @@ def test_non_contiguous_inputs(generator):
                                                 layout, backend="reference"))
 
 
+@pytest.mark.parametrize("with_lse", [True, False], ids=["lse-path", "fused-path"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_all_completions_empty(backend, generator):
+def test_all_completions_empty(backend, with_lse, generator):
     """Prefix-only batches are plain causal attention per prefix."""
     layout = GroupLayout.from_lengths([4, 3], [[0, 0], [0]])
     dtype = torch.float64 if backend == "torch" else torch.float32
     q, k, v = make_qkv(layout, 2, 1, 16, dtype, generator)
-    actual = outputs_and_grads(q, k, v, layout, backend)
-    expected = outputs_and_grads(*[x.detach().double().requires_grad_() for x in (q, k, v)], layout, "reference")
-    for name, a, e in zip(["out", "lse", "dq", "dk", "dv"], actual, expected):
-        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=name)
+    actual = outputs_and_grads(q, k, v, layout, backend, with_lse=with_lse)
+    expected = outputs_and_grads(*[x.detach().double().requires_grad_() for x in (q, k, v)], layout, "reference",
+                                 with_lse=with_lse)
+    for name, a, e in zip(NAMES, actual, expected):
+        if e is not None:
+            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_scale_accepts_numpy_and_tensor_scalars(small):

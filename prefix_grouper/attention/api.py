@@ -153,7 +153,7 @@ def prefix_attention(
     if name == "reference":
         out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale)
     elif name == "torch":
-        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale)
+        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale, need_lse=return_lse)
     else:
         from .triton_backend import triton_prefix_attention
 

@@ -1,19 +1,27 @@
 """Efficient pure-PyTorch shared-prefix attention (differentiable, any device).
 
-Three dense attentions on padded views of the packed axis, merged by log-sum-exp:
+Two exact formulations on padded views of the packed axis; neither copies prefix K/V per
+completion (it is gathered once per group), so apart from the attention matrices the
+extra memory is O(T) plus padding.
 
-1. prefix queries -> their prefix keys, causal            ``[B, P_max, P_max]`` scores
-2. every suffix query of a group -> the group's prefix     ``[B, Q_max, P_max]`` scores
-3. every suffix query -> its own suffix keys, causal       ``[N, S_max, S_max]`` scores
+* With the LSE (``need_lse=True``): three dense attentions merged by log-sum-exp,
 
-(``Q_max`` = most suffix tokens in one group.) Prefix K/V are gathered once per group,
-never once per completion, so apart from the score matrices the extra memory is O(T)
-plus padding. Under GQA the query heads that share a KV head are folded into one
-matmul instead of repeating K/V.
+  1. prefix queries -> their prefix keys, causal            ``[B, P_max, P_max]`` scores
+  2. every suffix query of a group -> the group's prefix     ``[B, Q_max, P_max]`` scores
+  3. every suffix query -> its own suffix keys, causal       ``[N, S_max, S_max]`` scores
+
+  (``Q_max`` = most suffix tokens in one group); under GQA the query heads sharing a KV
+  head are folded into one matmul instead of repeating K/V.
+* Without it (the common case): two fused ``scaled_dot_product_attention`` calls, causal
+  over the padded prefixes, and every suffix query of a group against
+  ``[group prefix; group suffixes]`` under a boolean mask ``[B, Q_max, P_max + Q_max]``
+  (cached per layout). SDPA's fused kernels never materialize the scores, which makes this
+  path several times faster on CPU for ragged batches.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..layout import GroupLayout
 
@@ -73,37 +81,72 @@ def _attend(q, k, v, mask, scale):
     return out, lse.permute(0, 3, 1, 2).reshape(r, lq, hq)
 
 
+def _gather(x, idx):
+    # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
+    return x[idx]
+
+
+def _suffix_mask_plan(layout: GroupLayout, plan: dict[str, torch.Tensor]):
+    """Keys ``[B, P_max + Q_max]`` of every group's suffix queries and their mask
+    ``[B, Q_max, P_max + Q_max]``: the valid prefix, then causal within the own completion."""
+    group_idx = plan["group_idx"]
+    completion = layout.token_completion[group_idx]
+    order = torch.arange(group_idx.shape[1], device=layout.device)
+    own = (completion[:, :, None] == completion[:, None, :]) & (order[None, None, :] <= order[None, :, None])
+    prefix_visible = plan["prefix_valid"][:, None, :].expand(-1, group_idx.shape[1], -1)
+    return torch.cat([plan["prefix_idx"], group_idx], 1), torch.cat([prefix_visible, own], 2)
+
+
+def _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale):
+    def heads_first(x, idx):
+        return _gather(x, idx).transpose(1, 2)  # [R, H, L, D]
+
+    prefix_idx = plan["prefix_idx"]
+    o_pre = F.scaled_dot_product_attention(
+        *(heads_first(x, prefix_idx) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
+        enable_gqa=True).transpose(1, 2)
+    hq, d = qc.shape[1:]
+    o_pre = o_pre.reshape(-1, hq, d)[plan["in_prefix"]]
+    if layout.num_completion_tokens == 0:
+        return o_pre
+    keys, mask = layout.cached(("torch_backend_suffix_mask",), lambda: _suffix_mask_plan(layout, plan))
+    o_suffix = F.scaled_dot_product_attention(
+        heads_first(qc, plan["group_idx"]), heads_first(kc, keys), heads_first(vc, keys),
+        attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True).transpose(1, 2)
+    o_suffix = o_suffix.reshape(-1, hq, d)[plan["in_group"]]
+    return torch.where(plan["is_prefix"][:, None, None], o_pre, o_suffix)
+
+
 def torch_prefix_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float,
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shared-prefix attention in plain PyTorch.
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``, validated by the caller.
+        need_lse: compute the LSE (exact three-part path); without it the fused SDPA path runs.
 
-    Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32, float64 for fp64 inputs)``.
+    Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
+    None when not ``need_lse``)``. Half-precision inputs are computed in float32.
     """
     plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (x.to(compute) for x in (q, k, v))
-    t, hq, d = q.shape
-
-    # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
-    def padded(x, idx):
-        return x[idx]
-
-    q_prefix, k_prefix, v_prefix = (padded(x, plan["prefix_idx"]) for x in (qc, kc, vc))
+    if not need_lse:
+        return _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale).to(q.dtype), None
+    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix_idx"]) for x in (qc, kc, vc))
     causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
                                device=q.device).tril()
     o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
     if layout.num_completion_tokens == 0:  # every completion empty: prefixes only
         return o_pre[plan["prefix_valid"]].to(q.dtype), lse_pre[plan["prefix_valid"]]
 
-    q_group = padded(qc, plan["group_idx"])
+    q_group = _gather(qc, plan["group_idx"])
     o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],
                                  softmax_scale)
 
-    q_own, k_own, v_own = (padded(x, plan["own_idx"]) for x in (qc, kc, vc))
+    q_own, k_own, v_own = (_gather(x, plan["own_idx"]) for x in (qc, kc, vc))
     causal_own = torch.ones(layout.max_suffix_len, layout.max_suffix_len, dtype=torch.bool,
                             device=q.device).tril()
     o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)

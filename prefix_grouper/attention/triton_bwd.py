@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .triton_fwd import (
     BOUND_MASK, CAUSAL_MASK, INTERPRETER_INNER_BLOCK, LOG2E, NO_MASK, dot_precision,
-    inner_block_configs, interpreted, keep_inner_blocks_dividing, load_tile, padded_head_dim,
+    inner_block_configs, interpreted, keep_inner_blocks_dividing, load_query_tile, load_tile,
+    padded_head_dim,
 )
 
 DELTA_BLOCK_TOKENS = 64
@@ -94,12 +95,7 @@ def _prefix_attention_dq_kernel(
     tile = pid // num_q_heads
     head = pid % num_q_heads
     kv_head = head // heads_per_kv
-    meta = q_tiles_ptr + tile * 5
-    q_start = tl.load(meta)
-    seg_start = tl.load(meta + 1)
-    seg_end = tl.load(meta + 2)
-    shared_start = tl.load(meta + 3)
-    shared_len = tl.load(meta + 4)
+    q_start, seg_start, seg_end, shared_start, shared_len = load_query_tile(q_tiles_ptr, tile)
 
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < seg_end

@@ -57,6 +57,13 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 @triton.jit
+def load_query_tile(q_tiles_ptr, tile):
+    """``(q_start, seg_start, seg_end, shared_start, shared_len)`` of a query-schedule row."""
+    meta = q_tiles_ptr + tile * 5
+    return tl.load(meta), tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4)
+
+
+@triton.jit
 def load_tile(ptrs, row_ok, dim_ok, CHECK_ROWS: tl.constexpr, CHECK_DIMS: tl.constexpr):
     """Load a ``[rows, HEAD_DIM_PAD]`` tile, masking only what may be out of range."""
     if CHECK_ROWS and CHECK_DIMS:
@@ -119,12 +126,7 @@ def _prefix_attention_fwd_kernel(
     tile = pid // num_q_heads
     head = pid % num_q_heads
     kv_head = head // heads_per_kv
-    meta = q_tiles_ptr + tile * 5
-    q_start = tl.load(meta)
-    seg_start = tl.load(meta + 1)
-    seg_end = tl.load(meta + 2)
-    shared_start = tl.load(meta + 3)
-    shared_len = tl.load(meta + 4)
+    q_start, seg_start, seg_end, shared_start, shared_len = load_query_tile(q_tiles_ptr, tile)
 
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < seg_end

@@ -1,0 +1,66 @@
+"""The shared-prefix attention kernels compile to PTX for sm_90 with no GPU present.
+
+CI runs the kernels through the interpreter, which accepts code the GPU compiler rejects
+(type changes across loop iterations, layouts tl.dot cannot take); compiling the bf16
+head-dim-128 specialization of every kernel catches those. Runs in a subprocess because
+compiling needs triton imported without TRITON_INTERPRET.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+COMPILE_KERNELS = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prefix_grouper.attention.triton_bwd import (_delta_kernel, _prefix_attention_dkdv_kernel,
+                                                 _prefix_attention_dq_kernel)
+from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_kernel
+
+FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr"}
+FP32_SCALARS = {"softmax_scale", "qk_scale_log2"}
+
+
+def signature(kernel, constants):
+    # Argument types follow the naming convention of the kernels: tensors of the input
+    # dtype, fp32 statistics, int32 tile schedules, int32 sizes and strides.
+    types = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in FP32_POINTERS:
+            types[name] = "*fp32"
+        elif name.endswith("tiles_ptr"):
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = "*bf16"
+        else:
+            types[name] = "fp32" if name in FP32_SCALARS else "i32"
+    return types
+
+
+tile = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, CHECK_DIMS=False, DOT_PRECISION="tf32")
+for kernel, constants in [
+    (_prefix_attention_fwd_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
+    (_prefix_attention_dq_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
+    (_prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
+    (_delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
+]:
+    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotuners/heuristics
+        kernel = kernel.fn
+    constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature(kernel, constants), constexprs=constants)
+    assert "ld.global" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"], kernel
+print("compiled")
+"""
+
+
+def test_attention_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_KERNELS], env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -29,6 +29,12 @@ from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, share
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
 
+def ragged_completions(num_groups, group_size, low, high, seed):
+    """Completion lengths drawn uniformly in [low, high], reproducibly."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high + 1, (group_size,), generator=gen).tolist() for _ in range(num_groups)]
+
+
 GPU_CONFIGS = [  # name, prefix lens, completion lens per group, Hq, Hkv, D
     ("P4096 S512 G8", [4096], [[512] * 8], 16, 16, 128),
     ("P8192 S512 G16", [8192], [[512] * 16], 16, 16, 128),
@@ -37,6 +43,8 @@ GPU_CONFIGS = [  # name, prefix lens, completion lens per group, Hq, Hkv, D
     ("ragged GQA 4 groups", [1500, 3000, 700, 4096],
      [[64, 512, 300, 128, 200, 480, 96, 256], [100, 400, 64, 512, 333, 250, 77, 190],
       [512, 64, 128, 256, 300, 400, 500, 450], [80, 160, 240, 320, 400, 480, 64, 128]], 28, 4, 128),
+    ("ragged GQA 8x2048 G16", [2048] * 8, ragged_completions(8, 16, 128, 1024, seed=1), 28, 4, 128),
+    ("ragged GQA 8000+6000 G8", [8000, 6000], ragged_completions(2, 8, 256, 2048, seed=2), 28, 4, 128),
 ]
 CPU_CONFIGS = [
     ("P512 S64 G8", [512], [[64] * 8], 8, 8, 64),

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, slug, versions, write_csv  # noqa: E402
+from common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, save_figure, slug, versions, write_csv  # noqa: E402
 
 from prefix_grouper.advantages import available_backends, grpo_advantages  # noqa: E402
 from prefix_grouper.advantages.api import normalize_in_groups  # noqa: E402
@@ -145,8 +145,7 @@ def plot(results, copy_gbps, title, path):
     axes[0][0].set_ylabel("GB/s (16 N bytes / time)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"GRPO advantages: {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

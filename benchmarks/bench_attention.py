@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, shared_prefix_flops,  # noqa: E402
-                    slug, versions, matplotlib_pyplot, write_csv)
+                    slug, versions, matplotlib_pyplot, save_figure, write_csv)
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
@@ -235,9 +235,7 @@ def plot(rows, path, device):
     ax.set_ylabel("fwd+bwd ms (median, log)")
     ax.set_title(f"shared-prefix attention: {device_name(device)}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, shared_prefix_flops,  # noqa: E402
-                    slug, versions, matplotlib_pyplot, write_csv)
+                    slug, versions, matplotlib_pyplot, save_figure, write_csv)
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.api import _resolve_backend  # noqa: E402
@@ -167,9 +167,7 @@ def plot(rows, path, device):
     ax.set_ylabel("ms (median)")
     ax.set_title(f"prefix_attention vs naive layout: {device_name(device)}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,17 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _chunk_rows(perm_ptr, start, length, chunk, cols, HAS_PERM: tl.constexpr):
+        """Original rows ``[groups, BLOCK]`` of one chunk of every group, and which exist."""
+        inside = (chunk + cols)[None, :] < length[:, None]
+        position = start[:, None] + chunk + cols[None, :]
+        if HAS_PERM:
+            row = tl.load(perm_ptr + position, mask=inside, other=0)
+        else:
+            row = position
+        return row, inside
+
+    @triton.jit
     def _group_normalize_kernel(
         values_ptr, perm_ptr, offsets_ptr, batch_scale_ptr, out_ptr,
         num_groups, eps,
@@ -61,12 +72,7 @@ if triton is not None:
         longest = tl.max(length, axis=0)
 
         for chunk in range(0, longest, BLOCK):
-            inside = (chunk + cols)[None, :] < length[:, None]
-            position = start[:, None] + chunk + cols[None, :]
-            if HAS_PERM:
-                row = tl.load(perm_ptr + position, mask=inside, other=0)
-            else:
-                row = position
+            row, inside = _chunk_rows(perm_ptr, start, length, chunk, cols, HAS_PERM)
             x = tl.load(values_ptr + row, mask=inside, other=float("nan"))
             valid = x == x  # NaN rewards and padding are left out
             chunk_count = tl.sum(valid.to(acc_dtype), axis=1)
@@ -98,12 +104,7 @@ if triton is not None:
             denominator = tl.zeros([GROUPS_PER_PROGRAM], dtype=acc_dtype) + 1.0
 
         for chunk in range(0, longest, BLOCK):
-            inside = (chunk + cols)[None, :] < length[:, None]
-            position = start[:, None] + chunk + cols[None, :]
-            if HAS_PERM:
-                row = tl.load(perm_ptr + position, mask=inside, other=0)
-            else:
-                row = position
+            row, inside = _chunk_rows(perm_ptr, start, length, chunk, cols, HAS_PERM)
             x = tl.load(values_ptr + row, mask=inside, other=0.0)
             advantage = (x - center[:, None]) / denominator[:, None]
             if not SINGLETON_RAW:

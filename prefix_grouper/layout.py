@@ -13,27 +13,65 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["GroupLayout"]
+from .checks import as_length_list
+
+__all__ = ["GroupLayout", "cached_per_layout", "decode_host_lengths", "encode_host_lengths", "split_by_group"]
 
 
-def _as_int_list(values: Any, name: str) -> list[int]:
-    if isinstance(values, (int, float, str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__} {values!r}")
-    if isinstance(values, (set, frozenset, dict)):
-        raise TypeError(f"{name} must be an ordered sequence of integers, got a {type(values).__name__}")
-    if isinstance(values, torch.Tensor):
-        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers, got a tensor of dtype {values.dtype}")
-        if values.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
-        return [int(x) for x in values.tolist()]
-    out = []
-    for x in values:
-        if isinstance(x, bool) or not isinstance(x, int) and not (hasattr(x, "__index__")):
-            raise TypeError(f"{name} must hold integers, got {type(x).__name__} {x!r}")
-        out.append(int(x))
+def split_by_group(flat: Sequence[Any], group_sizes: Sequence[int]) -> list[tuple[Any, ...]]:
+    """``flat`` (one entry per completion, group after group) cut into one tuple per group."""
+    out, start = [], 0
+    for size in group_sizes:
+        out.append(tuple(flat[start:start + size]))
+        start += size
     return out
+
+
+def encode_host_lengths(prefix_lens: Sequence[int], group_sizes: Sequence[int],
+                        suffix_lens: Sequence[int]) -> torch.Tensor:
+    """The layout as one read-only CPU int64 tensor ``[1 + 2B + N]``: B, the prefix lengths,
+    the group sizes, then the completion lengths.
+
+    Ops read it without a device sync, and torch.compile sees one tensor input (never of
+    size 0 or 1, so never specialized) instead of specializing on the host ints.
+    """
+    return torch.tensor([len(prefix_lens), *prefix_lens, *group_sizes, *suffix_lens],
+                        dtype=torch.long, device="cpu")
+
+
+def decode_host_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(prefix_lens [B], group_sizes [B], suffix_lens [N])`` of :func:`encode_host_lengths`'s tensor."""
+    if (not isinstance(host_lengths, torch.Tensor) or host_lengths.device.type != "cpu"
+            or host_lengths.dtype != torch.int64 or host_lengths.dim() != 1):
+        raise ValueError("host_lengths must be a 1-D CPU int64 tensor (GroupLayout.host_lengths)")
+    values = host_lengths.tolist()  # a CPU tensor: no device synchronization
+    num_groups = values[0] if values else 0
+    prefix = tuple(values[1:1 + num_groups])
+    sizes = tuple(values[1 + num_groups:1 + 2 * num_groups])
+    suffix = tuple(values[1 + 2 * num_groups:])
+    if (num_groups < 1 or len(sizes) != num_groups or sum(sizes) != len(suffix)
+            or min(prefix) < 1 or min(sizes) < 1 or (suffix and min(suffix) < 0)):
+        raise ValueError("host_lengths is not [B, prefix_lens (>= 1) x B, group_sizes (>= 1) x B, "
+                         "completion_lens (>= 0) x sum(group_sizes)]; use GroupLayout.host_lengths")
+    return prefix, sizes, suffix
+
+
+# host_lengths tensor -> {key: value}: the one cache of per-layout data (tile schedules,
+# masks, plans). Keyed by identity (tensors compare by value); an entry vanishes with its
+# tensor, hence with its layout. Ops that receive only host_lengths reach it too.
+_PER_LAYOUT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def cached_per_layout(host_lengths: torch.Tensor, key: Any, build: Callable[[], Any]) -> Any:
+    """Memoize ``build()`` under ``key`` for the layout whose ``host_lengths`` this is."""
+    entry = _PER_LAYOUT.get(host_lengths)
+    if entry is None:
+        entry = _PER_LAYOUT[host_lengths] = {}
+    if key not in entry:
+        entry[key] = build()
+    return entry[key]
 
 
 class GroupLayout:
@@ -72,7 +110,7 @@ class GroupLayout:
         suffix_lens: Sequence[Sequence[int]],
         device: torch.device | str | None = None,
     ) -> None:
-        prefix = _as_int_list(prefix_lens, "prefix_lens")
+        prefix = as_length_list(prefix_lens, "prefix_lens")
         if isinstance(suffix_lens, (int, float, str, bytes)) or not hasattr(suffix_lens, "__len__"):
             raise TypeError(f"suffix_lens must hold one sequence of completion lengths per group, "
                             f"got {type(suffix_lens).__name__}")
@@ -83,7 +121,7 @@ class GroupLayout:
                 f"suffix_lens must list one sequence of completion lengths per group: "
                 f"got {len(suffix_lens)} entries for {len(prefix)} prefixes"
             )
-        groups = [_as_int_list(s, f"suffix_lens[{b}]") for b, s in enumerate(suffix_lens)]
+        groups = [as_length_list(s, f"suffix_lens[{b}]") for b, s in enumerate(suffix_lens)]
         for b, p in enumerate(prefix):
             if p < 1:
                 raise ValueError(
@@ -108,7 +146,6 @@ class GroupLayout:
         self.max_prefix_len = max(prefix)
         self.max_suffix_len = max(self.suffix_lens_list)
         self.max_group_suffix_tokens = max(sum(g) for g in groups)
-        self._cache: dict[Any, Any] = {}
         self._build_index_tensors(groups)
         # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
         self.device = self.prefix_lens.device
@@ -147,7 +184,7 @@ class GroupLayout:
                 raise ValueError(f"{name} must be a 2-D tensor, got {shape}")
             if mask.dtype.is_floating_point:
                 raise TypeError(f"{name} must be bool or integer, got {mask.dtype}")
-        sizes = _as_int_list(group_sizes, "group_sizes")
+        sizes = as_length_list(group_sizes, "group_sizes")
         for b, g in enumerate(sizes):
             if g < 1:
                 raise ValueError(f"group_sizes[{b}] = {g}: every group needs at least one completion")
@@ -176,11 +213,7 @@ class GroupLayout:
         if empty_prompts:
             raise ValueError(f"prompt_mask row {empty_prompts[0]} has no real token: every prompt needs at "
                              f"least 1 (its last token predicts the first completion token)")
-        flat = completion_counts.tolist()
-        suffix, start = [], 0
-        for g in sizes:
-            suffix.append(flat[start:start + g])
-            start += g
+        suffix = split_by_group(completion_counts.tolist(), sizes)
         prefix = prompt_counts.tolist()
         return cls(prefix, suffix, device=prompt_mask.device)
 
@@ -219,12 +252,7 @@ class GroupLayout:
         self.prefix_starts = torch.tensor(prefix_starts, **long)
         self.suffix_starts = torch.tensor(suffix_starts, **long)
         self.cu_seqlens = torch.tensor(cu, **long)
-        # Read-only CPU int64 [1 + 2B + N]: B, prefix lens, group sizes, completion lens. Ops
-        # read it without a device sync, and torch.compile sees one tensor input (never of
-        # size 0 or 1, so never specialized) instead of specializing on the host ints.
-        self.host_lengths = torch.tensor(
-            [self.num_groups, *prefix, *self.group_sizes_list, *self.suffix_lens_list],
-            dtype=torch.long, device="cpu")
+        self.host_lengths = encode_host_lengths(prefix, self.group_sizes_list, self.suffix_lens_list)
 
         # Per-token tables, vectorized from the segment tables.
         seg_len_t = torch.tensor(seg_lens, **long)
@@ -267,28 +295,18 @@ class GroupLayout:
     # ------------------------------------------------------------------ helpers
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """Memoize per-layout metadata (e.g. a kernel's tile schedule) under ``key``."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+        return cached_per_layout(self.host_lengths, key, build)
 
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its tensors on ``device``."""
         device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
         if device == self.device:
             return self
-        groups, start = [], 0
-        for g in self.group_sizes_list:
-            groups.append(self.suffix_lens_list[start:start + g])
-            start += g
-        return GroupLayout(self.prefix_lens_list, groups, device=device)
+        return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
 
     @property
     def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
-        out, start = [], 0
-        for g in self.group_sizes_list:
-            out.append(self.suffix_lens_list[start:start + g])
-            start += g
-        return out
+        return split_by_group(self.suffix_lens_list, self.group_sizes_list)
 
     def naive_tokens(self) -> int:
         """Tokens the naive layout processes: ``sum_b sum_i (P_b + S_bi)``."""

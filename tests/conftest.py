@@ -5,6 +5,8 @@ test module imports prefix_grouper.
 """
 import os
 import shutil
+import subprocess
+import sys
 
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -32,3 +34,13 @@ def random_layout(generator: torch.Generator, num_groups: int, choices=(1, 7, 97
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+def assert_compiles_for_sm90(script: str, timeout: int) -> None:
+    """Run ``script`` (which compiles kernels with ``triton.compile(..., GPUTarget("cuda", 90,
+    32))`` and prints "compiled") in a fresh interpreter without TRITON_INTERPRET, so the
+    kernels are real JIT functions even on a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .._extension import cuda_extension_available, require_cuda_extension
-from .checks import as_index, check_bool, check_choice, check_float_tensor, check_real
+from ..checks import as_index, check_bool, check_choice, check_float_tensor, check_real
 from .cuda_impl import group_normalize_cuda
 from .options import BACKENDS, EPISODE_STATS, GIGPO_MODES, MULTI_OBJECTIVE_MODES, SCALES, SINGLETONS
 from .segments import Segments

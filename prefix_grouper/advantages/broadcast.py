@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import GroupLayout
-from .checks import check_float_tensor
+from ..checks import check_float_tensor
 
 __all__ = ["broadcast_to_padded", "broadcast_to_tokens"]
 

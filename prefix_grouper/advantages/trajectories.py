@@ -6,7 +6,7 @@ from typing import Any, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .checks import as_index, check_float_tensor, check_real
+from ..checks import as_index, check_float_tensor, check_real
 from .segments import Segments
 
 __all__ = ["anchor_index_from_states", "discounted_returns"]

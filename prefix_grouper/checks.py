@@ -1,4 +1,4 @@
-"""Argument checks shared by the advantage functions: errors name the offending argument."""
+"""Argument checks shared by the whole package: every error names the offending argument."""
 from __future__ import annotations
 
 import math
@@ -69,3 +69,55 @@ def check_bool(value: Any, name: str) -> None:
     """``value`` must be a bool: None or a string such as "false" would be silently truthy or falsy."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_positive_real(value: Any, name: str) -> float:
+    """``value`` as a positive finite float (Python/NumPy real or 0-d real tensor, not a bool)."""
+    value = check_real(value, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def check_finite_real(value: Any, name: str) -> float:
+    """``value`` as a finite float (Python/NumPy real or 0-d real tensor, not a bool)."""
+    value = check_real(value, name)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+# Lengths beyond this cannot be allocated on any device (2**40 tokens of int64 is 8 TiB).
+MAX_LENGTH = 2**31 - 1
+
+
+def as_length_list(values: Any, name: str) -> list[int]:
+    """``values`` as a list of Python ints: an ordered sequence or 1-D integer tensor.
+
+    Refuses unordered containers (sets, dicts), bools, floats (even integral ones: a float
+    length is a caller bug), non-integer tensors and values above :data:`MAX_LENGTH`.
+    """
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__} {values!r}")
+    if isinstance(values, (Set, Mapping)):
+        raise TypeError(f"{name} must be an ordered sequence of integers, got a {type(values).__name__}")
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got a tensor of dtype {values.dtype}")
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
+        out = [int(x) for x in values.tolist()]
+    else:
+        out = []
+        for x in values:
+            if isinstance(x, torch.Tensor) and x.dim() == 0 and not (
+                    x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+                x = int(x.item())
+            # numpy integers have __index__; floats, numpy floats and bools are refused.
+            if isinstance(x, bool) or isinstance(x, float) or not hasattr(x, "__index__"):
+                raise TypeError(f"{name} must hold integers, got {type(x).__name__} {x!r}")
+            out.append(int(x.__index__()))
+    for i, x in enumerate(out):
+        if x > MAX_LENGTH:
+            raise ValueError(f"{name}[{i}] = {x} is larger than any packable length ({MAX_LENGTH})")
+    return out

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import random_layout
 from prefix_grouper import GroupLayout, available_backends, prefix_attention
+from prefix_grouper.attention import prefix_sharing_mask
 
 
 def make_qkv(layout, hq, hkv, d, dtype, generator, requires_grad=True):
@@ -231,11 +232,11 @@ def test_error_layout_and_scale(small):
     layout, q, k, v = small
     with pytest.raises(TypeError, match="layout must be a GroupLayout"):
         prefix_attention(q, k, v, [3, 2, 1])
-    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+    with pytest.raises(ValueError, match="softmax_scale must be .*got nan"):
         prefix_attention(q, k, v, layout, softmax_scale=float("nan"))
     with pytest.raises(TypeError, match="softmax_scale must be a real number, got bool"):
         prefix_attention(q, k, v, layout, softmax_scale=True)
-    with pytest.raises(TypeError, match="return_lse must be a bool"):
+    with pytest.raises(TypeError, match="return_lse must be True or False"):
         prefix_attention(q, k, v, layout, return_lse="yes")
 
 
@@ -268,3 +269,69 @@ def test_no_host_sync_in_forward_and_backward(backend, generator):
         (out.float().sum() + lse.sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------- non-finite inputs
+def poisoned_rows_and_keys(layout, token):
+    """Rows a NaN in K/V of ``token`` may reach, and the keys whose gradients it may reach.
+
+    The contract: a completion token's K/V reaches only its completion's rows, a prefix
+    token's only its group's rows (rows that mask it still multiply it by a zero
+    probability inside their segment's block). Gradients then reach every key those rows see.
+    """
+    group = layout.token_group[token]
+    if layout.token_completion[token] >= 0:
+        rows = layout.token_completion == layout.token_completion[token]
+    else:
+        rows = layout.token_group == group
+    return rows, prefix_sharing_mask(layout)[rows].any(0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["completion", "prefix"])
+@pytest.mark.parametrize("backend,with_lse", [("reference", True), ("torch", True), ("torch", False)],
+                         ids=["reference", "torch-lse", "torch-fused"])
+def test_non_finite_kv_stays_in_its_segment(backend, with_lse, where, value, generator):
+    # Group 0's second completion (packed 7..9) is poisoned, or group 1's prefix (11..13);
+    # the sibling completions, the other group and padding rows of the padded batches must
+    # not see it. Ragged lengths make every padded batch pad.
+    layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
+    token = 8 if where == "completion" else 12
+    q, k, v = make_qkv(layout, 4, 2, 8, torch.float64, generator, requires_grad=False)
+    clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,
+                              with_lse=with_lse)
+    k[token, 1], v[token, 0] = value, value
+    poisoned = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,
+                                 with_lse=with_lse)
+    rows, keys = poisoned_rows_and_keys(layout, token)
+    assert not poisoned[0][rows].isfinite().all()  # the poison is there, not masked away
+    # Unaffected rows and keys run exactly the same operations on the same values.
+    for name, a, e in zip(NAMES, poisoned, clean):
+        if e is None:
+            continue
+        unaffected = ~keys if name in ("dk", "dv") else ~rows
+        assert torch.equal(a[unaffected], e[unaffected]), name
+
+
+def test_leading_batch_dim_without_lse(small):
+    """The documented [1, T, H, D] form on the torch backend, lse not requested."""
+    layout, q, k, v = small
+    out = prefix_attention(q[None], k[None], v[None], layout, backend="torch")
+    assert out.shape == (1, *q.shape)
+    torch.testing.assert_close(out[0], prefix_attention(q, k, v, layout, backend="reference"))
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e39, 1e-300, 1e-46])
+def test_error_scale_outside_float32(small, scale):
+    """The kernels multiply by softmax_scale * log2(e) in float32: it must be finite and nonzero there."""
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match="softmax_scale .*float32"):
+        prefix_attention(q, k, v, layout, softmax_scale=scale)
+
+
+def test_error_zero_heads(small):
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match=r"q must have at least one head, got shape \(6, 0, 8\)"):
+        prefix_attention(q[:, :0], k, v, layout)
+    with pytest.raises(ValueError, match=r"k must have at least one head, got shape \(6, 0, 8\)"):
+        prefix_attention(q, k[:, :0], v[:, :0], layout)

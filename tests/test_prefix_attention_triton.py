@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and shutil.which("nvidia-smi") is None:
 import pytest  # noqa: E402
 
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
-from prefix_grouper.attention.naive import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
+from prefix_grouper.attention.reference import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
 from prefix_grouper.attention import triton_backend  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
     _key_tile_rows, _query_tile_rows, triton_prefix_attention, triton_unavailable_reason,

@@ -1,6 +1,6 @@
 """Shared-prefix attention over a packed GRPO batch."""
-from .api import BACKENDS, available_backends, prefix_attention
-from .naive import prefix_sharing_mask, reference_prefix_attention
+from .api import BACKENDS, available_backends, prefix_attention, resolve_backend
+from .reference import prefix_sharing_mask, reference_prefix_attention
 
 __all__ = ["BACKENDS", "available_backends", "prefix_attention", "prefix_sharing_mask",
-           "reference_prefix_attention"]
+           "reference_prefix_attention", "resolve_backend"]

@@ -2,47 +2,52 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from ..checks import check_bool, check_choice, check_positive_real
 from ..layout import GroupLayout
-from .naive import reference_prefix_attention
+from ..runtime import triton_unavailable_reason
+from .reference import reference_prefix_attention
 from .torch_backend import torch_prefix_attention
+
+__all__ = ["BACKENDS", "MAX_HEAD_DIM", "available_backends", "prefix_attention", "resolve_backend"]
 
 BACKENDS = ("reference", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
-
-def _triton_unavailable_reason(device: torch.device) -> str | None:
-    try:
-        from .triton_backend import triton_unavailable_reason
-    except ImportError as exc:
-        return f"triton cannot be imported ({exc})"
-    return triton_unavailable_reason(device)
+# The Triton kernels scale scores by softmax_scale * log2(e) held in float32, and the
+# torch backend computes half inputs in float32: both must be finite and nonzero there.
+_FLOAT32 = torch.finfo(torch.float32)
+_SCALE_RANGE = (_FLOAT32.tiny, _FLOAT32.max / math.log2(math.e))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest last."""
     device = torch.device(device)
     names = ["reference", "torch"]
-    if _triton_unavailable_reason(device) is None:
+    if triton_unavailable_reason(device) is None:
         names.append("triton")
     return names
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend ``prefix_attention`` runs for ``backend`` on ``device`` inputs of ``dtype``.
+
+    ``"auto"`` is ``"triton"`` on CUDA (not for float64) when Triton is available, else
+    ``"torch"``; an explicit name is returned as is, or refused with the reason it cannot run.
+    """
+    check_choice(backend, "backend", ("auto",) + BACKENDS)
+    device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and _triton_unavailable_reason(device) is None:
+        if device.type == "cuda" and dtype != torch.float64 and triton_unavailable_reason(device) is None:
             return "triton"
         return "torch"
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
-        reason = _triton_unavailable_reason(device)
+        reason = triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
         if device.type == "cpu" and dtype == torch.bfloat16:
@@ -50,6 +55,20 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
             raise TypeError("backend='triton' on CPU (the Triton interpreter) supports float32 and float16, "
                             "not bfloat16")
     return backend
+
+
+def _check_softmax_scale(value) -> float:
+    """``value`` as a scale whose float32 ``value * log2(e)`` is finite and nonzero.
+
+    Whether ``scale * max |q . k|`` overflows is data-dependent and unchecked (it would
+    need a device sync); a scale that is itself out of float32 range always is wrong.
+    """
+    scale = check_positive_real(value, "softmax_scale")
+    low, high = _SCALE_RANGE
+    if not low <= scale <= high:
+        raise ValueError(f"softmax_scale must be in [{low:.4g}, {high:.4g}] so that softmax_scale * log2(e), "
+                         f"the kernels' float32 score multiplier, is finite and nonzero; got {scale!r}")
+    return scale
 
 
 def _validate(q, k, v, layout):
@@ -63,6 +82,8 @@ def _validate(q, k, v, layout):
                 f"{name} must have shape [T, heads, head_dim] (or [1, T, heads, head_dim]), "
                 f"got {tuple(x.shape)}"
             )
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one head, got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
         if x.shape[0] != layout.total_tokens:
@@ -84,22 +105,10 @@ def _validate(q, k, v, layout):
     hkv = k.shape[1]
     if k.shape[2] != d:
         raise ValueError(f"k and v head_dim {k.shape[2]} must equal q head_dim {d}")
-    if hkv == 0 or hq % hkv != 0:
+    if hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) (GQA/MQA)")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-
-
-def _positive_float(value, name: str) -> float:
-    """A positive finite float from a Python/NumPy real or a 0-d tensor (bools refused)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 def prefix_attention(
@@ -118,23 +127,31 @@ def prefix_attention(
     any loss on them) equal those of running every ``[prefix; completion]`` separately.
 
     Args:
-        q: ``[T, Hq, D]`` (or ``[1, T, Hq, D]``), T = ``layout.total_tokens``.
-        k, v: ``[T, Hkv, D]`` (or ``[1, T, Hkv, D]``), ``Hq % Hkv == 0``; same dtype
-            (float16/bfloat16/float32; float64 on the reference and torch backends) and
-            device as q; ``D <= 256``.
+        q: ``[T, Hq, D]`` or ``[1, T, Hq, D]``, T = ``layout.total_tokens``, ``Hq >= 1``.
+        k, v: ``[T, Hkv, D]`` or ``[1, T, Hkv, D]`` (the same form as q), ``Hkv >= 1``,
+            ``Hq % Hkv == 0`` (GQA/MQA); ``1 <= D <= 256``. q, k, v share one dtype and
+            device: float16, bfloat16 or float32 on every backend, float64 on the
+            ``reference`` and ``torch`` backends only (``"auto"`` picks torch for it).
+            Any strides.
         layout: the batch's :class:`GroupLayout`, on q's device.
-        softmax_scale: defaults to ``1 / sqrt(D)``.
+        softmax_scale: multiplier of ``q . k``, default ``1 / sqrt(D)``; a positive real
+            whose float32 ``softmax_scale * log2(e)`` is finite and nonzero.
         backend: ``"auto"`` (triton on CUDA when available, else torch), ``"torch"``,
-            ``"triton"``, or ``"reference"`` (dense fp32 ground truth, slow).
+            ``"triton"``, or ``"reference"`` (dense fp32/fp64 ground truth, slow); see
+            :func:`resolve_backend`.
         return_lse: also return the log-sum-exp of the scaled scores.
 
     Returns:
-        out ``[T, Hq, D]`` in q's dtype (with the leading 1 if q had one) and, when
-        ``return_lse``, lse ``[T, Hq]`` float32 (float64 for float64 inputs),
-        differentiable too.
+        out ``[T, Hq, D]`` (``[1, T, Hq, D]`` for 4-D inputs) in q's dtype and, when
+        ``return_lse``, lse ``[T, Hq]`` (``[1, T, Hq]``) float32 (float64 for float64
+        inputs), differentiable too.
+
+    NaN/inf in K or V stay contained on every backend: those of a completion token reach
+    only that completion's rows (and the gradients of the keys those rows see), those of a
+    prefix token only its group's rows. Every other row's output and gradients are those
+    of a clean batch.
     """
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_bool(return_lse, "return_lse")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
     if batched:
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -148,8 +165,8 @@ def prefix_attention(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     else:
-        softmax_scale = _positive_float(softmax_scale, "softmax_scale")
-    name = _resolve_backend(backend, q.device, q.dtype)
+        softmax_scale = _check_softmax_scale(softmax_scale)
+    name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
         out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale)
     elif name == "torch":
@@ -159,5 +176,6 @@ def prefix_attention(
 
         out, lse = triton_prefix_attention(q, k, v, layout, softmax_scale)
     if batched:
-        out, lse = out[None], lse[None]
+        out = out[None]
+        lse = None if lse is None else lse[None]
     return (out, lse) if return_lse else out

@@ -1,8 +1,6 @@
 """Efficient pure-PyTorch shared-prefix attention (differentiable, any device).
 
-Two exact formulations on padded views of the packed axis; neither copies prefix K/V per
-completion (it is gathered once per group), so apart from the attention matrices the
-extra memory is O(T) plus padding.
+Two exact formulations on padded views of the packed axis:
 
 * With the LSE (``need_lse=True``): three dense attentions merged by log-sum-exp,
 
@@ -11,12 +9,21 @@ extra memory is O(T) plus padding.
   3. every suffix query -> its own suffix keys, causal       ``[N, S_max, S_max]`` scores
 
   (``Q_max`` = most suffix tokens in one group); under GQA the query heads sharing a KV
-  head are folded into one matmul instead of repeating K/V.
+  head are folded into one matmul instead of repeating K/V. No prefix K/V is copied per
+  completion: apart from the attention matrices the extra memory is O(T) plus padding.
 * Without it (the common case): two fused ``scaled_dot_product_attention`` calls, causal
-  over the padded prefixes, and every suffix query of a group against
-  ``[group prefix; group suffixes]`` under a boolean mask ``[B, Q_max, P_max + Q_max]``
+  over the padded prefixes, and every completion's queries against
+  ``[group prefix; own completion]`` under a boolean mask ``[N, S_max, P_max + S_max]``
   (cached per layout). SDPA's fused kernels never materialize the scores, which makes this
-  path several times faster on CPU for ragged batches.
+  path several times faster on CPU for ragged batches; it gathers the group's prefix K/V
+  once per completion (``O(N * P_max)`` rows, the naive layout's K/V).
+
+Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
+zero probability, and ``0 * NaN = NaN``. So no batch row mixes segments that must not see
+each other (hence one row per completion, not per group, in the fused suffix call), and
+padding is gathered as zeros rather than as the neighbouring tokens. A non-finite K/V of a
+completion token then reaches only that completion's rows, one of a prefix token only its
+group's rows, as in the naive layout.
 """
 from __future__ import annotations
 
@@ -33,16 +40,17 @@ def _padded_index(starts: torch.Tensor, lens: torch.Tensor, width: int, last: in
     return (starts[:, None] + cols[None, :]).clamp(max=last), valid
 
 
-def _plan(layout: GroupLayout) -> dict[str, torch.Tensor]:
+def _plan(layout: GroupLayout) -> dict:
     """Gather/select indices between the packed axis and the three padded batches."""
     last = layout.total_tokens - 1
     group_suffix_starts = layout.prefix_starts + layout.prefix_lens
     group_suffix_lens = layout.cu_group_seqlens[1:] - group_suffix_starts
     prefix_idx, prefix_valid = _padded_index(layout.prefix_starts, layout.prefix_lens,
                                              layout.max_prefix_len, last)
-    group_idx, _ = _padded_index(group_suffix_starts, group_suffix_lens,
-                                 layout.max_group_suffix_tokens, last)
-    own_idx, _ = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len, last)
+    group_idx, group_valid = _padded_index(group_suffix_starts, group_suffix_lens,
+                                           layout.max_group_suffix_tokens, last)
+    own_idx, own_valid = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len,
+                                       last)
 
     # Where every packed token sits in each padded batch (flattened row * width + column).
     group, completion = layout.token_group, layout.token_completion
@@ -54,8 +62,10 @@ def _plan(layout: GroupLayout) -> dict[str, torch.Tensor]:
     in_own = completion_safe * layout.max_suffix_len + (arange_t - layout.suffix_starts[completion_safe])
     zero = torch.zeros_like(arange_t)
     return {
-        "prefix_idx": prefix_idx, "prefix_valid": prefix_valid,
-        "group_idx": group_idx, "own_idx": own_idx,
+        # Padded runs: (packed index [R, width], valid [R, width]) for _gather.
+        "prefix": (prefix_idx, prefix_valid),
+        "group": (group_idx, group_valid),
+        "own": (own_idx, own_valid),
         "is_prefix": is_prefix,
         "in_prefix": torch.where(is_prefix, in_prefix, zero),
         "in_group": torch.where(is_prefix, zero, in_group),
@@ -81,39 +91,48 @@ def _attend(q, k, v, mask, scale):
     return out, lse.permute(0, 3, 1, 2).reshape(r, lq, hq)
 
 
-def _gather(x, idx):
+def _gather(x, run):
+    """``x [T, ...]`` gathered into a padded run ``(idx [R, L], valid [R, L])``: ``[R, L, ...]``.
+
+    Padding is zero, not the clamped neighbour token: a neighbour's NaN would otherwise
+    reach this run's rows through their zero probabilities (and their gradients).
+    """
+    idx, valid = run
     # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
-    return x[idx]
+    gathered = x[idx]
+    return torch.where(valid.view(*valid.shape, *(1,) * (x.dim() - 1)), gathered, 0)
 
 
-def _suffix_mask_plan(layout: GroupLayout, plan: dict[str, torch.Tensor]):
-    """Keys ``[B, P_max + Q_max]`` of every group's suffix queries and their mask
-    ``[B, Q_max, P_max + Q_max]``: the valid prefix, then causal within the own completion."""
-    group_idx = plan["group_idx"]
-    completion = layout.token_completion[group_idx]
-    order = torch.arange(group_idx.shape[1], device=layout.device)
-    own = (completion[:, :, None] == completion[:, None, :]) & (order[None, None, :] <= order[None, :, None])
-    prefix_visible = plan["prefix_valid"][:, None, :].expand(-1, group_idx.shape[1], -1)
-    return torch.cat([plan["prefix_idx"], group_idx], 1), torch.cat([prefix_visible, own], 2)
+def _completion_keys_plan(layout: GroupLayout, plan: dict):
+    """Keys ``(idx, valid)`` ``[N, P_max + S_max]`` of every completion's queries (its group's
+    prefix, then itself) and their mask ``[N, S_max, P_max + S_max]``: the valid prefix,
+    then causal within the completion."""
+    prefix_idx, prefix_valid = (x[layout.completion_group] for x in plan["prefix"])
+    own_idx, own_valid = plan["own"]
+    width = own_idx.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=layout.device).tril()
+    mask = torch.cat([prefix_valid[:, None, :].expand(-1, width, -1),
+                      causal[None].expand(own_idx.shape[0], -1, -1)], 2)
+    return (torch.cat([prefix_idx, own_idx], 1), torch.cat([prefix_valid, own_valid], 1)), mask
 
 
 def _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale):
-    def heads_first(x, idx):
-        return _gather(x, idx).transpose(1, 2)  # [R, H, L, D]
+    def heads_first(x, run):
+        return _gather(x, run).transpose(1, 2)  # [R, H, L, D]
 
-    prefix_idx = plan["prefix_idx"]
     o_pre = F.scaled_dot_product_attention(
-        *(heads_first(x, prefix_idx) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
+        *(heads_first(x, plan["prefix"]) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
         enable_gqa=True).transpose(1, 2)
     hq, d = qc.shape[1:]
     o_pre = o_pre.reshape(-1, hq, d)[plan["in_prefix"]]
     if layout.num_completion_tokens == 0:
         return o_pre
-    keys, mask = layout.cached(("torch_backend_suffix_mask",), lambda: _suffix_mask_plan(layout, plan))
+    keys, mask = layout.cached(("torch_backend_completion_keys",),
+                               lambda: _completion_keys_plan(layout, plan))
     o_suffix = F.scaled_dot_product_attention(
-        heads_first(qc, plan["group_idx"]), heads_first(kc, keys), heads_first(vc, keys),
+        heads_first(qc, plan["own"]), heads_first(kc, keys), heads_first(vc, keys),
         attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True).transpose(1, 2)
-    o_suffix = o_suffix.reshape(-1, hq, d)[plan["in_group"]]
+    o_suffix = o_suffix.reshape(-1, hq, d)[plan["in_own"]]
     return torch.where(plan["is_prefix"][:, None, None], o_pre, o_suffix)
 
 
@@ -135,18 +154,19 @@ def torch_prefix_attention(
     qc, kc, vc = (x.to(compute) for x in (q, k, v))
     if not need_lse:
         return _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale).to(q.dtype), None
-    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix_idx"]) for x in (qc, kc, vc))
+    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix"]) for x in (qc, kc, vc))
     causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
                                device=q.device).tril()
     o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
     if layout.num_completion_tokens == 0:  # every completion empty: prefixes only
-        return o_pre[plan["prefix_valid"]].to(q.dtype), lse_pre[plan["prefix_valid"]]
+        prefix_valid = plan["prefix"][1]
+        return o_pre[prefix_valid].to(q.dtype), lse_pre[prefix_valid]
 
-    q_group = _gather(qc, plan["group_idx"])
-    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],
+    q_group = _gather(qc, plan["group"])
+    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix"][1][:, None, :],
                                  softmax_scale)
 
-    q_own, k_own, v_own = (_gather(x, plan["own_idx"]) for x in (qc, kc, vc))
+    q_own, k_own, v_own = (_gather(x, plan["own"]) for x in (qc, kc, vc))
     causal_own = torch.ones(layout.max_suffix_len, layout.max_suffix_len, dtype=torch.bool,
                             device=q.device).tril()
     o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)

@@ -1,33 +1,44 @@
 """Shared-prefix attention against the approaches users would pick instead.
 
 Approaches (each on the same packed q/k/v, checked against ours before timing):
-  naive    every [prefix; completion] its own row, SDPA causal (flash on GPU)
+  unpacked every [prefix; completion] its own row, SDPA causal (flash on GPU)
   split    the public prefix-grouper package's scheme: prefix SDPA causal + completion
            SDPA over [prefix K/V repeated G times; own K/V] with bottom-right causal, concat
-  flex     PyTorch FlexAttention with a prefix-sharing block mask (compiled; GPU only)
-  flashattn flash_attn_varlen_func on the naive rows (GPU, where flash-attn is installed)
+  flex     PyTorch FlexAttention with a prefix-sharing block mask, torch.compile'd
+           (forward only on CPU: FlexAttention has no CPU backward)
+  flashattn flash_attn_varlen_func on the unpacked rows (GPU, where flash-attn is installed)
   torch / triton   prefix_attention backends of this package
 
+Every approach is warmed up (compiled, autotuned) in exactly the mode it is then timed in,
+forward under no_grad and forward+backward with grad, and the warm-up time is reported on
+its own. A TorchDynamo compilation during the timed region is flagged
+(recompiled_during_timing): the timing would not be of the compiled kernel.
+
 Reports fwd and fwd+bwd median ms, peak extra memory (GPU) and useful TFLOP/s (only the
-FLOPs of the shared-prefix pattern; fwd+bwd counted as 3.5x fwd). Writes CSV + PNG under
-benchmarks/results/ named after the device.
+FLOPs of the shared-prefix pattern; fwd+bwd counted as 3.5x fwd). Writes CSV + PNG named
+after the device under runs/bench_attention/ (or benchmarks/results/ with --update-results):
+
+    python -m benchmarks.bench_attention                       # every config of this device
+    python -m benchmarks.bench_attention --configs "P256 S128 G4 GQA" --approaches flex torch
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (RESULTS_DIR, device_name, measure_ms, naive_row_index, shared_prefix_flops,  # noqa: E402
-                    slug, versions, matplotlib_pyplot, save_figure, write_csv)
+from prefix_grouper import GroupLayout, prefix_attention
+from prefix_grouper.attention import available_backends
 
-from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
-from prefix_grouper.attention import available_backends  # noqa: E402
+from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, shared_prefix_flops,
+                     slug, unpacked_row_index, versions, write_csv)
+
 
 def ragged_completions(num_groups, group_size, low, high, seed):
     """Completion lengths drawn uniformly in [low, high], reproducibly."""
@@ -52,8 +63,19 @@ CPU_CONFIGS = [
 ]
 
 
-def run_naive(q, k, v):
-    """q/k/v ``[N, H, L, D]``: the naive rows, right-padded (padding is never attended)."""
+@dataclass
+class Approach:
+    """``prepare`` turns packed q/k/v into the approach's own input layout once (outside the
+    timed region, as a model would hold them); ``run`` is what gets timed. ``backward``:
+    whether ``run`` is differentiable on this device."""
+
+    prepare: Callable
+    run: Callable
+    backward: bool = True
+
+
+def run_unpacked(q, k, v):
+    """q/k/v ``[N, H, L, D]``: the unpacked rows, right-padded (padding is never attended)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
@@ -85,8 +107,13 @@ def make_flex(layout):
                 & (is_prefix[kv_idx] | (segment[q_idx] == segment[kv_idx])))
 
     t = layout.total_tokens
-    block_mask = create_block_mask(prefix_sharing, None, None, t, t, device=layout.device, _compile=True)
-    compiled = torch.compile(flex_attention, dynamic=False)
+    # Every config compiles flex_attention's one code object twice (no_grad, grad): without a
+    # reset, the configs together pass Dynamo's recompile limit (8) and later configs would
+    # silently run the unfused eager path. fullgraph=True turns any such fallback into an error.
+    torch.compiler.reset()
+    # Compiled: the eager mask builder materializes [T, T] (67 GiB at ~90k tokens).
+    block_mask = torch.compile(create_block_mask)(prefix_sharing, None, None, t, t, device=layout.device)
+    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
     def run(q, k, v):
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
@@ -96,38 +123,41 @@ def make_flex(layout):
     return run
 
 
-def approaches(layout, device, index):
-    """``{name: (prepare, run)}``: ``prepare`` turns packed q/k/v into the approach's own
-    input layout once (the naive layout's rows are materialized, as a model would hold
-    them, outside the timed region); ``run`` is what gets timed."""
+def approaches(layout, device, index, wanted=None):
+    """``{name: Approach}`` for this layout and device (only the names in ``wanted``, if given)."""
     packed = lambda q, k, v: (q, k, v)  # noqa: E731
-    found = {"naive": (lambda q, k, v: tuple(x[index].transpose(1, 2).contiguous() for x in (q, k, v)),
-                       run_naive)}
+    makers = {"unpacked": lambda: Approach(
+        lambda q, k, v: tuple(x[index].transpose(1, 2).contiguous() for x in (q, k, v)), run_unpacked)}
     if layout.num_groups == 1 and len(set(layout.suffix_lens_list)) == 1:
-        found["split"] = (packed, lambda q, k, v: run_split(q, k, v, layout))
+        makers["split"] = lambda: Approach(packed, lambda q, k, v: run_split(q, k, v, layout))
+    makers["flex"] = lambda: Approach(packed, make_flex(layout), backward=device.type == "cuda")
     if device.type == "cuda":
-        found["flex"] = (packed, make_flex(layout))
         try:
             from flash_attn import flash_attn_varlen_func
 
-            lengths = (layout.prefix_lens[layout.completion_group] + layout.suffix_lens)
-            cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            flat = index[torch.arange(index.shape[1], device=device)[None] < lengths[:, None]]
-            max_len = int(lengths.max())
-            found["flashattn"] = (lambda q, k, v: (q[flat], k[flat], v[flat]),
-                                  lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len,
-                                                                         causal=True))
+            def make_flashattn():
+                lengths = (layout.prefix_lens[layout.completion_group] + layout.suffix_lens)
+                cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+                flat = index[torch.arange(index.shape[1], device=device)[None] < lengths[:, None]]
+                max_len = int(lengths.max())
+                return Approach(lambda q, k, v: (q[flat], k[flat], v[flat]),
+                                lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len,
+                                                                       causal=True))
+
+            makers["flashattn"] = make_flashattn
         except ImportError:
             pass
     for backend in available_backends(device):
+        # Triton on CPU is the interpreter: its timings say nothing about the kernels.
         if backend != "reference" and not (backend == "triton" and device.type != "cuda"):
-            found[backend] = (packed, (lambda b: lambda q, k, v: prefix_attention(q, k, v, layout, backend=b))(backend))
-    return found
+            makers[backend] = (lambda b: lambda: Approach(
+                packed, lambda q, k, v: prefix_attention(q, k, v, layout, backend=b)))(backend)
+    return {name: make() for name, make in makers.items() if wanted is None or name in wanted}
 
 
 def completion_view(name, out, layout, index):
     """Completion-token outputs ``[completion tokens, H, D]`` in packed order, for every approach."""
-    if name == "naive":
+    if name == "unpacked":
         lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
         cols = torch.arange(index.shape[1], device=out.device)[None]
         keep = (cols >= layout.prefix_lens[layout.completion_group][:, None]) & (cols < lengths[:, None])
@@ -142,46 +172,71 @@ def completion_view(name, out, layout, index):
     return out[layout.completion_positions()]
 
 
-def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype):
+def compilations() -> int:
+    """TorchDynamo frame compilations so far in this process (each cache miss counts)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def warm_then_time(fn, device):
+    """``(first output, warm-up s, median ms, recompiled)``: the first call of ``fn`` compiles
+    or autotunes, then ``fn`` is timed; ``recompiled`` says Dynamo compiled during timing."""
+    start = time.perf_counter()
+    first = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - start
+    before = compilations()
+    ms = measure_ms(fn, device)
+    return first, warmup_s, ms, compilations() != before
+
+
+def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
     layout = GroupLayout.from_lengths(prefix, suffix, device=device)
     t = layout.total_tokens
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(t, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
-    index, _ = naive_row_index(layout)
+    index, _ = unpacked_row_index(layout)
     flops = shared_prefix_flops(layout, hq, d)
     ours = prefix_attention(q, k, v, layout)[layout.completion_positions()].float()
     # Outputs are O(1) (softmax-weighted averages of unit-normal values): a few ulps of the
     # dtype after rounding, not a mask or position error (which moves them by ~0.1).
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     rows = []
-    for approach, (prepare, fn) in approaches(layout, device, index).items():
-        inputs = prepare(q, k, v)
-        err = (completion_view(approach, fn(*inputs), layout, index).float() - ours).abs().max().item()
+    for approach, provider in approaches(layout, device, index, wanted).items():
+        inputs = provider.prepare(q, k, v)
         leaves = [x.detach().requires_grad_() for x in inputs]
-        grad_out = torch.randn_like(fn(*leaves))
 
         def fwd():
             with torch.no_grad():
-                fn(*inputs)
+                return provider.run(*inputs)
 
-        def fwd_bwd():
-            fn(*leaves).backward(grad_out)
+        out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device)
+        err = (completion_view(approach, out, layout, index).float() - ours).abs().max().item()
+        fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = float("nan")
+        recompiled_fwd_bwd = False
+        if provider.backward:
+            grad_out = torch.randn_like(out)
 
-        fwd_ms = measure_ms(fwd, device)
-        fwd_bwd_ms = measure_ms(fwd_bwd, device)
-        peak_gib = float("nan")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fwd_bwd()
-            torch.cuda.synchronize()
-            peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+            def fwd_bwd():
+                provider.run(*leaves).backward(grad_out)
+
+            _, fwd_bwd_warmup_s, fwd_bwd_ms, recompiled_fwd_bwd = warm_then_time(fwd_bwd, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fwd_bwd()
+                torch.cuda.synchronize()
+                peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
         rows.append({
             "config": name, "approach": approach, "device": device_name(device),
             "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
             "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": err <= agreement,
-            "fwd_ms": f"{fwd_ms:.3f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
+            "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}",
+            "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
+            "recompiled_during_timing": recompiled_fwd or recompiled_fwd_bwd,
             "peak_extra_gib": f"{peak_gib:.3f}",
             "useful_tflops_fwd": f"{flops / fwd_ms / 1e9:.2f}",
             "useful_tflops_fwd_bwd": f"{3.5 * flops / fwd_bwd_ms / 1e9:.2f}",
@@ -189,53 +244,56 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype):
         })
         if err > agreement:
             print(f"WARNING: {approach} differs from prefix_attention by {err:.2e} on {name}")
+        for mode, recompiled in (("fwd", recompiled_fwd), ("fwd+bwd", recompiled_fwd_bwd)):
+            if recompiled:
+                print(f"WARNING: {approach} recompiled while its {mode} was timed on {name}: "
+                      f"that time is not of its compiled kernel")
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", nargs="*", help="names of configs to run (default: all)")
-    parser.add_argument("--out", default=RESULTS_DIR)
+    parser.add_argument("--configs", nargs="*", help="names of configs to run (default: all of this device)")
+    parser.add_argument("--approaches", nargs="*", help="names of approaches to run (default: all available)")
+    add_output_arguments(parser, "bench_attention")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
     if args.configs:
+        unknown = set(args.configs) - {c[0] for c in configs}
+        if unknown:
+            parser.error(f"--configs: unknown {sorted(unknown)}; this device has {[c[0] for c in configs]}")
         configs = [c for c in configs if c[0] in args.configs]
     rows = []
     for config in tqdm(configs, desc="configs"):
-        rows.extend(bench_config(*config, device, dtype))
-    stem = os.path.join(args.out, f"attention_{slug(device_name(device))}")
+        rows.extend(bench_config(*config, device, dtype, args.approaches))
+    if not rows:
+        parser.error(f"--approaches: none of {args.approaches} runs on {device}")
+    stem = os.path.join(output_dir(args), f"attention_{slug(device_name(device))}")
     write_csv(rows, stem + ".csv")
     print(f"\n{device_name(device)}; {versions()}; {dtype}")
-    print(f"{'config':<22}{'approach':<10}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
+    print(f"{'config':<22}{'approach':<10}{'warm-up s':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
           f"{'TF/s fwd':>10}{'TF/s f+b':>10}{'diff':>11}")
     for r in rows:
-        print(f"{r['config']:<22}{r['approach']:<10}{r['fwd_ms']:>10}{r['fwd_bwd_ms']:>12}"
-              f"{r['peak_extra_gib']:>10}{r['useful_tflops_fwd']:>10}{r['useful_tflops_fwd_bwd']:>10}"
-              f"{r['max_abs_diff_vs_ours']:>11}")
+        print(f"{r['config']:<22}{r['approach']:<10}{r['fwd_warmup_s'] + '+' + r['fwd_bwd_warmup_s']:>11}"
+              f"{r['fwd_ms']:>10}{r['fwd_bwd_ms']:>12}{r['peak_extra_gib']:>10}{r['useful_tflops_fwd']:>10}"
+              f"{r['useful_tflops_fwd_bwd']:>10}{r['max_abs_diff_vs_ours']:>11}"
+              f"{'  RECOMPILED' if r['recompiled_during_timing'] else ''}")
     plot(rows, stem + ".png", device)
     print(f"wrote {stem}.csv and {stem}.png")
 
 
 def plot(rows, path, device):
-    plt = matplotlib_pyplot()
-
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    names = list(dict.fromkeys(r["approach"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    width = 0.8 / len(names)
-    for i, approach in enumerate(names):
-        values = {r["config"]: float(r["fwd_bwd_ms"]) for r in rows if r["approach"] == approach}
-        xs = [c + (i - (len(names) - 1) / 2) * width for c in range(len(configs)) if configs[c] in values]
-        ax.bar(xs, [values[c] for c in configs if c in values], width, label=approach)
-    ax.set_xticks(range(len(configs)), configs, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("fwd+bwd ms (median, log)")
-    ax.set_title(f"shared-prefix attention: {device_name(device)}", fontsize=9)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    """fwd+bwd times per config and approach (forward-only approaches: their forward time)."""
+    series = {}
+    for r in rows:
+        label = r["approach"] if r["fwd_bwd_ms"] != "nan" else f"{r['approach']} (fwd only)"
+        series.setdefault(label, {})[r["config"]] = float(r["fwd_bwd_ms"] if r["fwd_bwd_ms"] != "nan"
+                                                          else r["fwd_ms"])
+    bar_chart(series, path, ylabel="ms (median, log)", log_scale=True,
+              title=f"shared-prefix attention, fwd+bwd: {device_name(device)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, FLOP counts, naive-layout indices, result files."""
+"""Shared benchmark plumbing: timing, FLOP counts, unpacked-row indices, output folders, plots."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,9 @@ import time
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")  # committed figures, refreshed on request
+RUNS_DIR = os.path.join(REPO_ROOT, "runs")  # ignored by git: ordinary runs never dirty the work tree
 
 
 def device_name(device: torch.device) -> str:
@@ -56,9 +58,9 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     return 4 * head_dim * heads * total
 
 
-def naive_row_index(layout):
+def unpacked_row_index(layout):
     """``[N, L]`` packed indices of every ``[prefix; completion]`` row, right-padded (clamped),
-    and the row lengths ``[N]``: the naive layout as a gather from the packed one."""
+    and the row lengths ``[N]``: the unpacked layout as a gather from the packed one."""
     lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
     width = max(layout.prefix_lens_list[b] + s for b, s in
                 zip(layout.completion_group.tolist(), layout.suffix_lens_list))
@@ -68,6 +70,30 @@ def naive_row_index(layout):
                         layout.prefix_starts[layout.completion_group][:, None] + cols,
                         layout.suffix_starts[:, None] + cols - prefix_len)
     return index.clamp(max=layout.total_tokens - 1), lengths
+
+
+def add_output_arguments(parser, run_name: str) -> None:
+    """``--out`` (default ``runs/<run_name>/``) or ``--update-results`` (the committed folder)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=os.path.join(RUNS_DIR, run_name),
+                       help=f"folder for the CSV and PNG files (default: runs/{run_name}/, ignored by git)")
+    where.add_argument("--update-results", action="store_true",
+                       help="write to benchmarks/results/ instead, refreshing the committed figures")
+
+
+def output_dir(args) -> str:
+    """The folder chosen by :func:`add_output_arguments`'s options."""
+    return RESULTS_DIR if args.update_results else args.out
+
+
+def report_equivalence(what: str, max_err: float, tolerance: float, precision: str) -> None:
+    """Say in words whether the packed and unpacked layouts agree; exit with status 1 if not."""
+    verdict = "PASS" if max_err <= tolerance else "FAIL"  # a NaN error fails
+    line = (f"equivalence ({what}): {verdict}, max |packed - unpacked| = {max_err:.1e} "
+            f"{'<=' if verdict == 'PASS' else '>'} {tolerance:.0e} ({precision})")
+    if verdict == "FAIL":
+        raise SystemExit(line)
+    print(line, flush=True)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -95,3 +121,23 @@ def save_figure(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     matplotlib_pyplot().close(fig)
+
+
+def bar_chart(series: dict[str, dict[str, float]], path: str, *, ylabel: str, title: str,
+              log_scale: bool = False) -> None:
+    """Grouped bars, ``series[label][category] = value``; a category a series lacks is a gap."""
+    plt = matplotlib_pyplot()
+    categories = list(dict.fromkeys(c for values in series.values() for c in values))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([c + offset for c, name in enumerate(categories) if name in values],
+               [values[name] for name in categories if name in values], width, label=label)
+    ax.set_xticks(range(len(categories)), categories, fontsize=8)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -28,9 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, save_figure, slug, versions, write_csv  # noqa: E402
 
 from prefix_grouper.advantages import available_backends, grpo_advantages  # noqa: E402
-from prefix_grouper.advantages.api import normalize_in_groups  # noqa: E402
+from prefix_grouper.advantages.dispatch import normalize_in_groups  # noqa: E402
+from prefix_grouper.advantages.options import NormalizeOptions  # noqa: E402
 from prefix_grouper.advantages.segments import Segments  # noqa: E402
 
+# grpo_advantages' defaults, so that both scopes time the same normalization.
+KERNEL_OPTIONS = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)
 BYTES_PER_ROW = 4 + 8 + 4  # float32 reward read, int64 id read, float32 advantage written
 
 
@@ -98,8 +101,7 @@ def main():
         segments = Segments(ids)
         scopes = {
             "end_to_end": lambda: grpo_advantages(rewards, ids, backend=backend),
-            "kernel": lambda: normalize_in_groups(rewards, segments, scale="group", eps=1e-6, unbiased=True,
-                                                  singleton="raw", backend=backend),
+            "kernel": lambda: normalize_in_groups(rewards, segments, KERNEL_OPTIONS, backend),
         }
         for scope, fn in scopes.items():
             ms = timed(fn)

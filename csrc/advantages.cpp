@@ -30,10 +30,11 @@ at::Tensor group_normalize_cuda(const at::Tensor& values, const std::optional<at
                 "group_normalize: perm must be contiguous int64 [N] on the device of values");
   }
   const bool by_batch = scale == static_cast<int64_t>(Scale::kBatch);
-  TORCH_CHECK(!by_batch || (batch_scale.has_value() && batch_scale->numel() == 1 &&
-                            batch_scale->device() == values.device() &&
+  TORCH_CHECK(!by_batch || (batch_scale.has_value() && batch_scale->numel() == offsets.numel() - 1 &&
+                            batch_scale->device() == values.device() && batch_scale->is_contiguous() &&
                             batch_scale->scalar_type() == values.scalar_type()),
-              "group_normalize: scale=batch needs batch_scale, one value of the dtype of values");
+              "group_normalize: scale=batch needs batch_scale, contiguous [G] (the batch std of every "
+              "segment) of the dtype and on the device of values");
 
   const c10::cuda::CUDAGuard guard(values.device());
   at::Tensor out = at::empty_like(values);

@@ -71,13 +71,18 @@ __global__ void group_normalize_kernel(const T* __restrict__ values, const int64
 
   const bool singleton = count == T(1);
   const T center = singleton && options.singleton_raw ? T(0) : mean;
+  // static_cast<double>(eps) is exact for T = double: float64 advantages see eps unrounded.
   const T eps = static_cast<T>(options.eps);
   T denominator = T(1);
-  if (options.scale == Scale::kGroup) {
-    const T dof = options.unbiased ? count - T(1) : count;
-    denominator = (singleton ? T(1) : sqrt(m2 / (dof > T(1) ? dof : T(1)))) + eps;
-  } else if (options.scale == Scale::kBatch) {
-    denominator = *batch_scale + eps;
+  if (options.scale != Scale::kNone) {
+    T std = T(1);  // a singleton is measured against std 1 under every scale
+    if (!singleton && options.scale == Scale::kGroup) {
+      const T dof = options.unbiased ? count - T(1) : count;
+      std = sqrt(m2 / (dof > T(1) ? dof : T(1)));
+    } else if (!singleton && group < num_groups) {
+      std = batch_scale[group];
+    }
+    denominator = std + eps;
   }
   const bool zero_out = singleton && !options.singleton_raw;
   for (int64_t i = begin + lane; i < end; i += lanes) {

@@ -13,12 +13,13 @@ enum class Scale : int { kGroup = 0, kBatch = 1, kNone = 2 };
 struct NormalizeOptions {
   Scale scale;
   bool unbiased;       // std divides by n-1 (else n)
-  bool singleton_raw;  // a segment with exactly one valid value uses mean 0, std 1 (else 0)
-  double eps;          // advantage = (x - mean) / (std + eps)
+  bool singleton_raw;  // a segment with exactly one valid value uses mean 0, std 1 under every scale (else 0)
+  double eps;          // advantage = (x - mean) / (std + eps); double, so float64 stays exact
 };
 
 // out[row] = advantage of values[row] within its segment; see segmented_stats.cuh.
-// batch_scale (one value on the device) is read only for Scale::kBatch; perm may be null.
+// batch_scale ([num_groups] on the device, the batch std of every segment) is read only for
+// Scale::kBatch; perm may be null.
 // Instantiated for float and double in segmented_stats.cu.
 template <typename T>
 cudaError_t launch_group_normalize(const T* values, const int64_t* perm, const int64_t* offsets,

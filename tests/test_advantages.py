@@ -1,5 +1,5 @@
 """prefix_grouper.advantages against independent float64 loops of each convention, and every
-backend against the package's float64 reference (prefix_grouper.advantages.naive).
+backend against the package's float64 reference (prefix_grouper.advantages.reference).
 
 Tolerances: float64 inputs 1e-12 (absolute on advantages of order 1, relative otherwise);
 float32 1e-4 (inputs near 300); bfloat16 outputs 1e-2 relative (their rounding). Triton runs under the
@@ -22,7 +22,7 @@ from prefix_grouper.advantages import (
     gigpo_advantages,
     grpo_advantages,
     multi_objective_advantages,
-    naive,
+    reference,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -95,7 +95,7 @@ def test_verl_convention(binary):
     r = torch.tensor(rewards, dtype=torch.float64)
     close(grpo_advantages(r, group_index), verl_reference(rewards, uid))
     close(grpo_advantages(r, group_index, scale="none"), verl_reference(rewards, uid, norm_by_std=False))
-    close(naive.grpo_advantages(r, group_index), verl_reference(rewards, uid))
+    close(reference.grpo_advantages(r, group_index), verl_reference(rewards, uid))
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -106,7 +106,7 @@ def test_trl_convention(scale):
     r = torch.tensor(rewards, dtype=torch.float64)
     expected = trl_reference(rewards, 4, scale_rewards=scale)
     close(grpo_advantages(r, group_index, eps=1e-4, scale=scale), expected)
-    close(naive.grpo_advantages(r, group_index, eps=1e-4, scale=scale), expected)
+    close(reference.grpo_advantages(r, group_index, eps=1e-4, scale=scale), expected)
 
 
 def test_openrlhf_convention():
@@ -115,7 +115,7 @@ def test_openrlhf_convention():
     group_index = torch.arange(32) // 8
     expected = openrlhf_reference(rewards, 8)
     close(grpo_advantages(r, group_index, eps=1e-9), expected)
-    close(naive.grpo_advantages(r, group_index, eps=1e-9), expected)
+    close(reference.grpo_advantages(r, group_index, eps=1e-9), expected)
 
 
 def test_singleton_and_nan_rules_by_hand():
@@ -128,8 +128,9 @@ def test_singleton_and_nan_rules_by_hand():
                                                                  1 / (math.sqrt(2) + 1e-6), 0],
                                                                 dtype=torch.float64))
     batch = statistics.stdev([1.0, 3.0, 5.0])
+    # "raw": the singleton keeps its reward (mean 0, std 1) under scale "batch" too.
     close(grpo_advantages(r, g, scale="batch"),
-          torch.tensor([1 / (batch + 1e-6), 0, -1 / (batch + 1e-6), 1 / (batch + 1e-6), 0], dtype=torch.float64))
+          torch.tensor([1 / (1 + 1e-6), 0, -1 / (batch + 1e-6), 1 / (batch + 1e-6), 0], dtype=torch.float64))
     close(grpo_advantages(r, g, scale="none"), torch.tensor([1.0, 0, -1, 1, 0], dtype=torch.float64))
     biased = grpo_advantages(r, g, unbiased=False)
     close(biased[2:4], torch.tensor([-1 / (1 + 1e-6), 1 / (1 + 1e-6)], dtype=torch.float64))
@@ -158,7 +159,7 @@ def test_grpo_backends_match_reference(backend, device, sorted_ids):
                 options = dict(scale=scale, singleton=singleton, unbiased=unbiased, eps=1e-6)
                 out = grpo_advantages(rewards.to(device), ids.to(device), backend=backend, **options)
                 assert out.dtype == torch.float64 and out.device.type == device
-                close(out, naive.grpo_advantages(rewards, ids, **options))
+                close(out, reference.grpo_advantages(rewards, ids, **options))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
@@ -172,7 +173,7 @@ def test_grpo_float32_and_long_groups(backend, device):
     rewards = torch.randn(ids.numel(), generator=gen) * 2 + 300
     out = grpo_advantages(rewards.to(device), ids.to(device), backend=backend)
     assert out.dtype == torch.float32
-    close(out, naive.grpo_advantages(rewards, ids), rtol=1e-4, atol=1e-4)
+    close(out, reference.grpo_advantages(rewards, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
@@ -180,7 +181,7 @@ def test_grpo_bfloat16(backend, device):
     rewards, ids = random_batch(64, seed=6, dtype=torch.bfloat16)
     out = grpo_advantages(rewards.to(device), ids.to(device), backend=backend)
     assert out.dtype == torch.bfloat16
-    close(out, naive.grpo_advantages(rewards, ids), rtol=1e-2, atol=1e-2)
+    close(out, reference.grpo_advantages(rewards, ids), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
@@ -213,13 +214,76 @@ def test_nearly_identical_float32_rewards(backend, device):
     ids = torch.zeros(12, dtype=torch.long)
     out = grpo_advantages(rewards.to(device), ids.to(device), eps=1e-9, backend=backend)
     assert out.dtype == torch.float32
-    close(out, naive.grpo_advantages(rewards, ids, eps=1e-9), rtol=1e-5, atol=1e-5)
+    close(out, reference.grpo_advantages(rewards, ids, eps=1e-9), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_singleton_raw_keeps_its_reward_under_every_scale(backend, device):
+    # Group 3 is a singleton: mean 0 and std 1 under every scale, so 4 / (1 + eps), or 4 with
+    # "none"; it used to be divided by the batch std under "batch".
+    rewards = torch.tensor([4.0, 1.0, 2.0, 6.0], dtype=torch.float64, device=device)
+    ids = torch.tensor([3, 0, 0, 0], device=device)
+    for scale, kept in (("group", 4 / (1 + 1e-6)), ("batch", 4 / (1 + 1e-6)), ("none", 4.0)):
+        out = grpo_advantages(rewards, ids, scale=scale, backend=backend)
+        close(out[:1], torch.tensor([kept], dtype=torch.float64))
+        close(out, reference.grpo_advantages(rewards.cpu(), ids.cpu(), scale=scale))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_float64_eps_is_not_rounded_to_float32(backend, device):
+    # float32(0.1) is 1.5e-9 above 0.1: an eps handed to a kernel as fp32 moves every float64
+    # advantage by ~1e-8 relative, 4 orders above the 1e-12 tolerance. (The Triton interpreter
+    # keeps Python floats exact, so on CPU only the sm_90 compile test sees the fp32 parameter.)
+    rewards, ids = random_batch(60, seed=14)
+    for scale in ("group", "batch"):
+        out = grpo_advantages(rewards.to(device), ids.to(device), eps=0.1, scale=scale, backend=backend)
+        close(out, reference.grpo_advantages(rewards, ids, eps=0.1, scale=scale))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_results_are_new_tensors_that_do_not_require_grad(backend, device):
+    """The one contract of every backend: advantages and returns are constants of the policy
+    gradient, new tensors (an in-place edit leaves the inputs alone) that never require grad."""
+    rewards = torch.tensor([1.0, 2.0, 4.0, 3.0], dtype=torch.float64, device=device, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 1], device=device)
+    one_step_each = torch.arange(4, device=device)  # the doubling scan runs no step
+    on_backend = dict(backend=backend)
+    outputs = {
+        "grpo": grpo_advantages(rewards, ids, **on_backend),
+        "grpo none": grpo_advantages(rewards, ids, scale="none", **on_backend),
+        "sum_then_normalize": multi_objective_advantages(rewards[:, None], ids, [1.0], **on_backend),
+        "normalize_then_sum": multi_objective_advantages(rewards[:, None], ids, [1.0], mode="normalize_then_sum",
+                                                         batch_normalize=False, **on_backend),
+        "gigpo": gigpo_advantages(rewards, rewards, ids, ids, **on_backend),
+        "discounted_returns": discounted_returns(rewards, one_step_each, 0.9),
+    }
+    before = rewards.detach().clone()
+    for name, out in outputs.items():
+        assert not out.requires_grad, name
+        out.add_(100.0)
+        assert torch.equal(rewards.detach(), before), name
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_normalize_then_sum_batch_scale_is_per_objective(backend, device):
+    # Each objective is divided by its own batch std, so scaling one objective by 100 changes
+    # the result only through eps (1e-6 against stds ~0.3: < 1e-5 relative). Divided by the
+    # std of all K * N values pooled, the x100 objective used to swamp the other.
+    gen = torch.Generator().manual_seed(15)
+    rewards = torch.rand(40, 2, generator=gen, dtype=torch.float64)
+    ids = torch.arange(40) // 4
+    options = dict(mode="normalize_then_sum", scale="batch", batch_normalize=False)
+    out = multi_objective_advantages(rewards.to(device), ids.to(device), [1.0, 1.0], backend=backend, **options)
+    rescaled = multi_objective_advantages((rewards * torch.tensor([100.0, 1.0], dtype=torch.float64)).to(device),
+                                          ids.to(device), [1.0, 1.0], backend=backend, **options)
+    close(rescaled, out.cpu(), rtol=1e-5, atol=1e-5)
+    close(out, reference.multi_objective_advantages(rewards, ids, [1.0, 1.0], **options))
 
 
 def test_auto_backend_matches_torch():
     rewards, ids = random_batch(100, seed=7)
     for device in DEVICES:
-        close(grpo_advantages(rewards.to(device), ids.to(device)), naive.grpo_advantages(rewards, ids))
+        close(grpo_advantages(rewards.to(device), ids.to(device)), reference.grpo_advantages(rewards, ids))
 
 
 # ---------------------------------------------------------------------- CRPO
@@ -250,7 +314,7 @@ def test_crpo_convention(mode):
     rewards = torch.tensor(rows, dtype=torch.float64)
     expected = crpo_reference(rows, groups, weights, mode)
     close(multi_objective_advantages(rewards, groups, weights, mode=mode), expected)
-    close(naive.multi_objective_advantages(rewards, groups, weights, mode=mode), expected)
+    close(reference.multi_objective_advantages(rewards, groups, weights, mode=mode), expected)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
@@ -262,13 +326,13 @@ def test_crpo_backends_match_reference(backend, device):
     ids = torch.randint(-3, 25, (90,), generator=gen)
     weights = torch.tensor([2.0, -0.5, 1.0], dtype=torch.float64)
     cases = [dict(mode="sum_then_normalize", scale=s) for s in ("group", "batch", "none")]
-    cases += [dict(mode="normalize_then_sum", scale=s, batch_normalize=b) for s in ("group", "none")
+    cases += [dict(mode="normalize_then_sum", scale=s, batch_normalize=b) for s in ("group", "batch", "none")
               for b in (True, False)]
     cases += [dict(mode="normalize_then_sum", singleton="zero", eps=1e-4)]
     for options in cases:
         out = multi_objective_advantages(rewards.to(device), ids.to(device), weights.to(device),
                                          backend=backend, **options)
-        expected = naive.multi_objective_advantages(rewards, ids, weights, **options)
+        expected = reference.multi_objective_advantages(rewards, ids, weights, **options)
         close(out, expected)
         assert out[5].item() == 0.0
 
@@ -337,7 +401,7 @@ def test_gigpo_convention(mode, episode_stats):
     options = dict(mode=mode, episode_stats=episode_stats, omega=0.7, traj_index=traj)
     expected = gigpo_reference(batch, mode, episode_stats, omega=0.7)
     close(gigpo_advantages(*args, **options), expected)
-    close(naive.gigpo_advantages(*args, **options), expected)
+    close(reference.gigpo_advantages(*args, **options), expected)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
@@ -353,7 +417,7 @@ def test_gigpo_backends_match_reference(backend, device):
             rows_traj = traj if episode_stats == "trajectories" else None  # refused with "rows"
             out = gigpo_advantages(*[a.to(device) for a in args], backend=backend, **options,
                                    traj_index=None if rows_traj is None else rows_traj.to(device))
-            close(out, naive.gigpo_advantages(*args, traj_index=rows_traj, **options))
+            close(out, reference.gigpo_advantages(*args, traj_index=rows_traj, **options))
 
 
 # ---------------------------------------------------------------------- trajectories
@@ -364,7 +428,7 @@ def test_discounted_returns(device):
     rewards = torch.randn(300, generator=gen, dtype=torch.float64)
     for gamma in (0.0, 0.95, 1.0):
         close(discounted_returns(rewards.to(device), traj.to(device), gamma),
-              naive.discounted_returns(rewards, traj, gamma))
+              reference.discounted_returns(rewards, traj, gamma))
     # NaN stays inside its trajectory (earlier steps only).
     rewards = torch.tensor([1.0, 2.0, math.nan, 4.0, 8.0], dtype=torch.float32)
     out = discounted_returns(rewards.to(device), torch.tensor([0, 1, 0, 1, 1], device=device), 0.5).cpu()
@@ -402,11 +466,16 @@ def test_broadcast_to_tokens_and_padded():
 @pytest.mark.skipif("cuda" not in available_backends("cuda"), reason="needs a GPU and the built extension")
 def test_cuda_op_schema_and_fake_kernel():
     from prefix_grouper.advantages.cuda_impl import group_normalize_cuda
+    from prefix_grouper.advantages.options import NormalizeOptions
     from prefix_grouper.advantages.segments import Segments
 
     rewards, ids = random_batch(100, seed=13)
+    rewards = rewards.cuda()
     segments = Segments(ids.cuda())
-    group_normalize_cuda(rewards.cuda(), segments, scale="group", eps=1e-6, unbiased=True, singleton_raw=True,
-                         batch_scale=None)  # registers the fake kernel
+    options = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)
+    group_normalize_cuda(rewards, segments, options, None)  # registers the fake kernel
     torch.library.opcheck(torch.ops.prefix_grouper.group_normalize,
-                          (rewards.cuda(), segments.perm, segments.offsets, None, 0, 1e-6, True, True))
+                          (rewards, segments.perm, segments.offsets, None, 0, 1e-6, True, True))
+    batch_scale = torch.full((segments.num_groups,), 2.0, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.prefix_grouper.group_normalize,
+                          (rewards, segments.perm, segments.offsets, batch_scale, 1, 1e-6, True, True))

@@ -1,6 +1,6 @@
 // Standalone check of segmented_stats.cuh (no torch): the kernel against a double-precision
 // CPU loop, for float and double, every scale, both singleton rules, sorted and permuted
-// rows, NaN values and singleton segments. Built and registered with ctest by CMakeLists.txt.
+// rows, NaN values and singleton segments (which keep their value under every scale). Built and registered with ctest by CMakeLists.txt.
 // Exit code 0: pass; 1: mismatch or CUDA error; 77: no CUDA device (ctest reports a skip).
 #include <algorithm>
 #include <cmath>
@@ -80,7 +80,7 @@ std::vector<double> reference(const Problem& p, const NormalizeOptions& o, doubl
       const double dof = std::max(o.unbiased ? count - 1 : count, 1.0);
       denominator = (singleton ? 1.0 : std::sqrt(m2 / dof)) + o.eps;
     } else if (o.scale == Scale::kBatch) {
-      denominator = batch_scale + o.eps;
+      denominator = (singleton ? 1.0 : batch_scale) + o.eps;  // a singleton: std 1 under every scale
     }
     for (int64_t i = p.offsets[g]; i < p.offsets[g + 1]; ++i) {
       const int64_t row = p.perm[i];
@@ -105,7 +105,7 @@ int run_case(const Problem& p, const NormalizeOptions& o, bool permuted, double 
   const int64_t groups = static_cast<int64_t>(p.offsets.size()) - 1;
   const double batch = batch_std(p.values, o.unbiased);
   const std::vector<T> values(p.values.begin(), p.values.end());
-  const std::vector<T> batch_host{static_cast<T>(batch)};
+  const std::vector<T> batch_host(groups, static_cast<T>(batch));  // every segment in one batch
   T* d_values = to_device(values);
   T* d_batch = to_device(batch_host);
   int64_t* d_perm = permuted ? to_device(p.perm) : nullptr;

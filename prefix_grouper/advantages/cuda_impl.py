@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._extension import require_cuda_extension
-from .options import SCALE_CODES
+from .options import NormalizeOptions
 from .segments import Segments
 
 __all__ = ["group_normalize_cuda"]
@@ -24,18 +24,9 @@ def _group_normalize_op():
     return torch.ops.prefix_grouper.group_normalize
 
 
-def group_normalize_cuda(
-    values: torch.Tensor,
-    segments: Segments,
-    *,
-    scale: str,
-    eps: float,
-    unbiased: bool,
-    singleton_raw: bool,
-    batch_scale: torch.Tensor | None,
-) -> torch.Tensor:
-    """``[N]`` advantages of contiguous float32/float64 CUDA ``values [N]`` within ``segments``."""
-    return _group_normalize_op()(
-        values, segments.perm, segments.offsets, batch_scale, SCALE_CODES[scale], float(eps),
-        bool(unbiased), bool(singleton_raw),
-    )
+def group_normalize_cuda(values: torch.Tensor, segments: Segments, options: NormalizeOptions,
+                         batch_scale: torch.Tensor | None) -> torch.Tensor:
+    """``[N]`` advantages of contiguous float32/float64 CUDA ``values [N]`` within ``segments``;
+    ``batch_scale``: ``[G]``, read when ``options.scale == "batch"``."""
+    return _group_normalize_op()(values, segments.perm, segments.offsets, batch_scale, options.scale_code,
+                                 options.eps, options.unbiased, options.singleton_raw)

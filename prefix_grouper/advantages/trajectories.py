@@ -7,11 +7,13 @@ import numpy as np
 import torch
 
 from ..checks import as_index, check_float_tensor, check_real
+from .dispatch import check_no_inf
 from .segments import Segments
 
 __all__ = ["anchor_index_from_states", "discounted_returns"]
 
 
+@torch.no_grad()
 def discounted_returns(
     rewards: torch.Tensor, traj_index: torch.Tensor | Sequence[int], gamma: float
 ) -> torch.Tensor:
@@ -23,8 +25,9 @@ def discounted_returns(
             the order they appear, are its steps in time order (trajectories may interleave).
         gamma: discount in ``[0, 1]``.
 
-    Returns ``[N]`` in the dtype of ``rewards``; a NaN reward makes the returns of its
-    trajectory's earlier steps NaN too.
+    Returns a new ``[N]`` tensor (never ``rewards`` itself) in the dtype of ``rewards``,
+    computed under ``torch.no_grad()`` (it never requires grad); a NaN reward makes the
+    returns of its trajectory's earlier steps NaN too; +-inf rewards are refused (ValueError).
 
     The recurrence ``R_t = r_t + gamma * R_{t+1}`` runs as a doubling scan over the rows
     sorted by trajectory: ``log2(longest trajectory)`` vectorized steps, no padding.
@@ -32,9 +35,11 @@ def discounted_returns(
     check_float_tensor(rewards, "rewards", 1)
     trajectories = Segments(as_index(traj_index, "traj_index", rewards.shape[0], rewards.device, "rewards"))
     gamma = check_real(gamma, "gamma", 0.0, 1.0)
+    check_no_inf(rewards, "rewards")
     compute = rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
     perm = trajectories.perm
-    returns = compute if perm is None else compute.index_select(0, perm)
+    # A copy even when no scan step runs (every trajectory one step long): never alias rewards.
+    returns = compute.clone() if perm is None else compute.index_select(0, perm)
     # After the scan step with span s: R_i = returns_i + link_i * R_{i+s}, where link_i is
     # gamma^s inside the trajectory and 0 once the span crosses the trajectory's last step.
     link = torch.full_like(returns, gamma)

@@ -6,14 +6,12 @@ chunk statistics with Chan's formula (so a segment of any length works) and norm
 rows in a second sweep over the same (now cached) addresses. Runs on CUDA tensors, and on
 CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
-from __future__ import annotations
-
-import contextlib
-import os
-
+# No `from __future__ import annotations`: Triton reads the kernel's parameter annotations
+# (``eps: tl.float64``) as objects, and would silently ignore them as strings.
 import torch
 
-from .options import SCALE_CODES
+from ..runtime import device_guard
+from .options import NormalizeOptions
 from .segments import Segments
 
 try:
@@ -22,22 +20,10 @@ try:
 except ImportError:  # triton is optional: the torch backend covers every call
     triton = None
 
-__all__ = ["group_normalize_triton", "triton_unavailable_reason"]
+__all__ = ["group_normalize_kernel", "group_normalize_triton"]
 
 # Rows per program tile; keeps registers modest for any group size.
 _TILE_ROWS = 1024
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None when the Triton backend can run on ``device``, else why not."""
-    if triton is None:
-        return "triton is not installed"
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    return (f"Triton kernels need CUDA tensors (got {device}); CPU tensors work only under the "
-            f"interpreter (set TRITON_INTERPRET=1 before importing triton)")
 
 
 if triton is not None:
@@ -54,12 +40,18 @@ if triton is not None:
         return row, inside
 
     @triton.jit
-    def _group_normalize_kernel(
+    def group_normalize_kernel(
         values_ptr, perm_ptr, offsets_ptr, batch_scale_ptr, out_ptr,
-        num_groups, eps,
+        num_groups, eps: tl.float64,
         HAS_PERM: tl.constexpr, SCALE: tl.constexpr, UNBIASED: tl.constexpr,
         SINGLETON_RAW: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        """Advantages of ``values [N]`` within segments (see the module docstring).
+
+        ``eps`` is an fp64 parameter: a Python float argument would otherwise be passed as
+        fp32, and its rounding (2.5e-12 for eps=1e-4) divided by a small std shows in float64
+        advantages. ``batch_scale_ptr``: ``[G]`` batch std of every segment (SCALE == 1).
+        """
         groups = tl.program_id(0) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
         in_range = groups < num_groups
         start = tl.load(offsets_ptr + groups, mask=in_range, other=0)
@@ -97,11 +89,13 @@ if triton is not None:
                 std = tl.sqrt(m2 / tl.maximum(count - 1.0, 1.0))
             else:
                 std = tl.sqrt(m2 / tl.maximum(count, 1.0))
-            denominator = tl.where(singleton, 1.0, std) + eps
         elif SCALE == 1:
-            denominator = tl.zeros([GROUPS_PER_PROGRAM], dtype=acc_dtype) + (tl.load(batch_scale_ptr) + eps)
-        else:
+            std = tl.load(batch_scale_ptr + groups, mask=in_range, other=1.0)
+        if SCALE == 2:
             denominator = tl.zeros([GROUPS_PER_PROGRAM], dtype=acc_dtype) + 1.0
+        else:
+            # A singleton is measured against std 1 under every scale.
+            denominator = tl.where(singleton, 1.0, std) + eps
 
         for chunk in range(0, longest, BLOCK):
             row, inside = _chunk_rows(perm_ptr, start, length, chunk, cols, HAS_PERM)
@@ -113,33 +107,24 @@ if triton is not None:
             tl.store(out_ptr + row, advantage, mask=inside)
 
 
-def group_normalize_triton(
-    values: torch.Tensor,
-    segments: Segments,
-    *,
-    scale: str,
-    eps: float,
-    unbiased: bool,
-    singleton_raw: bool,
-    batch_scale: torch.Tensor | None,
-) -> torch.Tensor:
-    """``[N]`` advantages of contiguous float32/float64 ``values [N]`` within ``segments``."""
+def group_normalize_triton(values: torch.Tensor, segments: Segments, options: NormalizeOptions,
+                           batch_scale: torch.Tensor | None) -> torch.Tensor:
+    """``[N]`` advantages of contiguous float32/float64 ``values [N]`` within ``segments``;
+    ``batch_scale``: ``[G]``, read when ``options.scale == "batch"``."""
     out = torch.empty_like(values)
     mean_rows = -(-values.numel() // segments.num_groups)
     block = min(max(triton.next_power_of_2(mean_rows), 4), 256)
     groups_per_program = max(_TILE_ROWS // block, 1)
     grid = (triton.cdiv(segments.num_groups, groups_per_program),)
     perm = segments.perm
-    # Triton launches on the current CUDA device, which need not be the one values are on.
-    on_device = torch.cuda.device(values.device) if values.is_cuda else contextlib.nullcontext()
     # Pointers the kernel never reads (no permutation, no batch scale) get a placeholder.
-    with on_device:
-        _group_normalize_kernel[grid](
+    with device_guard(values):
+        group_normalize_kernel[grid](
             values, perm if perm is not None else segments.offsets, segments.offsets,
             batch_scale if batch_scale is not None else values, out,
-            segments.num_groups, eps,
-            HAS_PERM=perm is not None, SCALE=SCALE_CODES[scale], UNBIASED=unbiased,
-            SINGLETON_RAW=singleton_raw, GROUPS_PER_PROGRAM=groups_per_program, BLOCK=block,
+            segments.num_groups, options.eps,
+            HAS_PERM=perm is not None, SCALE=options.scale_code, UNBIASED=options.unbiased,
+            SINGLETON_RAW=options.singleton_raw, GROUPS_PER_PROGRAM=groups_per_program, BLOCK=block,
             num_warps=4,
         )
     return out

@@ -1,4 +1,4 @@
-"""Ground truth: the advantage definitions as plain float64 Python loops.
+"""Reference: the advantage definitions as plain float64 Python loops.
 
 Slow and obviously correct; every backend is tested against these. They take the same
 arguments as the public functions (minus ``backend``), skip argument checks, and return
@@ -44,17 +44,15 @@ def _normalize(values: list[float], groups: list[Hashable], scale: str, eps: flo
             out.append(0.0)
             continue
         mean, std = _mean_std(members[g], unbiased)
+        if scale == "batch":
+            std = batch_std
         if len(members[g]) == 1:
             if singleton == "zero":
                 out.append(0.0)
                 continue
+            # "raw": mean 0 and std 1 under every scale, so the value is kept.
             mean, std = 0.0, 1.0
-        if scale == "group":
-            out.append((v - mean) / (std + eps))
-        elif scale == "batch":
-            out.append((v - mean) / (batch_std + eps))
-        else:
-            out.append(v - mean)
+        out.append(v - mean if scale == "none" else (v - mean) / (std + eps))
     return out
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then run the demo: equivalence with the naive layout and
-# naive-vs-grouped timing of prefix_attention on this machine's device (CPU or GPU).
+# Set up (scripts/setup.sh), then run the demo: equivalence with the unpacked layout and
+# unpacked-vs-packed timing of prefix_attention on this device (CPU or GPU). Results go to
+# runs/demo/ (ignored by git); pass --update-results to refresh benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python benchmarks/demo.py "$@"
+python -m benchmarks.demo "$@"

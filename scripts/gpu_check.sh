@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU and torch/triton already installed (no network needed):
 # build the extension, run the whole test suite (the CUDA-only tests included), the CMake
-# kernel test, and every benchmark. Results land in benchmarks/results/ (and $OUT if set).
+# kernel test, and every benchmark. Results land in runs/ (and are copied to $OUT if set);
+# pass --update-results to refresh the committed benchmarks/results/ instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -13,8 +14,8 @@ if command -v cmake >/dev/null; then
   cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j \
     && ctest --test-dir build/cmake --output-on-failure || status=1
 fi
-python3 benchmarks/bench_attention.py || status=1
-python3 benchmarks/bench_advantages.py || status=1
-python3 benchmarks/demo.py || status=1
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null; fi
+python3 -m benchmarks.bench_attention "$@" || status=1
+python3 -m benchmarks.bench_advantages || status=1
+python3 -m benchmarks.demo "$@" || status=1
+if [ -n "${OUT:-}" ]; then cp -r runs benchmarks/results "$OUT"/ 2>/dev/null; fi
 exit $status

@@ -1,12 +1,12 @@
 """prefix_grouper: encode a GRPO group's shared prompt once.
 
 Packs a group as ``prefix, suffix_1..suffix_G`` and provides shared-prefix attention
-(:func:`prefix_attention`) whose outputs and gradients equal those of the naive
-``[prefix; suffix_i]`` layout, plus grouped advantage kernels
-(:mod:`prefix_grouper.advantages`).
+(:func:`prefix_attention`) whose outputs and gradients equal those of the unpacked
+``[prefix; suffix_i]`` rows (:mod:`prefix_grouper.unpacked`), plus grouped advantage
+kernels (:mod:`prefix_grouper.advantages`) and their broadcast onto tokens.
 """
 from .attention import available_backends, prefix_attention
-from .layout import GroupLayout
+from .layout import GroupLayout, broadcast_to_padded, broadcast_to_tokens
 
-__all__ = ["GroupLayout", "available_backends", "prefix_attention"]
+__all__ = ["GroupLayout", "available_backends", "broadcast_to_padded", "broadcast_to_tokens", "prefix_attention"]
 __version__ = "0.1.0"

@@ -5,6 +5,11 @@ completions (suffixes) of ``S_b1 .. S_bG`` tokens. The packed token axis holds, 
 after group, ``prefix_b, suffix_b1, ..., suffix_bG``; its length is
 ``T = sum_b (P_b + sum_i S_bi)``.
 
+Vocabulary: the layout and attention say *prefix* and *suffix* (``prefix_lens``,
+``suffix_lens``: lengths on the packed axis); functions that take model inputs say
+*prompt* and *completion* (``prompt_ids``, ``completion_mask``). A group's prefix is its
+prompt, suffix ``i`` its completion ``i``.
+
 Everything here is computed once per batch, from host-side lengths, so that attention
 forward and backward never have to synchronize with the device to learn a shape.
 """
@@ -12,12 +17,22 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from collections.abc import Mapping, Set
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .checks import as_length_list
+from .checks import MAX_LENGTH, as_length_list, check_float_tensor
 
-__all__ = ["GroupLayout", "cached_per_layout", "decode_host_lengths", "encode_host_lengths", "split_by_group"]
+__all__ = [
+    "GroupLayout",
+    "broadcast_to_padded",
+    "broadcast_to_tokens",
+    "cached_per_layout",
+    "decode_host_lengths",
+    "encode_host_lengths",
+    "split_by_group",
+]
 
 
 def split_by_group(flat: Sequence[Any], group_sizes: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -88,6 +103,7 @@ class GroupLayout:
     ``group_sizes``           [B] int64          G_b (completions of group b)
     ``suffix_lens``           [N] int64          length of every completion, group by group
     ``completion_group``      [N] int64          group of every completion
+    ``first_completion``      [B] int64          index of every group's first completion
     ``cu_group_seqlens``      [B+1] int64        packed start of every group, then T
     ``prefix_starts``         [B] int64          packed start of every prefix
     ``suffix_starts``         [N] int64          packed start of every completion
@@ -97,8 +113,8 @@ class GroupLayout:
     ``token_completion``      [T] int64          completion of every token, -1 on prefixes
     ========================  =================  ===============================================
 
-    ``host_lengths`` is the one CPU tensor: int64 ``[1 + 2B + N]`` = B, prefix lengths, group
-    sizes, completion lengths, read by the Triton ops without a device synchronization.
+    ``host_lengths`` is the one CPU tensor: the lengths as :func:`encode_host_lengths` encodes
+    them (:func:`decode_host_lengths` reads them back), for ops that must not synchronize.
 
     ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
     first completion token); completions may be empty (they then own no packed token).
@@ -114,6 +130,10 @@ class GroupLayout:
         if isinstance(suffix_lens, (int, float, str, bytes)) or not hasattr(suffix_lens, "__len__"):
             raise TypeError(f"suffix_lens must hold one sequence of completion lengths per group, "
                             f"got {type(suffix_lens).__name__}")
+        if isinstance(suffix_lens, (Set, Mapping)):
+            # A set has no group order to line up with prefix_lens (and drops repeats).
+            raise TypeError(f"suffix_lens must be an ordered sequence (one entry per group), "
+                            f"got a {type(suffix_lens).__name__}")
         if len(prefix) == 0:
             raise ValueError("prefix_lens is empty: a layout needs at least one group")
         if len(suffix_lens) != len(prefix):
@@ -134,6 +154,10 @@ class GroupLayout:
             for i, s in enumerate(g):
                 if s < 0:
                     raise ValueError(f"suffix_lens[{b}][{i}] = {s}: completion lengths must be >= 0")
+        total = sum(prefix) + sum(sum(g) for g in groups)
+        if total > MAX_LENGTH:
+            raise ValueError(f"the layout packs {total} tokens, more than any packable length ({MAX_LENGTH}); "
+                             f"split the batch")
 
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.prefix_lens_list: tuple[int, ...] = tuple(prefix)
@@ -166,15 +190,23 @@ class GroupLayout:
         cls,
         prompt_mask: torch.Tensor,
         completion_mask: torch.Tensor,
-        group_sizes: Sequence[int] | torch.Tensor,
+        group_sizes: Sequence[int] | torch.Tensor | None = None,
+        *,
+        prompt_ids: torch.Tensor | None = None,
     ) -> "GroupLayout":
         """Layout of what a GRPO loop holds: left-padded prompts and right-padded completions.
 
         Args:
-            prompt_mask: ``[B, Lp]`` bool/int, 1 on real prompt tokens (left padding).
+            prompt_mask: bool/int, 1 on real prompt tokens (left padding): ``[B, Lp]``, one
+                row per group, or ``[N, Lp]``, one row per completion as TRL and verl hold a
+                batch (a group's prompt repeated on its consecutive rows).
             completion_mask: ``[N, Ls]`` bool/int, 1 on real completion tokens (right
                 padding); the completions of a group are consecutive rows.
-            group_sizes: ``[B]`` number of completions of each group, summing to N.
+            group_sizes: ``[B]`` number of completions of each group, summing to N. May be
+                omitted when ``prompt_mask`` has N rows and ``prompt_ids`` is given:
+                consecutive rows holding identical prompts then form a group.
+            prompt_ids: ``[rows of prompt_mask, Lp]`` integer prompt tokens (read only under
+                the mask). With N rows, rows given as one group must hold identical prompts.
 
         Reads the mask lengths back to the host (a few synchronizations, once per batch).
         """
@@ -184,22 +216,18 @@ class GroupLayout:
                 raise ValueError(f"{name} must be a 2-D tensor, got {shape}")
             if mask.dtype.is_floating_point:
                 raise TypeError(f"{name} must be bool or integer, got {mask.dtype}")
-        sizes = as_length_list(group_sizes, "group_sizes")
-        for b, g in enumerate(sizes):
-            if g < 1:
-                raise ValueError(f"group_sizes[{b}] = {g}: every group needs at least one completion")
-        if len(sizes) != prompt_mask.shape[0]:
-            raise ValueError(
-                f"group_sizes has {len(sizes)} entries but prompt_mask has {prompt_mask.shape[0]} rows"
-            )
-        if sum(sizes) != completion_mask.shape[0]:
-            raise ValueError(
-                f"group_sizes sums to {sum(sizes)} but completion_mask has {completion_mask.shape[0]} rows"
-            )
         if completion_mask.device != prompt_mask.device:
             raise ValueError(
                 f"prompt_mask is on {prompt_mask.device} but completion_mask on {completion_mask.device}"
             )
+        if prompt_ids is not None:
+            if (not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dtype.is_floating_point
+                    or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool):
+                kind = prompt_ids.dtype if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+                raise TypeError(f"prompt_ids must be an integer tensor, got {kind}")
+            if prompt_ids.shape != prompt_mask.shape or prompt_ids.device != prompt_mask.device:
+                raise ValueError(f"prompt_ids must match prompt_mask's shape {tuple(prompt_mask.shape)} and device "
+                                 f"{prompt_mask.device}, got {tuple(prompt_ids.shape)} on {prompt_ids.device}")
         pm, cm = prompt_mask.bool(), completion_mask.bool()
         prompt_counts, completion_counts = pm.sum(1), cm.sum(1)
         # Padding must sit on the promised side, or pack() would pick the wrong tokens.
@@ -213,9 +241,53 @@ class GroupLayout:
         if empty_prompts:
             raise ValueError(f"prompt_mask row {empty_prompts[0]} has no real token: every prompt needs at "
                              f"least 1 (its last token predicts the first completion token)")
+
+        rows, num_completions = pm.shape[0], cm.shape[0]
+
+        def same_prompt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            """``[len(a)]`` bool: prompt rows ``a`` and ``b`` hold the same prompt."""
+            same = (pm[a] == pm[b]).all(1)
+            if prompt_ids is not None:
+                same &= ((prompt_ids[a] == prompt_ids[b]) | ~pm[a]).all(1)
+            return same
+
+        if group_sizes is None:
+            if rows != num_completions:
+                raise ValueError(f"group_sizes is required unless prompt_mask has one row per completion: it has "
+                                 f"{rows} rows, completion_mask {num_completions}")
+            if prompt_ids is None:
+                raise ValueError(f"prompt_mask has one row per completion (N={num_completions}) and no group_sizes: "
+                                 f"pass prompt_ids (consecutive rows with identical prompts form a group) or "
+                                 f"group_sizes")
+            index = torch.arange(rows, device=pm.device)
+            new_group = torch.ones(rows, dtype=torch.bool, device=pm.device)
+            new_group[1:] = ~same_prompt(index[1:], index[:-1])
+            starts = new_group.nonzero().flatten().tolist() + [rows]
+            sizes = [b - a for a, b in zip(starts[:-1], starts[1:])]
+        else:
+            sizes = as_length_list(group_sizes, "group_sizes")
+            for b, g in enumerate(sizes):
+                if g < 1:
+                    raise ValueError(f"group_sizes[{b}] = {g}: every group needs at least one completion")
+            if sum(sizes) != num_completions:
+                raise ValueError(
+                    f"group_sizes sums to {sum(sizes)} but completion_mask has {num_completions} rows"
+                )
+            if rows not in (len(sizes), num_completions):
+                raise ValueError(f"prompt_mask has {rows} rows: expected one per group (group_sizes has "
+                                 f"{len(sizes)} entries) or one per completion ({num_completions})")
+        if rows == num_completions and len(sizes) != rows:
+            # One row per completion: every group's rows must repeat its first row.
+            size_t = torch.tensor(sizes, device=pm.device)
+            first = torch.repeat_interleave(torch.cumsum(size_t, 0) - size_t, size_t, output_size=rows)
+            differs = (~same_prompt(torch.arange(rows, device=pm.device), first)).nonzero().flatten().tolist()
+            if differs:
+                r = differs[0]
+                what = "different prompts" if prompt_ids is not None else "prompts of different lengths"
+                raise ValueError(f"prompt rows {int(first[r])} and {r} are given as one group but hold {what}")
+            prompt_counts = prompt_counts[torch.cumsum(size_t, 0) - size_t]
         suffix = split_by_group(completion_counts.tolist(), sizes)
-        prefix = prompt_counts.tolist()
-        return cls(prefix, suffix, device=prompt_mask.device)
+        return cls(prompt_counts.tolist(), suffix, device=prompt_mask.device)
 
     # ------------------------------------------------------------------ index tensors
     def _build_index_tensors(self, groups: list[list[int]]) -> None:
@@ -248,6 +320,7 @@ class GroupLayout:
         self.group_sizes = torch.tensor(self.group_sizes_list, **long)
         self.suffix_lens = torch.tensor(self.suffix_lens_list, **long)
         self.completion_group = torch.tensor(completion_group, **long)
+        self.first_completion = torch.cumsum(self.group_sizes, 0) - self.group_sizes
         self.cu_group_seqlens = torch.tensor(cu_group, **long)
         self.prefix_starts = torch.tensor(prefix_starts, **long)
         self.suffix_starts = torch.tensor(suffix_starts, **long)
@@ -308,8 +381,8 @@ class GroupLayout:
     def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
         return split_by_group(self.suffix_lens_list, self.group_sizes_list)
 
-    def naive_tokens(self) -> int:
-        """Tokens the naive layout processes: ``sum_b sum_i (P_b + S_bi)``."""
+    def unpacked_tokens(self) -> int:
+        """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_b sum_i (P_b + S_bi)``."""
         return sum(
             self.prefix_lens_list[b] * g for b, g in enumerate(self.group_sizes_list)
         ) + self.num_completion_tokens
@@ -322,6 +395,11 @@ class GroupLayout:
         )
 
     # ------------------------------------------------------------------ packing
+    def completion_mask(self) -> torch.Tensor:
+        """``[N, max_S]`` bool: True on the real tokens of every right-padded completion row."""
+        columns = torch.arange(self.max_suffix_len, device=self.device)
+        return columns[None, :] < self.suffix_lens[:, None]
+
     def completion_positions(self) -> torch.Tensor:
         """``[num_completion_tokens]`` packed index of every completion token, in order."""
         return self._completion_positions
@@ -339,13 +417,15 @@ class GroupLayout:
 
         Args:
             prompts: ``[B, Lp, ...]`` left-padded (real tokens at the end of every row),
-                or a list of B tensors ``[P_b, ...]``.
+                or a list of B tensors ``[P_b, ...]``; or the same with one row per
+                completion (``[N, Lp, ...]`` or N tensors, as TRL and verl hold prompts),
+                whose rows within a group must be identical (the first one is used).
             completions: ``[N, Ls, ...]`` right-padded, the completions of a group on
                 consecutive rows, or a list of N tensors ``[S_j, ...]``.
 
         Returns ``[T, ...]``: ``prefix_b, suffix_b1..suffix_bG`` per group (e.g. input ids).
         """
-        prompt_rows = self._rows(prompts, "prompts", self.prefix_lens_list, left_padded=True)
+        prompt_rows = self._prompt_rows(prompts)
         completion_rows = self._rows(completions, "completions", self.suffix_lens_list, left_padded=False)
         if prompt_rows.device != self.device or completion_rows.device != self.device:
             raise ValueError(
@@ -372,6 +452,24 @@ class GroupLayout:
         )
         return src.index_select(0, index)
 
+    def _prompt_rows(self, prompts: Any) -> torch.Tensor:
+        """``[B, Lp, ...]`` left-padded prompt rows from one row per group or per completion."""
+        count = len(prompts) if isinstance(prompts, (list, tuple)) else getattr(prompts, "shape", (None,))[0]
+        if count == self.num_groups or count != self.num_completions:
+            return self._rows(prompts, "prompts", self.prefix_lens_list, left_padded=True)
+        per_completion = tuple(self.prefix_lens_list[b] for b in self.completion_group.tolist())
+        rows = self._rows(prompts, "prompts", per_completion, left_padded=True)
+        width = rows.shape[1]
+        first = self.first_completion[self.completion_group].to(rows.device)
+        in_prompt = (torch.arange(width, device=rows.device)[None]
+                     >= width - self.prefix_lens[self.completion_group].to(rows.device)[:, None])
+        differs = (rows != rows[first]).reshape(*rows.shape[:2], -1).any(-1) & in_prompt
+        bad = differs.any(1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"prompts: rows {int(first[bad[0]])} and {bad[0]} belong to group "
+                             f"{int(self.completion_group[bad[0]])} but hold different prompts")
+        return rows[self.first_completion.to(rows.device)]
+
     def _rows(self, x: Any, name: str, lens: tuple[int, ...], left_padded: bool) -> torch.Tensor:
         if isinstance(x, (list, tuple)):
             if len(x) != len(lens):
@@ -380,6 +478,10 @@ class GroupLayout:
                 if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != n:
                     shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{name}[{i}]: expected a tensor with {n} rows, got {shape}")
+                if t.dtype != x[0].dtype or t.device != x[0].device or t.shape[1:] != x[0].shape[1:]:
+                    raise ValueError(f"{name}[{i}] is a {tuple(t.shape)} {t.dtype} tensor on {t.device} but "
+                                     f"{name}[0] a {tuple(x[0].shape)} {x[0].dtype} one on {x[0].device}: "
+                                     f"the tensors must share dtype, device and trailing shape")
             width = max(lens)
             out = x[0].new_zeros((len(lens), width, *x[0].shape[1:]))
             for i, (t, n) in enumerate(zip(x, lens)):
@@ -392,7 +494,9 @@ class GroupLayout:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a padded [rows, length, ...] tensor or a list of tensors, got {shape}")
         if x.shape[0] != len(lens):
-            raise ValueError(f"{name} has {x.shape[0]} rows, the layout has {len(lens)}")
+            expected = (f"{self.num_groups} (one per group) or {self.num_completions} (one per completion)"
+                        if name == "prompts" else str(len(lens)))
+            raise ValueError(f"{name} has {x.shape[0]} rows, the layout needs {expected}")
         if x.shape[1] < max(lens):
             raise ValueError(f"{name} has length {x.shape[1]} but the layout needs {max(lens)}")
         return x
@@ -416,8 +520,54 @@ class GroupLayout:
                 f"x must have T={self.total_tokens} or num_completion_tokens="
                 f"{self.num_completion_tokens} rows, got shape {tuple(x.shape)}"
             )
-        cols = torch.arange(self.max_suffix_len, device=self.device)
-        mask = cols[None, :] < self.suffix_lens[:, None]
+        mask = self.completion_mask()
         out = x.new_zeros((self.num_completions * self.max_suffix_len, *x.shape[1:]))
         out = out.index_copy(0, self._completion_padded_index.to(x.device), x)
         return out.view(self.num_completions, self.max_suffix_len, *x.shape[1:]), mask.to(x.device)
+
+
+# ---------------------------------------------------------------------- broadcasting
+def _check_values(values: torch.Tensor, num_completions: int, device: torch.device) -> None:
+    check_float_tensor(values, "values", 1)
+    if values.shape[0] != num_completions:
+        raise ValueError(f"values has {values.shape[0]} entries but there are {num_completions} completions")
+    if values.device != device:
+        raise ValueError(f"values is on {values.device} but the layout / mask is on {device}")
+
+
+def broadcast_to_tokens(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``[T]``: every completion token of ``layout`` gets its completion's value, prefixes 0.
+
+    Args:
+        values: ``[N]`` one value per completion, in the layout's completion order.
+        layout: the packed batch (``layout.token_completion`` maps tokens to completions).
+    """
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}; for padded rows "
+                        f"use broadcast_to_padded")
+    _check_values(values, layout.num_completions, layout.device)
+    completion = layout.token_completion
+    return torch.where(completion >= 0, values.index_select(0, completion.clamp(min=0)), 0.0).to(values.dtype)
+
+
+def broadcast_to_padded(
+    values: torch.Tensor, target: GroupLayout | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-completion values on padded completion rows.
+
+    Args:
+        values: ``[N]`` one value per completion.
+        target: a :class:`GroupLayout` (rows ``[N, max_S]``) or a right-padded
+            ``completion_mask [N, L]`` (bool or 0/1), 1 on real tokens.
+
+    Returns ``(padded [N, S], mask [N, S] bool)``; ``padded`` is 0 where ``mask`` is False.
+    """
+    if isinstance(target, GroupLayout):
+        mask = target.completion_mask()
+    elif isinstance(target, torch.Tensor) and target.dim() == 2 and not target.dtype.is_floating_point:
+        mask = target.bool()
+    else:
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"target must be a GroupLayout or a bool/int completion_mask [N, L], got {shape}")
+    _check_values(values, mask.shape[0], mask.device)
+    return torch.where(mask, values[:, None], 0.0).to(values.dtype), mask

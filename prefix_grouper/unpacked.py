@@ -46,8 +46,8 @@ def _row_index(layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor, torch.T
     columns = torch.arange(width, device=layout.device)[None, :]
     index = torch.where(columns < prefix_len, layout.prefix_starts[group][:, None] + columns,
                         layout.suffix_starts[:, None] + columns - prefix_len)
-    first_row = torch.cumsum(layout.group_sizes, 0) - layout.group_sizes
-    row = torch.where(layout.token_completion >= 0, layout.token_completion, first_row[layout.token_group])
+    row = torch.where(layout.token_completion >= 0, layout.token_completion,
+                      layout.first_completion[layout.token_group])
     return index.clamp(max=layout.total_tokens - 1), columns < lengths[:, None], row * width + layout.position_ids
 
 

@@ -1,4 +1,5 @@
 """GroupLayout against hand-built examples."""
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ def test_sizes(layout):
     assert layout.num_groups == 2
     assert layout.num_completions == 4
     assert layout.num_completion_tokens == 5
-    assert layout.naive_tokens() == (2 + 2) + (2 + 1) + (1 + 2) + (1 + 0)
+    assert layout.unpacked_tokens() == (2 + 2) + (2 + 1) + (1 + 2) + (1 + 0)
 
 
 def test_offsets_and_positions(layout):
@@ -151,8 +152,8 @@ def test_from_padded_errors():
         GroupLayout.from_padded(good_prompt, torch.tensor([[0, 1]]), [1])
     with pytest.raises(ValueError, match="group_sizes sums to 2"):
         GroupLayout.from_padded(good_prompt, good_completion, [2])
-    with pytest.raises(ValueError, match="group_sizes has 2 entries"):
-        GroupLayout.from_padded(good_prompt, good_completion, [1, 1])
+    with pytest.raises(ValueError, match=r"prompt_mask has 2 rows: expected one per group \(group_sizes has 1 "):
+        GroupLayout.from_padded(torch.tensor([[0, 1], [1, 1]]), torch.ones(3, 1, dtype=torch.long), [3])
     with pytest.raises(ValueError, match=r"group_sizes\[1\] = 0: every group needs at least one completion"):
         GroupLayout.from_padded(torch.tensor([[0, 1], [1, 1]]), good_completion, [1, 0])
     with pytest.raises(ValueError, match="prompt_mask row 0 has no real token"):
@@ -164,7 +165,7 @@ def test_from_padded_errors():
 
 
 def test_pack_and_unpack_errors(layout):
-    with pytest.raises(ValueError, match="prompts has 3 rows"):
+    with pytest.raises(ValueError, match=r"prompts has 3 rows, the layout needs 2 \(one per group\) or 4"):
         layout.pack(torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="completions has length 1"):
         layout.pack(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long))
@@ -180,3 +181,108 @@ def test_pack_and_unpack_errors(layout):
         layout.unpack_completions(torch.tensor(1.0))
     with pytest.raises(TypeError, match="must be an ordered sequence of integers, got a set"):
         GroupLayout.from_lengths({3, 4}, [[1], [2]])
+
+
+@pytest.mark.parametrize("length", [
+    np.float64(3.0), 3.0,
+    # A float 0-d tensor gets torch's "only integer tensors ... converted to an index", which
+    # names no argument: prefix_grouper.checks.as_length_list must test tensors' dtype first.
+    pytest.param(torch.tensor(3.7), marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                            reason="as_length_list (checks.py)")),
+    pytest.param(torch.tensor(3.0), marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                            reason="as_length_list (checks.py)")),
+])
+def test_non_integer_lengths_are_refused(length):
+    """Float lengths were truncated (3.7 became 3): a float length is a caller bug."""
+    with pytest.raises(TypeError, match=r"prefix_lens must hold integers"):
+        GroupLayout.from_lengths([length], [[1]])
+    with pytest.raises(TypeError, match=r"suffix_lens\[0\] must hold integers"):
+        GroupLayout.from_lengths([2], [[1, length]])
+
+
+@pytest.mark.parametrize("container", [{(1,), (2, 3)}, {0: [1], 1: [2, 3]}])
+def test_unordered_suffix_lens_are_refused(container):
+    """A set of groups was accepted and reordered against prefix_lens."""
+    with pytest.raises(TypeError, match="suffix_lens must be an ordered sequence"):
+        GroupLayout.from_lengths([2, 3], container)
+
+
+def test_impossible_sizes_are_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"prefix_lens\[0\] = 1099511627776 is larger than any packable length"):
+        GroupLayout.from_lengths([2**40], [[1]])
+    with pytest.raises(ValueError, match=r"suffix_lens\[0\]\[0\] = 1099511627776 is larger"):
+        GroupLayout.from_lengths([1], [[2**40]])
+    with pytest.raises(ValueError, match=r"packs 3221225472 tokens, more than any packable length"):
+        GroupLayout.from_lengths([2**30, 2**30], [[2**30], [0]])
+
+
+def test_pack_refuses_mixed_dtypes_and_devices(layout):
+    """A list of prompts with different dtypes was cast silently to the first one's."""
+    completions = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is a \(1,\) torch.int32 tensor on cpu but prompts\[0\] a "
+                                         r"\(2,\) torch.int64 one"):
+        layout.pack([torch.tensor([10, 11]), torch.tensor([20], dtype=torch.int32)], completions)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is a \(1,\) torch.int64 tensor on meta"):
+        layout.pack([torch.tensor([10, 11]), torch.tensor([20], device="meta")], completions)
+
+
+def test_first_completion_and_completion_mask(layout):
+    assert layout.first_completion.tolist() == [0, 2]
+    assert layout.completion_mask().tolist() == [[True, True], [True, False], [True, True], [False, False]]
+
+
+# TRL / verl: one left-padded prompt row per completion, a group's rows consecutive.
+TRL_PROMPT_IDS = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [7, 8, 9], [7, 8, 9], [0, 0, 4]])
+TRL_PROMPT_MASK = (TRL_PROMPT_IDS != 0).long()
+TRL_COMPLETION_MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]])
+
+
+def test_from_padded_groups_identical_consecutive_prompts():
+    layout = GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, prompt_ids=TRL_PROMPT_IDS)
+    assert layout.prefix_lens_list == (2, 3, 1)
+    assert layout.suffix_lens_per_group == [(2, 1), (3, 1, 0), (2,)]
+    given = GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, [2, 3, 1], prompt_ids=TRL_PROMPT_IDS)
+    assert given.prefix_lens_list == layout.prefix_lens_list
+    assert given.suffix_lens_per_group == layout.suffix_lens_per_group
+    # Equal prompts that are not consecutive are different groups (TRL keeps a group's rows together).
+    reordered = TRL_PROMPT_IDS[[0, 2, 1, 3, 4, 5]]
+    apart = GroupLayout.from_padded((reordered != 0).long(), TRL_COMPLETION_MASK, prompt_ids=reordered)
+    assert apart.group_sizes_list == (1, 1, 1, 2, 1)
+
+
+def test_from_padded_one_row_per_completion_errors():
+    with pytest.raises(ValueError, match=r"one row per completion \(N=6\) and no group_sizes: pass prompt_ids"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK)
+    with pytest.raises(ValueError, match="prompt rows 0 and 2 are given as one group but hold prompts of different "
+                                         "lengths"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, [3, 2, 1])
+    same_lengths = TRL_PROMPT_IDS.clone()
+    same_lengths[3, 2] = 10
+    with pytest.raises(ValueError, match="prompt rows 2 and 3 are given as one group but hold different prompts"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, [2, 3, 1], prompt_ids=same_lengths)
+    with pytest.raises(ValueError, match="prompt rows 2 and 3 are given as one group but hold different prompts"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, [2, 3, 1], prompt_ids=same_lengths)
+    with pytest.raises(ValueError, match="group_sizes is required unless prompt_mask has one row per completion"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK[:3], TRL_COMPLETION_MASK, prompt_ids=TRL_PROMPT_IDS[:3])
+    with pytest.raises(TypeError, match="prompt_ids must be an integer tensor, got torch.float32"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, prompt_ids=TRL_PROMPT_IDS.float())
+    with pytest.raises(ValueError, match=r"prompt_ids must match prompt_mask's shape \(6, 3\)"):
+        GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, prompt_ids=TRL_PROMPT_IDS[:, 1:])
+
+
+def test_pack_takes_one_prompt_row_per_completion():
+    layout = GroupLayout.from_padded(TRL_PROMPT_MASK, TRL_COMPLETION_MASK, prompt_ids=TRL_PROMPT_IDS)
+    completions = torch.arange(1, 19).reshape(6, 3) * TRL_COMPLETION_MASK
+    one_per_group = TRL_PROMPT_IDS[[0, 2, 5]]
+    expected = layout.pack(one_per_group, completions)
+    assert expected.tolist() == [5, 6, 1, 2, 4, 7, 8, 9, 7, 8, 9, 10, 4, 16, 17]
+    assert layout.pack(TRL_PROMPT_IDS, completions).tolist() == expected.tolist()
+    as_list = [row[mask.bool()] for row, mask in zip(TRL_PROMPT_IDS, TRL_PROMPT_MASK)]
+    assert layout.pack(as_list, completions).tolist() == expected.tolist()
+    # Padding may differ between a group's rows; the prompt tokens may not.
+    repadded = TRL_PROMPT_IDS.clone()
+    repadded[1, 0] = 3
+    assert layout.pack(repadded, completions).tolist() == expected.tolist()
+    repadded[4, 2] = 3
+    with pytest.raises(ValueError, match="prompts: rows 2 and 4 belong to group 1 but hold different prompts"):
+        layout.pack(repadded, completions)

@@ -11,7 +11,7 @@ from .dispatch import available_backends
 from .gigpo import gigpo_advantages
 from .grpo import grpo_advantages
 from .multi_objective import multi_objective_advantages
-from .broadcast import broadcast_to_padded, broadcast_to_tokens
+from ..layout import broadcast_to_padded, broadcast_to_tokens
 from .trajectories import anchor_index_from_states, discounted_returns
 
 __all__ = [

@@ -289,15 +289,17 @@ def poisoned_rows_and_keys(layout, token):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["completion", "prefix"])
-@pytest.mark.parametrize("backend,with_lse", [("reference", True), ("torch", True), ("torch", False)],
-                         ids=["reference", "torch-lse", "torch-fused"])
+@pytest.mark.parametrize("backend,with_lse", [("reference", True), ("torch", True), ("torch", False),
+                                               ("triton", True)],
+                         ids=["reference", "torch-lse", "torch-fused", "triton"])
 def test_non_finite_kv_stays_in_its_segment(backend, with_lse, where, value, generator):
     # Group 0's second completion (packed 7..9) is poisoned, or group 1's prefix (11..13);
     # the sibling completions, the other group and padding rows of the padded batches must
     # not see it. Ragged lengths make every padded batch pad.
     layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
     token = 8 if where == "completion" else 12
-    q, k, v = make_qkv(layout, 4, 2, 8, torch.float64, generator, requires_grad=False)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32 under the interpreter
+    q, k, v = make_qkv(layout, 4, 2, 8, dtype, generator, requires_grad=False)
     clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,
                               with_lse=with_lse)
     k[token, 1], v[token, 0] = value, value

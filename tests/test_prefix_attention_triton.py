@@ -18,8 +18,9 @@ from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.reference import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
 from prefix_grouper.attention import triton_backend  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
-    _key_tile_rows, _query_tile_rows, triton_prefix_attention, triton_unavailable_reason,
+    key_tile_rows, query_tile_rows, triton_prefix_attention,
 )
+from prefix_grouper.runtime import triton_unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if triton_unavailable_reason(DEVICE) is not None:
@@ -121,7 +122,7 @@ def test_tile_schedules_cover_the_layout_once():
     tile = 4
     layout = GroupLayout.from_lengths([1, 9], [[0, 5, 0], [4, 8]])
     segments = layout.cu_seqlens.tolist()
-    query_rows = _query_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
+    query_rows = query_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
     covered = sorted(r for q_start, _, seg_end, _, _ in query_rows
                      for r in range(q_start, min(q_start + tile, seg_end)))
     assert covered == list(range(layout.total_tokens))
@@ -132,7 +133,7 @@ def test_tile_schedules_cover_the_layout_once():
         is_suffix = layout.token_completion[q_start].item() >= 0
         assert shared_start == layout.prefix_starts[group].item()
         assert shared_len == (layout.prefix_lens[group].item() if is_suffix else 0)
-    key_rows = _key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
+    key_rows = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
     assert sorted(r for k_start, k_end, _ in key_rows
                   for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
     mask = prefix_sharing_mask(layout)
@@ -169,7 +170,7 @@ def test_torch_compile_fullgraph_across_layouts(monkeypatch):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     builds = []
-    for name in ("_query_tile_rows", "_key_tile_rows"):
+    for name in ("query_tile_rows", "key_tile_rows"):
         def counted(*args, _build=getattr(triton_backend, name), _name=name):
             builds.append(_name)
             return _build(*args)
@@ -197,7 +198,7 @@ def test_torch_compile_fullgraph_across_layouts(monkeypatch):
                         torch.autograd.grad(eager_loss, eager_inputs)):
             torch.testing.assert_close(a, b)
         # Eager and compiled calls, forward and backward, share one build of each schedule.
-        assert builds == ["_query_tile_rows", "_key_tile_rows"] * (i + 1), builds
+        assert builds == ["query_tile_rows", "key_tile_rows"] * (i + 1), builds
     # The first layout compiles a static graph, the second a dynamic one that serves the rest
     # (a single group included: the layout reaches the ops as one tensor of 1 + 2B + N >= 4
     # lengths, never of a size 0 or 1 that Dynamo would specialize on).

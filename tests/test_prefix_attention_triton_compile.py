@@ -5,11 +5,9 @@ CI runs the kernels through the interpreter, which accepts code the GPU compiler
 head-dim-128 specialization of every kernel catches those. Runs in a subprocess because
 compiling needs triton imported without TRITON_INTERPRET.
 """
-import os
-import subprocess
-import sys
-
 import pytest
+
+from conftest import assert_compiles_for_sm90
 
 pytest.importorskip("triton")
 
@@ -17,9 +15,9 @@ COMPILE_KERNELS = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from prefix_grouper.attention.triton_bwd import (_delta_kernel, _prefix_attention_dkdv_kernel,
-                                                 _prefix_attention_dq_kernel)
-from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_kernel
+from prefix_grouper.attention.triton_bwd import (delta_kernel, prefix_attention_dkdv_kernel,
+                                                 prefix_attention_dq_kernel)
+from prefix_grouper.attention.triton_fwd import prefix_attention_fwd_kernel
 
 FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr"}
 FP32_SCALARS = {"softmax_scale", "qk_scale_log2"}
@@ -45,10 +43,10 @@ def signature(kernel, constants):
 
 tile = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, CHECK_DIMS=False, DOT_PRECISION="tf32")
 for kernel, constants in [
-    (_prefix_attention_fwd_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
-    (_prefix_attention_dq_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
-    (_prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
-    (_delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
+    (prefix_attention_fwd_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
+    (prefix_attention_dq_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
+    (prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
+    (delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
 ]:
     while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotuners/heuristics
         kernel = kernel.fn
@@ -60,7 +58,4 @@ print("compiled")
 
 
 def test_attention_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_KERNELS], env=env,
-                            capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_sm90(COMPILE_KERNELS, timeout=400)

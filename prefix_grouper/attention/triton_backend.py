@@ -4,11 +4,13 @@ The kernels (``triton_fwd``, ``triton_bwd``) read the packed batch in place thro
 tile schedules built once per layout (and tiling and device) from its host-side lengths,
 so no call ever synchronizes with the device:
 
-* query tiles ``[num_q_tiles, 5]`` int32 rows ``q_start, seg_start, seg_end,
-  shared_start, shared_len``: BLOCK_M rows of one segment; ``shared_*`` is the group's
-  prefix for a suffix tile and empty for a prefix tile (forward and dQ);
-* key tiles ``[num_kv_tiles, 3]`` int32 rows ``k_start, k_end, q_end``: BLOCK_N keys of
-  one segment and the end of the packed query range that sees them (dK/dV).
+* query tiles ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32 rows, the fields of
+  :class:`~.triton_common.QueryTile` (``q_start, seg_start, seg_end, shared_start,
+  shared_len``): BLOCK_M rows of one segment; ``shared_*`` is the group's prefix for a
+  suffix tile and empty for a prefix tile (forward and dQ);
+* key tiles ``[num_kv_tiles, KEY_TILE_COLUMNS]`` int32 rows, the fields of
+  :class:`~.triton_common.KeyTile` (``k_start, k_end, q_end``): BLOCK_N keys of one
+  segment and the end of the packed query range that sees them (dK/dV).
 
 An empty completion owns no rows, hence no tiles. Groups are listed heaviest first and
 a group's tiles stay adjacent, heaviest first, so the programs running together mostly
@@ -16,9 +18,9 @@ read the same prefix K/V (L2 reuse) and the long ones start early (less tail).
 
 The kernels are wrapped as ``torch.library`` custom ops with fake and autograd
 registrations, so ``torch.compile`` treats them as opaque, differentiable nodes. The ops
-take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` (``B``, then the
-prefix lengths, group sizes and completion lengths), and build the schedules inside
-their real implementations, memoized per layout (keyed by that tensor, dropped with it).
+take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` (see
+:func:`~prefix_grouper.layout.encode_host_lengths`), and build the schedules inside their
+real implementations, memoized in the layout's cache (:func:`~prefix_grouper.layout.cached_per_layout`).
 Compiled code thus sees only tensor inputs: it never traces the Python schedule builder
 nor specializes on lengths, so after one recompile with dynamic shapes a single graph
 serves every layout. Reading a CPU tensor is no device synchronization; each schedule is
@@ -26,36 +28,21 @@ uploaded once per layout.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..layout import GroupLayout
+from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, split_by_group
+from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
-from .triton_fwd import interpreted, launch_forward, padded_head_dim
+from .triton_common import KeyTile, QueryTile, padded_head_dim
+from .triton_fwd import launch_forward
 
-__all__ = ["triton_prefix_attention", "triton_unavailable_reason"]
+__all__ = ["key_tile_rows", "query_tile_rows", "triton_prefix_attention"]
 
 # Schedule tile under the interpreter: small enough for fast CPU tests, yet two inner
 # blocks of 16, so diagonals still span several key (or query) blocks as on the GPU.
 _INTERPRETER_TILE = 32
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None when the Triton kernels can run on ``device``, else a one-line reason."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available"
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing triton)"
-        if not interpreted():
-            return "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
-        return None
-    return f"Triton kernels do not support {device.type} tensors"
 
 
 def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -65,7 +52,7 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     Wide rows (fp32, large head dims) get shorter tiles so a tile's Q, accumulators and
     the K/V pipeline stages fit in registers and shared memory.
     """
-    if interpreted():
+    if triton_interpreted():
         return _INTERPRETER_TILE, _INTERPRETER_TILE
     row_bytes = padded_head_dim(head_dim) * dtype.itemsize
     tile = 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
@@ -86,15 +73,15 @@ def _group_segments(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[
     return groups
 
 
-def _heaviest_first(per_group: list[list[tuple[int, tuple[int, ...]]]]) -> list[tuple[int, ...]]:
+def _heaviest_first(per_group: list[list[tuple[int, tuple]]]) -> list[tuple]:
     """Flatten ``(work, row)`` lists: groups by total work, then rows by work, descending."""
     per_group = sorted(per_group, key=lambda tiles: -sum(work for work, _ in tiles))
     return [row for tiles in per_group for _, row in sorted(tiles, key=lambda t: -t[0])]
 
 
-def _query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
-                     tile: int) -> list[tuple[int, ...]]:
-    """``(q_start, seg_start, seg_end, shared_start, shared_len)`` of every query tile."""
+def query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                    tile: int) -> list[QueryTile]:
+    """The :class:`QueryTile` of every query tile of ``tile`` rows, in launch order."""
     per_group = []
     for prefix_start, prefix_len, suffixes, _ in _group_segments(prefix_lens, suffix_lens_per_group):
         segments = [(prefix_start, prefix_len, prefix_start, 0)]
@@ -103,14 +90,15 @@ def _query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence
         for seg_start, seg_len, shared_start, shared_len in segments:
             for q_start in range(seg_start, seg_start + seg_len, tile):
                 work = shared_len + q_start - seg_start + tile
-                tiles.append((work, (q_start, seg_start, seg_start + seg_len, shared_start, shared_len)))
+                tiles.append((work, QueryTile(q_start=q_start, seg_start=seg_start, seg_end=seg_start + seg_len,
+                                              shared_start=shared_start, shared_len=shared_len)))
         per_group.append(tiles)
     return _heaviest_first(per_group)
 
 
-def _key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
-                   tile: int) -> list[tuple[int, ...]]:
-    """``(k_start, k_end, q_end)`` of every key tile."""
+def key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                  tile: int) -> list[KeyTile]:
+    """The :class:`KeyTile` of every key tile of ``tile`` rows, in launch order."""
     per_group = []
     for prefix_start, prefix_len, suffixes, group_end in _group_segments(prefix_lens,
                                                                          suffix_lens_per_group):
@@ -121,42 +109,18 @@ def _key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[S
         tiles = []
         for seg_start, seg_len, q_end in segments:
             for k_start in range(seg_start, seg_start + seg_len, tile):
-                tiles.append((q_end - k_start, (k_start, seg_start + seg_len, q_end)))
+                tiles.append((q_end - k_start, KeyTile(k_start=k_start, k_end=seg_start + seg_len, q_end=q_end)))
         per_group.append(tiles)
     return _heaviest_first(per_group)
 
 
-class _LayoutSchedules:
-    """One layout's lengths, read once from its host lengths, and its device schedules."""
-
-    def __init__(self, host_lengths: torch.Tensor):
-        if host_lengths.device.type != "cpu" or host_lengths.dtype != torch.int64 or host_lengths.dim() != 1:
-            raise ValueError(f"host_lengths must be a 1-D CPU int64 tensor, got {host_lengths.dtype} "
-                             f"{tuple(host_lengths.shape)} on {host_lengths.device}")
-        values = host_lengths.tolist()  # a CPU tensor: no device synchronization
-        num_groups = values[0] if values else 0
-        prefix = values[1:1 + num_groups]
-        sizes = values[1 + num_groups:1 + 2 * num_groups]
-        suffix = values[1 + 2 * num_groups:]
-        if (num_groups < 1 or len(sizes) != num_groups or sum(sizes) != len(suffix)
-                or min(prefix) < 1 or min(sizes) < 1 or min(suffix) < 0):
-            raise ValueError("host_lengths is not [B, prefix_lens (>= 1) x B, group_sizes (>= 1) x B, "
-                             "completion_lens (>= 0) x sum(group_sizes)]; use GroupLayout.host_lengths")
-        self.prefix_lens = prefix
-        self.suffix_lens_per_group, start = [], 0
-        for g in sizes:
-            self.suffix_lens_per_group.append(suffix[start:start + g])
-            start += g
-        self.total_tokens = sum(prefix) + sum(suffix)
-        if self.total_tokens >= 2**31:
-            raise ValueError(f"the triton backend indexes tokens in int32, T={self.total_tokens} "
-                             f"does not fit")
-        self.tiles: dict[tuple, torch.Tensor] = {}
-
-
-# GroupLayout.host_lengths tensor -> its schedules; an entry vanishes with its tensor (and
-# layout). Keyed by identity, as tensors compare by value; the tensor is never mutated.
-_SCHEDULES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+def _checked_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[int, ...]], int]:
+    """``(prefix_lens, suffix_lens_per_group, total_tokens)`` of a layout's host lengths."""
+    prefix_lens, group_sizes, suffix_lens = decode_host_lengths(host_lengths)
+    total_tokens = sum(prefix_lens) + sum(suffix_lens)
+    if total_tokens >= 2**31:
+        raise ValueError(f"the triton backend indexes tokens in int32, T={total_tokens} does not fit")
+    return prefix_lens, split_by_group(suffix_lens, group_sizes), total_tokens
 
 
 def _schedules(host_lengths: torch.Tensor, q: torch.Tensor, need: tuple[str, ...] = ("q", "kv")):
@@ -166,32 +130,25 @@ def _schedules(host_lengths: torch.Tensor, q: torch.Tensor, need: tuple[str, ...
     Each schedule is built and uploaded once per layout, tiling and device, then memoized.
     """
     q_tile, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
-    entry = _SCHEDULES.get(host_lengths)
-    if entry is None:
-        entry = _SCHEDULES[host_lengths] = _LayoutSchedules(host_lengths)
-    if entry.total_tokens != q.shape[0]:
-        raise ValueError(f"the layout packs T={entry.total_tokens} tokens but q has {q.shape[0]}")
+    prefix_lens, suffix_lens_per_group, total_tokens = cached_per_layout(
+        host_lengths, ("triton_lengths",), lambda: _checked_lengths(host_lengths))
+    if total_tokens != q.shape[0]:
+        raise ValueError(f"the layout packs T={total_tokens} tokens but q has {q.shape[0]}")
     out = []
-    for kind, tile, rows in (("q", q_tile, _query_tile_rows), ("kv", kv_tile, _key_tile_rows)):
+    for kind, tile, rows in (("q", q_tile, query_tile_rows), ("kv", kv_tile, key_tile_rows)):
         if kind not in need:
             out.append(None)
             continue
-        key = (kind, tile, q.device)
-        if key not in entry.tiles:
-            entry.tiles[key] = torch.tensor(rows(entry.prefix_lens, entry.suffix_lens_per_group, tile),
-                                            dtype=torch.int32, device=q.device)
-        out.append(entry.tiles[key])
+        out.append(cached_per_layout(
+            host_lengths, ("triton_schedule", kind, tile, q.device),
+            lambda: torch.tensor(rows(prefix_lens, suffix_lens_per_group, tile), dtype=torch.int32,
+                                 device=q.device)))
     return out[0], out[1], q_tile, kv_tile
 
 
 def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dim is dense (the kernels take any other strides)."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device, which need not be x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("prefix_grouper::prefix_attention_fwd", mutates_args=())
@@ -202,7 +159,7 @@ def _prefix_attention_fwd(
     """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
     q_tiles, _, q_tile, _ = _schedules(host_lengths, q, need=("q",))
-    with _on_device(q):
+    with device_guard(q):
         return launch_forward(q, k, v, q_tiles, q_tile, softmax_scale)
 
 
@@ -220,7 +177,7 @@ def _prefix_attention_bwd(
     """``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])``; dlse ``[T, Hq]`` may be None."""
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
     q_tiles, kv_tiles, q_tile, kv_tile = _schedules(host_lengths, q)
-    with _on_device(q):
+    with device_guard(q):
         return launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles,
                                q_tile, kv_tile, softmax_scale)
 

@@ -23,17 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import (
-    BOUND_MASK, CAUSAL_MASK, INTERPRETER_INNER_BLOCK, LOG2E, NO_MASK, dot_precision,
-    inner_block_configs, interpreted, keep_inner_blocks_dividing, load_query_tile, load_tile,
-    padded_head_dim,
+from .triton_common import (
+    BOUND_MASK, CAUSAL_MASK, LOG2E, NO_MASK, autotune_inner_block, dot_precision, key_block_scores,
+    launchable, load_key_tile, load_tile, padded_head_dim, query_tile_prologue, walk_key_runs,
 )
 
 DELTA_BLOCK_TOKENS = 64
 
 
 @triton.jit
-def _delta_kernel(
+def delta_kernel(
     out_ptr, dout_ptr, dlse_ptr, delta_ptr, num_tokens,
     stride_ot, stride_oh, stride_dot, stride_doh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -57,33 +56,23 @@ def _delta_kernel(
 
 
 @triton.jit
-def _dq_key_block(
-    dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
-    key_start, key_end, dims, dim_ok, qk_scale_log2,
-    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def dq_key_block(
+    dq, ctx, key_start, key_end,
+    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Add keys ``[key_start, key_start + BLOCK_N)``'s share of dQ (still unscaled)."""
-    keys = key_start + tl.arange(0, BLOCK_N)
-    key_ok = keys < key_end
-    key_offsets = keys[:, None].to(tl.int64)
-    k = load_tile(k_head + key_offsets * stride_kt + dims[None, :], key_ok, dim_ok,
-                  MASK != NO_MASK, CHECK_DIMS)
-    v = load_tile(v_head + key_offsets * stride_vt + dims[None, :], key_ok, dim_ok,
-                  MASK != NO_MASK, CHECK_DIMS)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    probs = tl.exp2(scores - lse_log2[:, None])
-    if MASK == CAUSAL_MASK:
-        probs = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], probs, 0.0)
-    elif MASK == BOUND_MASK:
-        probs = tl.where(key_ok[None, :], probs, 0.0)
+    """Add keys ``[key_start, key_start + BLOCK_N)``'s share of dQ (still unscaled);
+    ``ctx = (scores_ctx, dout, lse_log2, delta)``."""
+    scores_ctx, dout, lse_log2, delta = ctx
+    k, v, scores = key_block_scores(scores_ctx, key_start, key_end, MASK, CHECK_DIMS, BLOCK_N,
+                                    DOT_PRECISION)
+    probs = tl.exp2(scores - lse_log2[:, None])  # exactly 0 where masked (-inf)
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
     dscores = probs * (dprobs - delta[:, None])
     return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _prefix_attention_dq_kernel(
+def prefix_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, q_tiles_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
@@ -91,47 +80,18 @@ def _prefix_attention_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid // num_q_heads
-    head = pid % num_q_heads
-    kv_head = head // heads_per_kv
-    q_start, seg_start, seg_end, shared_start, shared_len = load_query_tile(q_tiles_ptr, tile)
-
-    rows = q_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_end
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < HEAD_DIM
-    row_offsets = rows[:, None].to(tl.int64)
+    tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx = query_tile_prologue(
+        q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        num_q_heads, heads_per_kv, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD, CHECK_DIMS, BLOCK_M)
     head64 = head.to(tl.int64)
-    q = load_tile(q_ptr + head64 * stride_qh + row_offsets * stride_qt + dims[None, :],
-                  row_ok, dim_ok, True, CHECK_DIMS)
     dout = load_tile(dout_ptr + head64 * stride_doh + row_offsets * stride_dot + dims[None, :],
                      row_ok, dim_ok, True, CHECK_DIMS)
     stat_offsets = head64 * num_tokens + rows
     lse_log2 = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
-    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
-    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    shared_end = shared_start + shared_len
-    shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
-    for key_start in range(shared_start, shared_full_end, BLOCK_N):
-        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
-                           key_start, shared_end, dims, dim_ok, qk_scale_log2,
-                           NO_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-    for key_start in range(shared_full_end, shared_end, BLOCK_N):
-        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
-                           key_start, shared_end, dims, dim_ok, qk_scale_log2,
-                           BOUND_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-    for key_start in range(seg_start, q_start, BLOCK_N):
-        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
-                           key_start, seg_end, dims, dim_ok, qk_scale_log2,
-                           NO_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-    for key_start in range(q_start, tl.minimum(q_start + BLOCK_M, seg_end), BLOCK_N):
-        dq = _dq_key_block(dq, q, dout, lse_log2, delta, rows, k_head, v_head, stride_kt, stride_vt,
-                           key_start, seg_end, dims, dim_ok, qk_scale_log2,
-                           CAUSAL_MASK, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    dq = walk_key_runs(tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), dq_key_block,
+                       (scores_ctx, dout, lse_log2, delta), tile_row,
+                       CHECK_DIMS, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     dq_ptrs = dq_ptr + head64 * stride_dqh + row_offsets * stride_dqt + dims[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(dq_ptr.dtype.element_ty),
@@ -139,7 +99,7 @@ def _prefix_attention_dq_kernel(
 
 
 @triton.jit
-def _dkdv_query_block(
+def dkdv_query_block(
     dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
     stride_qt, stride_dot, query_start, query_end, dims, dim_ok, qk_scale_log2,
     MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -173,7 +133,7 @@ def _dkdv_query_block(
 
 
 @triton.jit
-def _prefix_attention_dkdv_kernel(
+def prefix_attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_tiles_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -184,10 +144,7 @@ def _prefix_attention_dkdv_kernel(
     pid = tl.program_id(0)
     tile = pid // num_kv_heads
     kv_head = pid % num_kv_heads
-    meta = kv_tiles_ptr + tile * 3
-    k_start = tl.load(meta)
-    k_end = tl.load(meta + 1)
-    q_end = tl.load(meta + 2)
+    k_start, k_end, q_end = load_key_tile(kv_tiles_ptr, tile)
 
     keys = k_start + tl.arange(0, BLOCK_N)
     key_ok = keys < k_end
@@ -212,17 +169,17 @@ def _prefix_attention_dkdv_kernel(
         lse_head = lse_ptr + head64 * num_tokens
         delta_head = delta_ptr + head64 * num_tokens
         for query_start in range(k_start, diag_end, BLOCK_M):
-            dk, dv = _dkdv_query_block(
+            dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
                 stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
                 CAUSAL_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
         for query_start in range(diag_end, full_end, BLOCK_M):
-            dk, dv = _dkdv_query_block(
+            dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
                 stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
                 NO_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
         for query_start in range(full_end, q_end, BLOCK_M):
-            dk, dv = _dkdv_query_block(
+            dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
                 stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
                 BOUND_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
@@ -234,14 +191,8 @@ def _prefix_attention_dkdv_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
 
 
-_prefix_attention_dq_tuned = triton.autotune(
-    configs=inner_block_configs("BLOCK_N", (16, 32, 64)), key=["HEAD_DIM", "BLOCK_M"],
-    prune_configs_by=keep_inner_blocks_dividing("BLOCK_M", "BLOCK_N"),
-)(_prefix_attention_dq_kernel)
-_prefix_attention_dkdv_tuned = triton.autotune(
-    configs=inner_block_configs("BLOCK_M", (16, 32, 64)), key=["HEAD_DIM", "BLOCK_N"],
-    prune_configs_by=keep_inner_blocks_dividing("BLOCK_N", "BLOCK_M"),
-)(_prefix_attention_dkdv_kernel)
+_prefix_attention_dq_tuned = autotune_inner_block(prefix_attention_dq_kernel, "BLOCK_N", "BLOCK_M")
+_prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel, "BLOCK_M", "BLOCK_N")
 
 
 def launch_backward(
@@ -255,8 +206,8 @@ def launch_backward(
     Args:
         dout, out, q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         dlse, lse: ``[T, Hq]`` float32 (dlse None when lse got no gradient).
-        q_tiles: ``[num_q_tiles, 5]`` int32, tiles of ``q_tile_size`` query rows.
-        kv_tiles: ``[num_kv_tiles, 3]`` int32, tiles of ``kv_tile_size`` key rows.
+        q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32, tiles of ``q_tile_size`` query rows.
+        kv_tiles: ``[num_kv_tiles, KEY_TILE_COLUMNS]`` int32, tiles of ``kv_tile_size`` key rows.
 
     Returns contiguous ``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])`` in q.dtype.
     """
@@ -270,7 +221,7 @@ def launch_backward(
     lse_by_head = lse.t().contiguous()
     dlse_by_head = dlse.t().contiguous() if dlse is not None else None
     delta = torch.empty((num_q_heads, num_tokens), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(num_tokens, DELTA_BLOCK_TOKENS), num_q_heads)](
+    delta_kernel[(triton.cdiv(num_tokens, DELTA_BLOCK_TOKENS), num_q_heads)](
         out, dout, delta if dlse_by_head is None else dlse_by_head,  # not read without HAS_DLSE
         delta, num_tokens,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
@@ -281,11 +232,8 @@ def launch_backward(
     dq = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=v.dtype, device=q.device)
-    dq_kernel, dq_fixed = _prefix_attention_dq_tuned, {}
-    dkdv_kernel, dkdv_fixed = _prefix_attention_dkdv_tuned, {}
-    if interpreted():
-        dq_kernel, dq_fixed = _prefix_attention_dq_kernel, {"BLOCK_N": INTERPRETER_INNER_BLOCK}
-        dkdv_kernel, dkdv_fixed = _prefix_attention_dkdv_kernel, {"BLOCK_M": INTERPRETER_INNER_BLOCK}
+    dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N")
+    dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M")
 
     dq_kernel[(q_tiles.shape[0] * num_q_heads,)](
         q, k, v, dout, lse_by_head, delta, dq, q_tiles,

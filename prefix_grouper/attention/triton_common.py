@@ -1,0 +1,208 @@
+"""What the forward and backward Triton kernels share: the tile schedules' row format,
+tile loaders, the key-run walk of a query tile, dot precision and autotuning.
+
+A query tile owns rows ``[q_start, q_start + BLOCK_M)`` of a single segment, clipped at
+``seg_end``; ``shared_*`` is the group's prefix for a suffix tile and empty for a prefix
+tile. The forward and dQ kernels walk its keys with :func:`walk_key_runs`, in runs that
+never load anything the tile cannot see:
+
+1. ``[shared_start, shared_start + shared_len)``: the whole prefix, no mask except the
+   key bound on its last, partial block;
+2. ``[seg_start, q_start)``: own-segment keys strictly before the tile, no mask;
+3. ``[q_start, min(q_start + BLOCK_M, seg_end))``: the diagonal, causal mask.
+
+Run 2 is aligned because tiles start at multiples of BLOCK_M from the segment start and
+BLOCK_N divides BLOCK_M.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..runtime import triton_interpreted
+
+NO_MASK = tl.constexpr(0)
+CAUSAL_MASK = tl.constexpr(1)  # key <= query (same segment) and inside the bound
+BOUND_MASK = tl.constexpr(2)  # only the key (forward, dQ) or query (dK/dV) bound
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# One int32 row per tile in each schedule. The Python builder fills the named tuples, the
+# kernels read the columns below: both follow the field order here.
+QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "shared_start", "shared_len"])
+KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "q_end"])
+QUERY_TILE_COLUMNS = tl.constexpr(len(QueryTile._fields))
+KEY_TILE_COLUMNS = tl.constexpr(len(KeyTile._fields))
+Q_START, SEG_START, SEG_END, SHARED_START, SHARED_LEN = (tl.constexpr(i) for i in range(len(QueryTile._fields)))
+K_START, K_END, Q_END = (tl.constexpr(i) for i in range(len(KeyTile._fields)))
+
+# Inner block of every kernel under the interpreter (no autotuning there): with the
+# interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
+INTERPRETER_INNER_BLOCK = 16
+_INNER_BLOCK_SIZES = (16, 32, 64)
+
+
+def _torch_allows_tf32() -> bool:
+    # torch >= 2.9 has fp32_precision; reading the legacy allow_tf32 after the new switch
+    # was set raises, so ask the new one first.
+    matmul = torch.backends.cuda.matmul
+    try:
+        return getattr(matmul, "fp32_precision") == "tf32"
+    except (AttributeError, RuntimeError):
+        return torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's TF32 switch for matmuls; 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not _torch_allows_tf32():
+        return "ieee"
+    return "tf32"
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Power-of-two register width holding ``head_dim`` (tl.dot needs at least 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def autotune_inner_block(kernel, inner: str, tile: str):
+    """``kernel`` autotuned over its inner block ``inner``, a divisor of the schedule's tile
+    (kernel argument ``tile``), per head dim and tile size (and, as triton always does,
+    per tensor dtype)."""
+    def keep_dividing(configs, named_args, **kwargs):
+        # A tile that is not a whole number of inner blocks would let the unmasked runs
+        # leave the segment.
+        size = kwargs.get(tile, named_args.get(tile))
+        return [c for c in configs if c.kwargs[inner] <= size and size % c.kwargs[inner] == 0]
+
+    configs = [triton.Config({inner: size}, num_warps=warps, num_stages=stages)
+               for size in _INNER_BLOCK_SIZES for warps in (4, 8) for stages in (2, 3)]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", tile],
+                           prune_configs_by={"early_config_prune": keep_dividing})(kernel)
+
+
+def launchable(kernel, tuned, inner: str):
+    """``(kernel to launch, its fixed meta-arguments)``: the autotuned kernel on a GPU, the
+    plain one with a fixed inner block under the interpreter (nothing to tune there)."""
+    if triton_interpreted():
+        return kernel, {inner: INTERPRETER_INNER_BLOCK}
+    return tuned, {}
+
+
+@triton.jit
+def load_query_tile(q_tiles_ptr, tile):
+    """``(q_start, seg_start, seg_end, shared_start, shared_len)`` of a query-schedule row."""
+    meta = q_tiles_ptr + tile * QUERY_TILE_COLUMNS
+    return (tl.load(meta + Q_START), tl.load(meta + SEG_START), tl.load(meta + SEG_END),
+            tl.load(meta + SHARED_START), tl.load(meta + SHARED_LEN))
+
+
+@triton.jit
+def load_key_tile(kv_tiles_ptr, tile):
+    """``(k_start, k_end, q_end)`` of a key-schedule row."""
+    meta = kv_tiles_ptr + tile * KEY_TILE_COLUMNS
+    return tl.load(meta + K_START), tl.load(meta + K_END), tl.load(meta + Q_END)
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, dim_ok, CHECK_ROWS: tl.constexpr, CHECK_DIMS: tl.constexpr):
+    """Load a ``[rows, HEAD_DIM_PAD]`` tile, masking only what may be out of range."""
+    if CHECK_ROWS and CHECK_DIMS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_DIMS:
+        tile = tl.load(ptrs, mask=dim_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def query_tile_prologue(
+    q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    num_q_heads, heads_per_kv, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The program's query tile and head, and what :func:`key_block_scores` needs of them.
+
+    Returns ``(tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx)``:
+    ``tile_row`` the :class:`QueryTile` values, ``rows`` ``[BLOCK_M]`` packed indices.
+    """
+    # Heads vary fastest so the query heads sharing a KV head run side by side (L2 reuse).
+    pid = tl.program_id(0)
+    tile = pid // num_q_heads
+    head = pid % num_q_heads
+    kv_head = head // heads_per_kv
+    tile_row = load_query_tile(q_tiles_ptr, tile)
+    rows = tile_row[Q_START] + tl.arange(0, BLOCK_M)
+    row_ok = rows < tile_row[SEG_END]
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    row_offsets = rows[:, None].to(tl.int64)
+    q = load_tile(q_ptr + head.to(tl.int64) * stride_qh + row_offsets * stride_qt + dims[None, :],
+                  row_ok, dim_ok, True, CHECK_DIMS)
+    k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
+    scores_ctx = (q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2)
+    return tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx
+
+
+@triton.jit
+def key_block_scores(
+    scores_ctx, key_start, key_end,
+    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """K, V of keys ``[key_start, key_start + BLOCK_N)`` and the tile's scores against them.
+
+    ``scores_ctx`` is ``(q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok,
+    qk_scale_log2)``. Returns ``(k, v, scores [BLOCK_M, BLOCK_N])``, scores in the log2
+    domain and ``-inf`` where ``MASK`` hides the key.
+    """
+    q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2 = scores_ctx
+    keys = key_start + tl.arange(0, BLOCK_N)
+    key_ok = keys < key_end
+    key_offsets = keys[:, None].to(tl.int64)
+    k = load_tile(k_head + key_offsets * stride_kt + dims[None, :], key_ok, dim_ok,
+                  MASK != NO_MASK, CHECK_DIMS)
+    v = load_tile(v_head + key_offsets * stride_vt + dims[None, :], key_ok, dim_ok,
+                  MASK != NO_MASK, CHECK_DIMS)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    if MASK == CAUSAL_MASK:
+        scores = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], scores, float("-inf"))
+    elif MASK == BOUND_MASK:
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+    return k, v, scores
+
+
+@triton.jit
+def walk_key_runs(
+    state, fold_key_block, ctx, tile_row,
+    CHECK_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold every key block a query tile sees into ``state``, run by run (module docstring).
+
+    ``fold_key_block(state, ctx, key_start, key_end, MASK, CHECK_DIMS, BLOCK_N,
+    DOT_PRECISION)`` returns the new state; ``key_end`` bounds the run's keys.
+    """
+    q_start, seg_start, seg_end, shared_start, shared_len = tile_row
+    shared_end = shared_start + shared_len
+    shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
+    for key_start in range(shared_start, shared_full_end, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, shared_end, NO_MASK, CHECK_DIMS, BLOCK_N,
+                               DOT_PRECISION)
+    for key_start in range(shared_full_end, shared_end, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, shared_end, BOUND_MASK, CHECK_DIMS, BLOCK_N,
+                               DOT_PRECISION)
+    for key_start in range(seg_start, q_start, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, seg_end, NO_MASK, CHECK_DIMS, BLOCK_N,
+                               DOT_PRECISION)
+    for key_start in range(q_start, tl.minimum(q_start + BLOCK_M, seg_end), BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, seg_end, CAUSAL_MASK, CHECK_DIMS, BLOCK_N,
+                               DOT_PRECISION)
+    return state

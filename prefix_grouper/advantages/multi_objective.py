@@ -16,12 +16,12 @@ __all__ = ["multi_objective_advantages"]
 
 
 def _as_weights(weights: torch.Tensor | Sequence[float], rewards: torch.Tensor) -> torch.Tensor:
-    """``weights`` as a finite ``[K]`` tensor of the dtype and on the device of ``rewards [N, K]``."""
+    """``weights`` as a finite float64 ``[K]`` tensor on the device of ``rewards [N, K]``."""
     num_objectives = rewards.shape[1]
     if isinstance(weights, torch.Tensor) and weights.device != rewards.device:
         raise ValueError(f"weights is on {weights.device} but rewards is on {rewards.device}")
     try:
-        weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+        weights = torch.as_tensor(weights, dtype=torch.float64, device=rewards.device)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"weights must be a tensor or sequence of real numbers, got "
                         f"{type(weights).__name__} ({exc})") from exc
@@ -30,8 +30,7 @@ def _as_weights(weights: torch.Tensor | Sequence[float], rewards: torch.Tensor) 
                          f"got shape {tuple(weights.shape)}")
     if not bool(torch.isfinite(weights).all()):
         # A NaN or inf weight would spread NaN over every advantage of the batch.
-        raise ValueError(f"weights must be finite (in the dtype of rewards, {rewards.dtype}), "
-                         f"got {weights.tolist()}")
+        raise ValueError(f"weights must be finite, got {weights.tolist()}")
     return weights
 
 
@@ -58,7 +57,7 @@ def multi_objective_advantages(
             (ValueError).
         group_index: ``[N]`` integer group ids, as in
             :func:`~prefix_grouper.advantages.grpo_advantages`.
-        weights: ``[K]`` finite weight of every objective.
+        weights: ``[K]`` finite weight of every objective (used in float64).
         mode: ``"sum_then_normalize"``: weighted sum, then
             :func:`~prefix_grouper.advantages.grpo_advantages` of it; ``"normalize_then_sum"``:
             each objective normalized within its group (scale, eps, unbiased and singleton
@@ -89,25 +88,29 @@ def multi_objective_advantages(
     backend = resolve_backend(backend, rewards.device)
     check_no_inf(rewards, "rewards")
 
-    missing = torch.isnan(rewards)
+    # Every step in float64, rounded to the dtype of rewards once at the end: no rounding of
+    # the per-objective advantages before their sum, and no TF32 in the weighted-sum matmul.
+    values = rewards.to(torch.float64)
+    missing = torch.isnan(values)
     row_missing = missing.all(1)
     groups = Segments(ids)
     if mode == "sum_then_normalize":
-        total = torch.where(missing, 0.0, rewards) @ weights
+        total = torch.where(missing, 0.0, values) @ weights
         total = torch.where(row_missing, math.nan, total)
-        return normalize_in_groups(total, groups, options, backend)
+        return normalize_in_groups(total, groups, options, backend).to(rewards.dtype)
 
     # All objectives in one call: objective k of group g is segment k * G + g (sorted when
     # the group ids are, so the kernels skip the permutation); each objective is a batch.
     objective = torch.arange(num_objectives, device=rewards.device)
     segment_of = (objective[:, None] * groups.num_groups + groups.ids[None, :]).reshape(-1)
-    per_objective = normalize_in_groups(rewards.t().reshape(-1), Segments(segment_of), options, backend,
+    per_objective = normalize_in_groups(values.t().reshape(-1), Segments(segment_of), options, backend,
                                         num_batches=num_objectives)
     total = per_objective.view(num_objectives, num_rows).t() @ weights
     if not batch_normalize:
-        return torch.where(row_missing, 0.0, total)
+        return torch.where(row_missing, 0.0, total).to(rewards.dtype)
     total = torch.where(row_missing, math.nan, total)
     whole_batch = Segments(torch.zeros(num_rows, dtype=torch.long, device=rewards.device))
     # One group leaves a segmented kernel a single program or warp; torch's full reductions
     # parallelize over the rows instead.
-    return normalize_in_groups(total, whole_batch, dataclasses.replace(options, scale="group"), "torch")
+    final = normalize_in_groups(total, whole_batch, dataclasses.replace(options, scale="group"), "torch")
+    return final.to(rewards.dtype)

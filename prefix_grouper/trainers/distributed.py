@@ -1,0 +1,88 @@
+"""torch.distributed plumbing of the trainers: process group, DDP wrapper, batch-wide statistics.
+
+Every rank rolls out whole groups of its own; batch-wide quantities (advantage statistics,
+loss normalizers, logged means) are computed from all ranks' rows, so a K-process run
+takes the step a single process would take on the union of the K batches.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["Distributed", "GroupedDDP", "init_distributed"]
+
+
+class GroupedDDP(DistributedDataParallel):
+    """DDP whose attribute reads fall through to the wrapped model (``config``, ``generate``,
+    ``set_attn_implementation``), so the log-prob functions can take it like the bare model
+    while their forward still goes through DDP's gradient hooks."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; ``world_size == 1`` without torchrun."""
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Elementwise sum over ranks of ``values`` (float64)."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather_rows(self, rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """Every rank's per-row CPU tensors concatenated in rank order, and this rank's first row.
+
+        Integer ids (int64 tensors) become ``id * world_size + rank``: distinct across ranks.
+        """
+        if not self.enabled:
+            return rows, 0
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, rows)
+        merged = {key: torch.cat([self._global_ids(part[key], r) for r, part in enumerate(gathered)])
+                  for key in rows}
+        first_row = sum(len(next(iter(part.values()))) for part in gathered[:self.rank])
+        return merged, first_row
+
+    def _global_ids(self, values: torch.Tensor, rank: int) -> torch.Tensor:
+        return values * self.world_size + rank if values.dtype == torch.int64 else values
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        device_ids = [model.device] if model.device.type == "cuda" else None
+        return GroupedDDP(model, device_ids=device_ids)
+
+
+def init_distributed(device: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job described by the environment (gloo on CPU, nccl on CUDA).
+
+    Returns the context and this rank's device (``cuda:LOCAL_RANK`` for a CUDA job).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    target = torch.device(device)
+    if world_size == 1:
+        return Distributed(), target
+    if target.type == "cuda":
+        target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size()), target

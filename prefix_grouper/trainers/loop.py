@@ -1,0 +1,209 @@
+"""The one training loop the GRPO, CRPO and GiGPO trainers share.
+
+Per step: roll out (prompts x G completions, or G episodes per reset state); compute the
+algorithm's advantages over the whole batch (all ranks); then ``num_iterations`` optimizer
+steps on it, the old log-probs recorded before the first. Log-probs come from one grouped
+forward per micro-batch (``completion_log_probs`` on the layout) or from the unpacked rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..integrations.transformers import completion_log_probs
+from ..layout import GroupLayout
+from ..unpacked import unpacked_completion_log_probs
+from .distributed import Distributed
+from .loss import policy_loss
+from .model import Policy
+from .rollout import Rollout, sample_episodes, sample_task
+from .tasks import Environment, Task
+
+__all__ = ["Algorithm", "MicroBatch", "TrainConfig", "Trainer"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the loop; the defaults are the CLI's (tuned for the tiny model on CPU)."""
+    group_size: int = 8
+    prompts_per_step: int = 8        # per rank: prompts (tasks) or reset states (environments)
+    lr: float = 1e-3
+    num_iterations: int = 1
+    loss_type: str = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    temperature: float = 1.0
+    micro_batch_rows: int = 512      # rows per grouped forward; a larger group gets one of its own
+    use_prefix_grouper: bool = True
+    attention_backend: str = "auto"
+
+
+class Algorithm(Protocol):
+    """What makes GRPO, CRPO and GiGPO differ: the advantage of every row."""
+    name: str
+
+    def advantages(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N]`` float64 advantages of the batch's rows (see :class:`Rollout` for ``rows``)."""
+
+
+@dataclass
+class MicroBatch:
+    """Whole prefix groups of a rollout: ``layout`` and the ids it packs, rows ``start:stop``."""
+    layout: GroupLayout
+    prompt_ids: list[torch.Tensor]
+    completion_ids: list[torch.Tensor]
+    start: int
+    stop: int
+
+
+class Trainer:
+    """Rollout, advantages and policy updates of one algorithm on one task or environment."""
+
+    def __init__(self, policy: Policy, task: Task | Environment, algorithm: Algorithm, config: TrainConfig,
+                 *, seed: int = 0, dist: Distributed = Distributed()) -> None:
+        self.policy, self.task, self.algorithm, self.config, self.dist = policy, task, algorithm, config, dist
+        self.device = policy.model.device
+        self.model = dist.wrap(policy.model)
+        self.optimizer = torch.optim.Adam(policy.model.parameters(), lr=config.lr)
+        # Frozen copy of the initial policy, only when the KL penalty needs it.
+        self.reference = copy.deepcopy(policy.model).requires_grad_(False) if config.beta > 0 else None
+        self.rng = random.Random(seed * 1_000_003 + dist.rank)  # ranks roll out different prompts
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self) -> Rollout:
+        """This rank's rollout for one step, sampled from the current policy."""
+        c = self.config
+        sample = sample_episodes if isinstance(self.task, Environment) else sample_task
+        count = "num_groups" if isinstance(self.task, Environment) else "num_prompts"
+        self.policy.model.eval()
+        return sample(self.policy, self.task, self.rng, group_size=c.group_size, temperature=c.temperature,
+                      device=self.device, **{count: c.prompts_per_step})
+
+    def micro_batches(self, rollout: Rollout) -> list[MicroBatch]:
+        """Consecutive whole prefix groups of at most ``micro_batch_rows`` rows (a bigger group alone)."""
+        batches, group, row = [], 0, 0
+        while group < len(rollout.group_sizes):
+            first_group, first_row = group, row
+            while group < len(rollout.group_sizes) and (
+                    group == first_group or row + rollout.group_sizes[group] - first_row <= self.config.micro_batch_rows):
+                row += rollout.group_sizes[group]
+                group += 1
+            completions = rollout.completion_ids[first_row:row]
+            suffix_lens, start = [], 0
+            for size in rollout.group_sizes[first_group:group]:
+                suffix_lens.append([len(c) for c in completions[start:start + size]])
+                start += size
+            prompts = rollout.prompt_ids[first_group:group]
+            layout = GroupLayout.from_lengths([len(p) for p in prompts], suffix_lens, device=self.device)
+            batches.append(MicroBatch(layout, prompts, completions, first_row, row))
+        return batches
+
+    # ------------------------------------------------------------------ update
+    def log_probs(self, model, batch: MicroBatch, use_prefix_grouper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_probs [n, max_S], mask [n, max_S])`` of the micro-batch's completions."""
+        if use_prefix_grouper:
+            return completion_log_probs(model, batch.layout, batch.prompt_ids, batch.completion_ids,
+                                        backend=self.config.attention_backend,
+                                        temperature=self.config.temperature)
+        return unpacked_completion_log_probs(model, batch.layout, batch.prompt_ids, batch.completion_ids,
+                                             temperature=self.config.temperature)
+
+    def advantages(self, rollout: Rollout) -> torch.Tensor:
+        """``[N]`` advantages of this rank's rows, from the statistics of every rank's rows."""
+        rows, first_row = self.dist.gather_rows(rollout.rows)
+        values = self.algorithm.advantages(rows)
+        return values[first_row:first_row + rollout.num_rows]
+
+    def accumulate_gradients(self, rollout: Rollout, advantages: torch.Tensor, batches: list[MicroBatch], *,
+                             use_prefix_grouper: bool, old_log_probs: list[torch.Tensor] | None = None,
+                             ref_log_probs: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Backward of the batch's loss, micro-batch by micro-batch, into the parameters' ``.grad``.
+
+        Each micro-batch's loss is weighted so that the sum over micro-batches and ranks is
+        :func:`policy_loss` of the whole global batch, times the world size (DDP averages).
+        Returns the global loss and token means (kl, ratio, clip fractions, entropy).
+        """
+        c = self.config
+        tokens = [sum(len(x) for x in b.completion_ids) for b in batches]
+        rows_total, tokens_total = self.dist.all_sum([float(rollout.num_rows), float(sum(tokens))], self.device)
+        advantages = advantages.to(self.device, self.policy.model.dtype)
+        sums = dict.fromkeys(("loss", "kl", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy"), 0.0)
+        for i, batch in enumerate(batches):
+            share = {"grpo": (batch.stop - batch.start) / rows_total, "dr_grpo": (batch.stop - batch.start) / rows_total,
+                     "bnpo": tokens[i] / tokens_total, "dapo": 1.0}[c.loss_type]
+            sync = contextlib.nullcontext() if i == len(batches) - 1 or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                log_probs, mask = self.log_probs(self.model, batch, use_prefix_grouper)
+                loss, stats = policy_loss(
+                    log_probs, None if old_log_probs is None else old_log_probs[i],
+                    advantages[batch.start:batch.stop], mask, loss_type=c.loss_type, epsilon_low=c.epsilon_low,
+                    epsilon_high=c.epsilon_high, beta=c.beta,
+                    ref_log_probs=None if ref_log_probs is None else ref_log_probs[i],
+                    max_completion_length=self.task.max_new_tokens, num_items_in_batch=tokens_total)
+                (loss * (share * self.dist.world_size)).backward()
+            sums["loss"] += loss.item() * share
+            for key, value in stats.items():
+                sums[key] += value.item() * tokens[i]
+            # Sampled-token estimate of the per-token entropy: -E[log p] under the policy.
+            sums["entropy"] -= (log_probs.detach() * mask).sum().item()
+        totals = dict(zip(sums, self.dist.all_sum(list(sums.values()), self.device)))
+        return {key: value if key == "loss" else value / max(tokens_total, 1.0) for key, value in totals.items()}
+
+    def recorded_log_probs(self, model, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [self.log_probs(model, b, self.config.use_prefix_grouper)[0] for b in batches]
+
+    def train_step(self, rollout: Rollout) -> dict[str, float]:
+        """``num_iterations`` optimizer steps on ``rollout``; the step's metrics (global means)."""
+        c = self.config
+        advantages = self.advantages(rollout)
+        batches = self.micro_batches(rollout)
+        self.policy.model.train()
+        # One update per batch needs no recorded old log-probs: rho = 1 at the first iteration.
+        old = self.recorded_log_probs(self.model, batches) if c.num_iterations > 1 else None
+        ref = self.recorded_log_probs(self.reference, batches) if self.reference is not None else None
+        per_iteration = []
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            per_iteration.append(self.accumulate_gradients(rollout, advantages, batches, old_log_probs=old,
+                                                           ref_log_probs=ref,
+                                                           use_prefix_grouper=c.use_prefix_grouper))
+            self.optimizer.step()
+        metrics = {key: sum(m[key] for m in per_iteration) / len(per_iteration) for key in per_iteration[0]}
+        metrics["entropy"] = per_iteration[0]["entropy"]  # of the sampling policy
+        packed, unpacked = self.dist.all_sum([float(sum(b.layout.total_tokens for b in batches)),
+                                              float(sum(b.layout.unpacked_tokens() for b in batches))], self.device)
+        metrics.update(tokens_packed=int(packed), tokens_unpacked=int(unpacked))
+        return metrics
+
+    def step(self) -> dict[str, float]:
+        """One rollout and update: reward metrics of every rank's rows, then the update's metrics."""
+        started = time.perf_counter()
+        rollout = self.rollout()
+        rows, _ = self.dist.gather_rows(rollout.rows)
+        metrics = reward_metrics(rows, getattr(self.task, "channels", ()))
+        metrics.update(self.train_step(rollout))
+        metrics["seconds"] = time.perf_counter() - started
+        return metrics
+
+
+def reward_metrics(rows: dict[str, torch.Tensor], channels: tuple[str, ...]) -> dict[str, float]:
+    """``reward_mean`` (mean outcome reward per trajectory), ``reward/<channel>`` for tasks;
+    ``success_rate``, ``invalid_frac`` and ``episode_steps`` for environments."""
+    _, traj, counts = torch.unique(rows["traj"], return_inverse=True, return_counts=True)
+    num_traj = counts.numel()
+    per_traj_weight = 1.0 / counts[traj].double()  # a trajectory counts once, however many rows it has
+    metrics = {"reward_mean": float((rows["reward"] * per_traj_weight).sum() / num_traj)}
+    for k, name in enumerate(channels):
+        metrics[f"reward/{name}"] = float(rows["channels"][:, k].mean())
+    if "success" in rows:
+        metrics.update(success_rate=float((rows["success"] * per_traj_weight).sum() / num_traj),
+                       invalid_frac=float(rows["invalid"].mean()), episode_steps=len(traj) / num_traj)
+    return metrics

@@ -1,22 +1,31 @@
-"""A transformers model on the packed layout gives the naive layout's log-probs and grads.
+"""A transformers model on the packed layout gives the unpacked rows' log-probs and grads.
 
-A tiny randomly initialized Qwen2 (GQA, rotary embeddings, biases on q/k/v) in float64:
-the naive run is G padded rows [prompt; completion] through SDPA, as a GRPO loop does
-it. Qwen2's RMSNorm rounds to float32 internally whatever the model dtype, so a last-bit
-difference in an fp64 attention output can become a 1-ulp fp32 difference (~6e-8
-relative) after a norm; we allow 1e-5 relative, far below what a wrong mask or position
-id would change (order 1e-2).
+A tiny randomly initialized Qwen2 (GQA, rotary embeddings, biases on q/k/v) in float64;
+the baseline is prefix_grouper.unpacked (N padded rows [prompt; completion] through the
+model's own attention). Qwen2's RMSNorm rounds to float32 internally whatever the model
+dtype, so a last-bit difference in an fp64 attention output can become a 1-ulp fp32
+difference (~6e-8 relative) after a norm; we allow 1e-5, far below what a wrong mask or
+position id changes (5e-2 on these log-probs: completions that see their siblings).
 """
+import math
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
+
 from prefix_grouper import GroupLayout  # noqa: E402
-from prefix_grouper.integrations.transformers import ATTENTION_NAME, completion_log_probs, register  # noqa: E402
+from prefix_grouper.integrations.transformers import (  # noqa: E402
+    ATTENTION_NAME, completion_log_probs, install, register, token_log_probs)
+from prefix_grouper.unpacked import unpacked_completion_log_probs  # noqa: E402
+
+TOL = 1e-5  # see the module docstring
+PROMPT_LENS, COMPLETION_LENS = [7, 1, 12], [[3, 5], [4], [1, 6, 2]]
 
 
-def tiny_model(attn_implementation):
+def tiny_model(attn_implementation="sdpa"):
     config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
@@ -25,54 +34,113 @@ def tiny_model(attn_implementation):
     return model
 
 
-def naive_log_probs(model, prompts, completions, group_of):
-    """Right-padded naive rows through the model; log-probs of each completion token."""
-    rows = [torch.cat([prompts[group_of[j]], c]) for j, c in enumerate(completions)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, :len(r)] = r
-        mask[j, :len(r)] = 1
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    log_probs = torch.log_softmax(logits, -1)
-    max_s = max(len(c) for c in completions)
-    out = torch.zeros(len(rows), max_s, dtype=log_probs.dtype)
-    for j, c in enumerate(completions):
-        p = len(prompts[group_of[j]])
-        for s in range(len(c)):
-            out[j, s] = log_probs[j, p + s - 1, c[s]]
-    return out
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_packed_model_matches_naive_rows(backend):
-    register()
+def ragged_batch():
     g = torch.Generator().manual_seed(3)
-    prompt_lens, completion_lens = [7, 1, 12], [[3, 5], [4], [1, 6, 2]]
-    prompts = [torch.randint(0, 97, (p,), generator=g) for p in prompt_lens]
-    completions = [torch.randint(0, 97, (s,), generator=g) for group in completion_lens for s in group]
-    group_of = [b for b, group in enumerate(completion_lens) for _ in group]
-    layout = GroupLayout.from_lengths(prompt_lens, completion_lens)
+    prompts = [torch.randint(0, 97, (p,), generator=g) for p in PROMPT_LENS]
+    completions = [torch.randint(0, 97, (s,), generator=g) for group in COMPLETION_LENS for s in group]
+    return GroupLayout.from_lengths(PROMPT_LENS, COMPLETION_LENS), prompts, completions
 
-    naive_model = tiny_model("sdpa")
-    expected = naive_log_probs(naive_model, prompts, completions, group_of)
-    expected_grads = torch.autograd.grad(expected.sum(), list(naive_model.parameters()))
 
-    grouped_model = tiny_model(ATTENTION_NAME)
-    if backend == "triton":
-        grouped_model.float()  # Triton kernels take fp16/bf16/fp32
-    log_probs, mask = completion_log_probs(grouped_model, layout, prompts, completions, backend=backend)
-    grads = torch.autograd.grad((log_probs * mask).sum(), list(grouped_model.parameters()))
-
-    tol = 1e-5 if backend == "torch" else 2e-4  # triton: an fp32 model against the fp64 naive run
-    assert mask.sum().item() == sum(len(c) for c in completions)
-    torch.testing.assert_close(log_probs.double()[mask], expected.double()[mask], rtol=tol, atol=tol)
+def assert_same_log_probs_and_grads(model, layout, prompts, completions, tol=TOL, **kwargs):
+    """completion_log_probs on ``model`` against the unpacked rows on an identical model."""
+    baseline = tiny_model(model.config._attn_implementation.removeprefix(ATTENTION_NAME + "+"))
+    expected, mask = unpacked_completion_log_probs(baseline, layout, prompts, completions,
+                                                   temperature=kwargs.get("temperature", 1.0))
+    expected_grads = torch.autograd.grad((expected * mask).sum(), list(baseline.parameters()))
+    log_probs, packed_mask = completion_log_probs(model, layout, prompts, completions, **kwargs)
+    grads = torch.autograd.grad((log_probs * packed_mask).sum(), list(model.parameters()))
+    assert torch.equal(packed_mask, mask) and mask.sum().item() == layout.num_completion_tokens
+    torch.testing.assert_close(log_probs.double()[mask], expected[mask], rtol=tol, atol=tol)
     for a, e in zip(grads, expected_grads):
         torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol)
 
 
-def test_errors_name_the_missing_layout():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_unswitched_model_gives_the_unpacked_log_probs(attn_implementation):
+    """The packed row used to run the model's plain causal attention (completions saw their
+    siblings, log-probs off by 5e-2 here) when the model was not switched by hand."""
+    model = tiny_model(attn_implementation)
+    layout, prompts, completions = ragged_batch()
+    assert_same_log_probs_and_grads(model, layout, prompts, completions, backend="torch")
+    assert model.config._attn_implementation == f"{ATTENTION_NAME}+{attn_implementation}"
+
+
+def test_triton_backend_matches_unpacked_rows():
+    model = tiny_model().float()  # Triton kernels take fp16/bf16/fp32
+    layout, prompts, completions = ragged_batch()
+    # An fp32 model against the fp64 unpacked run: fp32 rounding through 2 layers and a
+    # 97-way log-softmax stays below 2e-4.
+    assert_same_log_probs_and_grads(model, layout, prompts, completions, tol=2e-4, backend="triton")
+
+
+def test_gradient_checkpointing_recomputes_with_prefix_attention():
+    """Non-reentrant checkpointing re-runs the layers during backward, after the forward
+    call returned: the recomputation must take the packed path again."""
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    layout, prompts, completions = ragged_batch()
+    assert_same_log_probs_and_grads(model, layout, prompts, completions, backend="torch")
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_generate_and_other_calls_are_unchanged(attn_implementation):
+    model = tiny_model(attn_implementation).eval()
+    layout, prompts, completions = ragged_batch()
+    prompt_ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    before = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False)
+    padded_logits_before = model(input_ids=prompt_ids, attention_mask=prompt_mask).logits
+    completion_log_probs(model, layout, prompts, completions, backend="torch")
+    after = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(before, after)
+    # equal_nan: eager attention leaves NaN on the fully masked left-padding queries.
+    torch.testing.assert_close(model(input_ids=prompt_ids, attention_mask=prompt_mask).logits, padded_logits_before,
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def test_install_is_idempotent_and_keeps_the_strict_implementation():
+    model = tiny_model()
+    assert install(model) == install(model) == f"{ATTENTION_NAME}+sdpa"
+    register()
+    strict = tiny_model(ATTENTION_NAME)
+    assert install(strict) == ATTENTION_NAME
+
+
+def test_attention_outside_attention_interface_raises(monkeypatch):
+    """A model whose layers do not dispatch through transformers' AttentionInterface would
+    run the packed row through plain causal attention: refuse instead."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class HardcodedSdpa:
+        @staticmethod
+        def get_interface(name, default):
+            return sdpa_attention_forward
+
+    monkeypatch.setattr(modeling_qwen2, "ALL_ATTENTION_FUNCTIONS", HardcodedSdpa())
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(RuntimeError, match="no attention layer of Qwen2ForCausalLM ran prefix_grouper's attention"):
+        completion_log_probs(tiny_model(), layout, prompts, completions)
+
+
+def test_model_that_refuses_the_implementation_raises(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(model, "_can_set_attn_implementation", lambda: False)
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(RuntimeError, match=r"Qwen2ForCausalLM did not accept attn_implementation='prefix_grouper\+sdpa'"):
+        completion_log_probs(model, layout, prompts, completions)
+
+
+def test_packed_call_with_a_dense_mask_raises():
+    model = tiny_model()
+    install(model)
+    layout, prompts, completions = ragged_batch()
+    packed = layout.pack(prompts, completions)
+    with pytest.raises(ValueError, match="takes its mask from the layout"):
+        model(input_ids=packed[None], position_ids=layout.position_ids[None], use_cache=False, prefix_layout=layout)
+
+
+def test_strict_implementation_errors_name_the_missing_layout():
     register()
     model = tiny_model(ATTENTION_NAME)
     with pytest.raises(ValueError, match="needs the batch's GroupLayout: call the model with prefix_layout"):
@@ -80,3 +148,66 @@ def test_errors_name_the_missing_layout():
     layout = GroupLayout.from_lengths([3], [[2]])
     with pytest.raises(ValueError, match="runs on one packed row"):
         model(input_ids=torch.zeros(2, 5, dtype=torch.long), prefix_layout=layout)
+
+
+def test_temperature_scales_both_paths_alike():
+    model = tiny_model()
+    layout, prompts, completions = ragged_batch()
+    assert_same_log_probs_and_grads(model, layout, prompts, completions, backend="torch", temperature=0.7)
+
+
+@pytest.mark.parametrize("temperature, error", [
+    (0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError), ("1", TypeError),
+    (True, TypeError),
+])
+def test_bad_temperature_is_refused(temperature, error):
+    model = tiny_model()
+    layout, prompts, completions = ragged_batch()
+    for fn in (completion_log_probs, unpacked_completion_log_probs):
+        with pytest.raises(error, match="temperature"):
+            fn(model, layout, prompts, completions, temperature=temperature)
+    with pytest.raises(error, match="temperature"):
+        token_log_probs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), temperature)
+
+
+def test_token_log_probs_in_float32_from_half_logits():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    targets = torch.tensor([0, 3, 10, 2, 2])
+    out = token_log_probs(logits, targets, 0.5)
+    assert out.dtype == torch.float32
+    # The division rounds to bf16 (as in TRL); the log-softmax is exact in fp32 after it.
+    expected = torch.log_softmax((logits / 0.5).float(), -1)[torch.arange(5), targets]
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def trl_batch():
+    """What TRL's GRPOTrainer holds: one left-padded prompt row per completion (each prompt
+    repeated on its group's consecutive rows), right-padded completions, pad id 0."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 97, (p,), generator=g) for p in (6, 2, 9)]
+    group_sizes, completion_lens = [3, 2, 2], [4, 1, 0, 5, 2, 3, 3]
+    rows = [prompts[b] for b, size in enumerate(group_sizes) for _ in range(size)]
+    prompt_ids = torch.zeros(len(rows), 9, dtype=torch.long)
+    for j, row in enumerate(rows):
+        prompt_ids[j, 9 - len(row):] = row
+    prompt_mask = (torch.arange(9)[None] >= 9 - torch.tensor([len(r) for r in rows])[:, None]).long()
+    completion_mask = (torch.arange(5)[None] < torch.tensor(completion_lens)[:, None]).long()
+    completion_ids = torch.randint(1, 97, (len(rows), 5), generator=g) * completion_mask
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_trl_shaped_batch_matches_every_row_run_separately():
+    prompt_ids, prompt_mask, completion_ids, completion_mask = trl_batch()
+    layout = GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids)
+    assert layout.group_sizes_list == (3, 2, 2)
+    model = tiny_model()
+    log_probs, mask = completion_log_probs(model, layout, prompt_ids, completion_ids, backend="torch")
+    unpacked, _ = unpacked_completion_log_probs(model, layout, prompt_ids, completion_ids)
+    assert torch.equal(mask, completion_mask.bool())
+    for j in range(prompt_ids.shape[0]):
+        prompt = prompt_ids[j][prompt_mask[j].bool()]
+        completion = completion_ids[j][completion_mask[j].bool()]
+        logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0]
+        expected = torch.log_softmax(logits[len(prompt) - 1:-1], -1)[torch.arange(len(completion)), completion]
+        torch.testing.assert_close(log_probs[j, :len(completion)], expected, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(unpacked[j, :len(completion)], expected, rtol=TOL, atol=TOL)

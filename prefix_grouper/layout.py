@@ -92,6 +92,7 @@ def cached_per_layout(host_lengths: torch.Tensor, key: Any, build: Callable[[], 
 class GroupLayout:
     """Lengths and index tensors of a packed ``prefix, suffix_1..suffix_G`` batch.
 
+    Prefix = prompt, suffix = completion (see the module docstring for the vocabulary).
     Build it with :meth:`from_lengths` or :meth:`from_padded`. Host-side lengths are kept
     as Python tuples (``prefix_lens_list``, ``suffix_lens_list``, ``group_sizes_list``);
     the tensor attributes below live on ``device``:

@@ -170,6 +170,13 @@ def test_bad_temperature_is_refused(temperature, error):
         token_log_probs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), temperature)
 
 
+def test_token_log_probs_shape_errors():
+    with pytest.raises(ValueError, match=r"logits must be a floating-point \[M, vocab\] tensor, got \(2, 3, 4\)"):
+        token_log_probs(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be a \[M=2\] tensor of token ids, got \(3,\)"):
+        token_log_probs(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
 def test_token_log_probs_in_float32_from_half_logits():
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     targets = torch.tensor([0, 3, 10, 2, 2])

@@ -229,6 +229,12 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     the division, skipped at temperature 1, stays in the logits' dtype as in TRL.
     """
     temperature = check_positive_real(temperature, "temperature")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a floating-point [M, vocab] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be a [M={logits.shape[0]}] tensor of token ids, got "
+                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

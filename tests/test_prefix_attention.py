@@ -1,4 +1,4 @@
-"""prefix_attention: the torch backend against the dense reference and the naive layout.
+"""prefix_attention: the torch backend against the dense reference and the unpacked rows.
 
 Tolerances: fp64 runs compare two exact algorithms, so differences are pure rounding
 (~1e-15 relative); we allow 1e-10. fp32 runs accumulate in fp32 over at most ~400 keys;
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import random_layout
 from prefix_grouper import GroupLayout, available_backends, prefix_attention
 from prefix_grouper.attention import prefix_sharing_mask
+from prefix_grouper.unpacked import unpacked_prefix_attention
 
 
 def make_qkv(layout, hq, hkv, d, dtype, generator, requires_grad=True):
@@ -86,35 +87,21 @@ def test_half_precision_inputs(dtype, generator):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_equals_naive_layout(backend, generator):
-    """Each [prefix; suffix_i] run on its own through causal SDPA gives the same completion
-    outputs, and the same q/k/v gradients once the G prefix copies' gradients are summed."""
-    prefix, suffix = [7, 1, 20], [[1, 7, 3], [5], [2, 9]]
-    layout = GroupLayout.from_lengths(prefix, suffix)
-    hq, hkv, d = 4, 2, 8
-    q, k, v = make_qkv(layout, hq, hkv, d, torch.float64, generator)
-    w = torch.randn(layout.total_tokens, hq, d, generator=generator, dtype=torch.float64)
+def test_equals_unpacked_rows(backend, generator):
+    """Each [prefix; suffix_i] run on its own through causal SDPA (prefix_grouper.unpacked)
+    gives the same completion outputs, and the same q/k/v gradients once the G prefix
+    copies' gradients are summed."""
+    layout = GroupLayout.from_lengths([7, 1, 20], [[1, 7, 3], [5], [2, 9]])
+    q, k, v = make_qkv(layout, 4, 2, 8, torch.float64, generator)
+    w = torch.randn(layout.total_tokens, 4, 8, generator=generator, dtype=torch.float64)
     completion = layout.token_completion >= 0
     out = prefix_attention(q, k, v, layout, backend=backend)
+    expected = unpacked_prefix_attention(q, k, v, layout)
     grads = torch.autograd.grad((out * w)[completion].sum(), (q, k, v))
-
-    naive_grads = [torch.zeros_like(x) for x in (q, k, v)]
-    qd, kd, vd = (x.detach() for x in (q, k, v))
-    for j in range(layout.num_completions):
-        b = layout.completion_group[j].item()
-        p0, plen = layout.prefix_starts[b].item(), prefix[b]
-        s0, slen = layout.suffix_starts[j].item(), layout.suffix_lens_list[j]
-        rows = torch.cat([torch.arange(p0, p0 + plen), torch.arange(s0, s0 + slen)])
-        qs, ks, vs = (x[rows].clone().requires_grad_() for x in (qd, kd, vd))
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True,
-            enable_gqa=True).transpose(0, 1)
-        if slen:
-            torch.testing.assert_close(o[plen:], out[s0:s0 + slen].detach(), rtol=1e-10, atol=1e-10)
-        loss = (o[plen:] * w[s0:s0 + slen]).sum()
-        for acc, gx in zip(naive_grads, torch.autograd.grad(loss, (qs, ks, vs))):
-            acc.index_add_(0, rows, gx)
-    for name, a, e in zip("qkv", grads, naive_grads):
+    expected_grads = torch.autograd.grad((expected * w)[completion].sum(), (q, k, v))
+    # Float64 on both sides: only the summation order differs.
+    torch.testing.assert_close(out[completion], expected[completion], rtol=1e-10, atol=1e-10)
+    for name, a, e in zip("qkv", grads, expected_grads):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 

@@ -30,9 +30,11 @@ class KeyDoorState(NamedTuple):
 class KeyDoorEnvironment(Environment):
     """Corridor of ``length`` cells (the last is the door); episodes are cut after ``max_steps`` steps."""
     name = "keydoor"
-    max_new_tokens = 2  # one action character, then EOS
+    # Every action is one character, so one token completes it: no EOS to learn first, which
+    # makes a random-init policy's actions valid 4 times in 13 instead of about 1 in 40.
+    max_new_tokens = 1
 
-    def __init__(self, *, length: int = 5, max_steps: int = 8, invalid_penalty: float = -0.1) -> None:
+    def __init__(self, *, length: int = 5, max_steps: int = 10, invalid_penalty: float = -0.1) -> None:
         # Two walkable cells at least, so the agent and the key can start apart.
         self.length = check_int(length, "length", 3)
         # Worst start: agent next to the door, key at the far end: walk there, pick, walk back, open.

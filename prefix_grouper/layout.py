@@ -420,7 +420,8 @@ class GroupLayout:
             prompts: ``[B, Lp, ...]`` left-padded (real tokens at the end of every row),
                 or a list of B tensors ``[P_b, ...]``; or the same with one row per
                 completion (``[N, Lp, ...]`` or N tensors, as TRL and verl hold prompts),
-                whose rows within a group must be identical (the first one is used).
+                whose rows within a group must be identical (the first one is used;
+                checking it reads one flag back from the device).
             completions: ``[N, Ls, ...]`` right-padded, the completions of a group on
                 consecutive rows, or a list of N tensors ``[S_j, ...]``.
 

@@ -42,7 +42,7 @@ def _row_index(layout: GroupLayout) -> tuple[torch.Tensor, torch.Tensor, torch.T
     group = layout.completion_group
     prefix_len = layout.prefix_lens[group][:, None]
     lengths = layout.prefix_lens[group] + layout.suffix_lens
-    width = max(layout.prefix_lens_list[b] + s for b, s in zip(group.tolist(), layout.suffix_lens_list))
+    width = max(p + max(g) for p, g in zip(layout.prefix_lens_list, layout.suffix_lens_per_group))
     columns = torch.arange(width, device=layout.device)[None, :]
     index = torch.where(columns < prefix_len, layout.prefix_starts[group][:, None] + columns,
                         layout.suffix_starts[:, None] + columns - prefix_len)

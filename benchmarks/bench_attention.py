@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import available_backends
+from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
 from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, shared_prefix_flops,
-                     slug, unpacked_row_index, versions, write_csv)
+                     slug, versions, write_csv)
 
 
 def ragged_completions(num_groups, group_size, low, high, seed):
@@ -72,11 +73,6 @@ class Approach:
     prepare: Callable
     run: Callable
     backward: bool = True
-
-
-def run_unpacked(q, k, v):
-    """q/k/v ``[N, H, L, D]``: the unpacked rows, right-padded (padding is never attended)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def run_split(q, k, v, layout):
@@ -123,11 +119,11 @@ def make_flex(layout):
     return run
 
 
-def approaches(layout, device, index, wanted=None):
+def approaches(layout, device, wanted=None):
     """``{name: Approach}`` for this layout and device (only the names in ``wanted``, if given)."""
     packed = lambda q, k, v: (q, k, v)  # noqa: E731
-    makers = {"unpacked": lambda: Approach(
-        lambda q, k, v: tuple(x[index].transpose(1, 2).contiguous() for x in (q, k, v)), run_unpacked)}
+    rows = lambda q, k, v: tuple(unpacked_rows(x, layout)[0] for x in (q, k, v))  # noqa: E731
+    makers = {"unpacked": lambda: Approach(rows, unpacked_attention_rows)}
     if layout.num_groups == 1 and len(set(layout.suffix_lens_list)) == 1:
         makers["split"] = lambda: Approach(packed, lambda q, k, v: run_split(q, k, v, layout))
     makers["flex"] = lambda: Approach(packed, make_flex(layout), backward=device.type == "cuda")
@@ -136,11 +132,11 @@ def approaches(layout, device, index, wanted=None):
             from flash_attn import flash_attn_varlen_func
 
             def make_flashattn():
-                lengths = (layout.prefix_lens[layout.completion_group] + layout.suffix_lens)
+                lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
                 cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-                flat = index[torch.arange(index.shape[1], device=device)[None] < lengths[:, None]]
                 max_len = int(lengths.max())
-                return Approach(lambda q, k, v: (q[flat], k[flat], v[flat]),
+                real = torch.arange(max_len, device=device)[None] < lengths[:, None]  # [N, L] not padding
+                return Approach(lambda q, k, v: tuple(x[real] for x in rows(q, k, v)),
                                 lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len,
                                                                        causal=True))
 
@@ -155,20 +151,16 @@ def approaches(layout, device, index, wanted=None):
     return {name: make() for name, make in makers.items() if wanted is None or name in wanted}
 
 
-def completion_view(name, out, layout, index):
+def completion_view(name, out, layout):
     """Completion-token outputs ``[completion tokens, H, D]`` in packed order, for every approach."""
-    if name == "unpacked":
+    if name == "flashattn":  # the unpacked rows' real tokens, concatenated
         lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
-        cols = torch.arange(index.shape[1], device=out.device)[None]
-        keep = (cols >= layout.prefix_lens[layout.completion_group][:, None]) & (cols < lengths[:, None])
-        return out.transpose(1, 2)[keep]
-    if name == "flashattn":
-        lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
-        starts = F.pad(lengths.cumsum(0), (1, 0))[:-1]
-        rows = torch.repeat_interleave(starts + layout.prefix_lens[layout.completion_group], layout.suffix_lens)
-        offsets = torch.arange(layout.num_completion_tokens, device=out.device) - torch.repeat_interleave(
-            F.pad(layout.suffix_lens.cumsum(0), (1, 0))[:-1], layout.suffix_lens)
-        return out[rows + offsets]
+        real = torch.arange(int(lengths.max()), device=out.device)[None] < lengths[:, None]
+        padded = out.new_zeros(*real.shape, *out.shape[1:])
+        padded[real] = out
+        out = padded
+    if name in ("unpacked", "flashattn"):
+        out = packed_from_unpacked(out, layout)
     return out[layout.completion_positions()]
 
 
@@ -197,14 +189,13 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
     t = layout.total_tokens
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(t, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
-    index, _ = unpacked_row_index(layout)
     flops = shared_prefix_flops(layout, hq, d)
     ours = prefix_attention(q, k, v, layout)[layout.completion_positions()].float()
     # Outputs are O(1) (softmax-weighted averages of unit-normal values): a few ulps of the
     # dtype after rounding, not a mask or position error (which moves them by ~0.1).
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     rows = []
-    for approach, provider in approaches(layout, device, index, wanted).items():
+    for approach, provider in approaches(layout, device, wanted).items():
         inputs = provider.prepare(q, k, v)
         leaves = [x.detach().requires_grad_() for x in inputs]
 
@@ -213,7 +204,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
                 return provider.run(*inputs)
 
         out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device)
-        err = (completion_view(approach, out, layout, index).float() - ours).abs().max().item()
+        err = (completion_view(approach, out, layout).float() - ours).abs().max().item()
         fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = float("nan")
         recompiled_fwd_bwd = False
         if provider.backward:

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, FLOP counts, unpacked-row indices, output folders, plots."""
+"""Shared benchmark plumbing: timing, FLOP counts, output folders, equivalence verdicts, plots."""
 from __future__ import annotations
 
 import os
@@ -56,20 +56,6 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     for p, suffixes in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
         total += p * p / 2 + sum(s * p + s * s / 2 for s in suffixes)
     return 4 * head_dim * heads * total
-
-
-def unpacked_row_index(layout):
-    """``[N, L]`` packed indices of every ``[prefix; completion]`` row, right-padded (clamped),
-    and the row lengths ``[N]``: the unpacked layout as a gather from the packed one."""
-    lengths = layout.prefix_lens[layout.completion_group] + layout.suffix_lens
-    width = max(layout.prefix_lens_list[b] + s for b, s in
-                zip(layout.completion_group.tolist(), layout.suffix_lens_list))
-    cols = torch.arange(width, device=layout.device)[None, :]
-    prefix_len = layout.prefix_lens[layout.completion_group][:, None]
-    index = torch.where(cols < prefix_len,
-                        layout.prefix_starts[layout.completion_group][:, None] + cols,
-                        layout.suffix_starts[:, None] + cols - prefix_len)
-    return index.clamp(max=layout.total_tokens - 1), lengths
 
 
 def add_output_arguments(parser, run_name: str) -> None:

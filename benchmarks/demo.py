@@ -20,13 +20,13 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import resolve_backend
+from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_prefix_attention, unpacked_rows
 
 from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, report_equivalence,
-                     shared_prefix_flops, slug, unpacked_row_index, versions, write_csv)
+                     shared_prefix_flops, slug, versions, write_csv)
 from .model_demo import model_demo
 
 
@@ -45,13 +45,6 @@ def batches(device):
     ]
 
 
-def unpacked_attention(qn, kn, vn, lengths):
-    """Causal SDPA over padded unpacked rows ``[N, L, H, D]``; right padding is never seen."""
-    out = F.scaled_dot_product_attention(qn.transpose(1, 2), kn.transpose(1, 2), vn.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
-    return out.transpose(1, 2)
-
-
 def check_equivalence(name, layout, q, k, v, backend):
     """Max |packed - unpacked| over completion outputs and the q/k/v gradients, with the
     packed side on the ``backend`` that gets timed (float64 where it supports it, else
@@ -60,22 +53,15 @@ def check_equivalence(name, layout, q, k, v, backend):
     # float64: only summation-order rounding (~1e-15 relative) on O(1) values; float32
     # kernels round each of up to ~10^3 accumulated terms at 6e-8.
     tolerance = 1e-9 if precision == torch.float64 else 1e-3
-    index, lengths = unpacked_row_index(layout)
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    unpacked_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     packed_leaves = [x.detach().to(precision).requires_grad_() for x in (q, k, v)]
-    packed = prefix_attention(*packed_leaves, layout, backend=backend)
-    unpacked = unpacked_attention(*(x[index] for x in leaves), lengths)
-    # Completion token j, column c of unpacked row r <-> packed completion position.
-    prefix_len = layout.prefix_lens[layout.completion_group]
-    cols = torch.arange(index.shape[1], device=index.device)[None]
-    is_completion = (cols >= prefix_len[:, None]) & (cols < lengths[:, None])
+    completions = layout.completion_positions()
+    unpacked = unpacked_prefix_attention(*unpacked_leaves, layout)[completions]
+    packed = prefix_attention(*packed_leaves, layout, backend=backend)[completions]
     weight = torch.randn(packed.shape, dtype=torch.float64, device=packed.device)
-    loss_unpacked = (unpacked * weight[index])[is_completion].sum()
-    completion_tokens = layout.token_completion >= 0
-    loss_packed = (packed * weight.to(precision))[completion_tokens].sum()
-    out_err = (unpacked[is_completion] - packed[index[is_completion]].double()).abs().max().item()
-    grad_unpacked = torch.autograd.grad(loss_unpacked, leaves)
-    grad_packed = torch.autograd.grad(loss_packed, packed_leaves)
+    out_err = (unpacked - packed.double()).abs().max().item()
+    grad_unpacked = torch.autograd.grad((unpacked * weight).sum(), unpacked_leaves)
+    grad_packed = torch.autograd.grad((packed * weight.to(precision)).sum(), packed_leaves)
     grad_err = max((a - b.double()).abs().max().item() for a, b in zip(grad_unpacked, grad_packed))
     checked_in = str(precision).replace("torch.", "")
     report_equivalence(f"attention, {name}, backend {backend}, outputs and q/k/v gradients",
@@ -103,22 +89,21 @@ def main():
         backend = resolve_backend("auto", device, dtype)
         out_err, grad_err, checked_in = check_equivalence(name, layout, q, k, v, backend)
 
-        index, lengths = unpacked_row_index(layout)
-        unpacked_qkv = [x[index].detach().requires_grad_() for x in (q, k, v)]
+        unpacked_qkv = [unpacked_rows(x, layout)[0].detach().requires_grad_() for x in (q, k, v)]
         packed_qkv = [x.detach().requires_grad_() for x in (q, k, v)]
         grad_out_unpacked = torch.randn_like(unpacked_qkv[0])
         grad_out_packed = torch.randn_like(packed_qkv[0])
 
         def unpacked_fwd():
             with torch.no_grad():
-                unpacked_attention(*unpacked_qkv, lengths)
+                unpacked_attention_rows(*unpacked_qkv)
 
         def packed_fwd():
             with torch.no_grad():
                 prefix_attention(*packed_qkv, layout)
 
         def unpacked_fwd_bwd():
-            unpacked_attention(*unpacked_qkv, lengths).backward(grad_out_unpacked)
+            unpacked_attention_rows(*unpacked_qkv).backward(grad_out_unpacked)
 
         def packed_fwd_bwd():
             prefix_attention(*packed_qkv, layout).backward(grad_out_packed)
@@ -129,7 +114,7 @@ def main():
         flops = shared_prefix_flops(layout, hq, d)
         rows.append({
             "batch": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "backend": backend, "packed_tokens": layout.total_tokens, "unpacked_tokens": layout.naive_tokens(),
+            "backend": backend, "packed_tokens": layout.total_tokens, "unpacked_tokens": layout.unpacked_tokens(),
             "checked_in": checked_in, "max_out_err": f"{out_err:.2e}", "max_grad_err": f"{grad_err:.2e}",
             **{f"{key}_ms": f"{value:.3f}" for key, value in times.items()},
             "speedup_fwd": f"{times['unpacked_fwd'] / times['packed_fwd']:.2f}",

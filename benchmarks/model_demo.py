@@ -5,8 +5,10 @@ import copy
 import os
 
 import torch
+
 from prefix_grouper import GroupLayout
-from prefix_grouper.integrations.transformers import ATTENTION_NAME, completion_log_probs, register
+from prefix_grouper.integrations.transformers import completion_log_probs
+from prefix_grouper.unpacked import unpacked_completion_log_probs
 
 from .common import device_name, measure_ms, report_equivalence, slug, versions, write_csv
 
@@ -25,40 +27,18 @@ def model_config(device):
     return transformers.Qwen2Config(max_position_embeddings=8192, **shape), batch
 
 
-def unpacked_log_probs(model, prompts, completions, group_of):
-    """Padded ``[prompt; completion]`` rows (right padding) -> completion log-probs ``[N, max_S]``."""
-    rows = [torch.cat([prompts[b], c]) for b, c in zip(group_of, completions)]
-    width, device = max(len(r) for r in rows), rows[0].device
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for j, r in enumerate(rows):
-        ids[j, :len(r)] = r
-        mask[j, :len(r)] = 1
-    prompt_lens = torch.tensor([len(prompts[b]) for b in group_of], device=device)
-    max_s = max(len(c) for c in completions)
-    cols = prompt_lens[:, None] - 1 + torch.arange(max_s, device=device)[None]
-    valid = torch.arange(max_s, device=device)[None] < torch.tensor([len(c) for c in completions],
-                                                                     device=device)[:, None]
-    cols = torch.where(valid, cols, torch.zeros_like(cols))
-    hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = model.lm_head(hidden).float()
-    targets = ids.gather(1, (cols + 1).clamp(max=width - 1))
-    return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0] * valid, valid
-
-
 def model_demo(device, out_dir):
     import transformers
 
-    register()
     config, (prompt_lens, completion_lens) = model_config(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     unpacked = transformers.Qwen2ForCausalLM(config).to(device, dtype)
     unpacked.set_attn_implementation("sdpa")
-    packed = transformers.Qwen2ForCausalLM(copy.deepcopy(config)).to(device, dtype)  # own attn setting
+    # Its own config: completion_log_probs installs prefix_grouper's attention into it.
+    packed = transformers.Qwen2ForCausalLM(copy.deepcopy(config)).to(device, dtype)
     packed.load_state_dict(unpacked.state_dict())
-    packed.set_attn_implementation(ATTENTION_NAME)
+    packed.set_attn_implementation("sdpa")
     for model in (unpacked, packed):  # the method was renamed in transformers 5.2x
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -67,12 +47,11 @@ def model_demo(device, out_dir):
     prompts = [torch.randint(config.vocab_size, (p,), generator=gen).to(device) for p in prompt_lens]
     completions = [torch.randint(config.vocab_size, (s,), generator=gen).to(device)
                    for group in completion_lens for s in group]
-    group_of = [b for b, group in enumerate(completion_lens) for _ in group]
     layout = GroupLayout.from_lengths(prompt_lens, completion_lens, device=device)
 
     def run_unpacked():
-        logp, valid = unpacked_log_probs(unpacked, prompts, completions, group_of)
-        logp.sum().backward()
+        logp, valid = unpacked_completion_log_probs(unpacked, layout, prompts, completions)
+        (logp * valid).sum().backward()
         return logp, valid
 
     def run_packed():
@@ -101,7 +80,7 @@ def model_demo(device, out_dir):
         "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "model": f"Qwen2 {config.num_hidden_layers}L h{config.hidden_size} vocab {config.vocab_size}",
         "prompts": prompt_lens, "completions": completion_lens,
-        "unpacked_tokens": layout.naive_tokens(), "packed_tokens": layout.total_tokens,
+        "unpacked_tokens": layout.unpacked_tokens(), "packed_tokens": layout.total_tokens,
         "max_logprob_diff": f"{max_err:.2e}", "max_rel_grad_diff": f"{grad_err:.2e}",
         "unpacked_fwd_bwd_ms": f"{times['unpacked']:.1f}", "packed_fwd_bwd_ms": f"{times['packed']:.1f}",
         "unpacked_peak_gib": f"{times['unpacked_gib']:.2f}", "packed_peak_gib": f"{times['packed_gib']:.2f}",

@@ -1,0 +1,202 @@
+"""``fused_linear_log_probs``: completion log-probs (and entropy) through the LM head without
+ever holding more than one chunk of logits.
+
+The forward walks the rows in chunks: ``logits = hidden[chunk] @ weight.T + bias`` (cuBLAS,
+in the input dtype), upcast to float32 (float64 for float64 inputs), reduced per row to
+``log p(target)``, ``lse`` and entropy; only those ``[C]`` statistics are kept. The backward
+recomputes each chunk's logits, overwrites them with their gradient and applies the two
+matmuls of the head's backward. That is one more ``hidden @ weight.T`` than plain PyTorch
+(and than Liger-Kernel, whose loss is a scalar so it can form gradients in the forward): an
+upstream gradient per row, for both outputs, is only known in the backward.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..checks import check_bool, check_choice, check_positive_real
+from ..runtime import triton_unavailable_reason
+from .torch_impl import chunk_grad_logits_torch_, chunk_stats_torch
+from .triton_impl import chunk_grad_logits_triton_, chunk_stats_triton
+
+__all__ = ["BACKENDS", "LOGITS_CHUNK_BYTES", "default_chunk_size", "fused_linear_log_probs", "resolve_backend"]
+
+BACKENDS = ("torch", "triton")
+
+# Memory budget of one chunk of upcast logits. 256 MiB is 441 rows of Qwen's 151,936-token
+# vocabulary in float32: matmuls of that height still run near cuBLAS peak, and the chunk is
+# a small fraction of any training GPU. The backward briefly adds the chunk's gradient cast
+# to a half-precision weight dtype (128 MiB more for bf16/fp16 weights).
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+class ChunkKernels(NamedTuple):
+    """A backend's two per-chunk steps (see :mod:`.torch_impl` for the contract)."""
+    stats: Callable[..., None]
+    grad_logits_: Callable[..., torch.Tensor]
+
+
+KERNELS = {"torch": ChunkKernels(chunk_stats_torch, chunk_grad_logits_torch_),
+           "triton": ChunkKernels(chunk_stats_triton, chunk_grad_logits_triton_)}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits, statistics and outputs are float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that one chunk of logits upcast from ``dtype`` fits :data:`LOGITS_CHUNK_BYTES`."""
+    row_bytes = vocab_size * torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    return max(1, LOGITS_CHUNK_BYTES // row_bytes)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` is triton on CUDA tensors when Triton is available, else torch; an explicit
+    backend that cannot run on ``device`` is refused with the reason."""
+    check_choice(backend, "backend", ("auto",) + BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
+    return backend
+
+
+def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A fresh ``[c, V]`` buffer of logits in the compute dtype, which the kernels may overwrite."""
+    logits = hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
+    return logits.to(compute_dtype(hidden_chunk.dtype))
+
+
+class FusedLinearLogProbs(torch.autograd.Function):
+    """``(log_probs [C], entropy [C])``; saves the inputs and ``lse [C]``, never logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature: float, chunk_size: int, kernels: ChunkKernels):
+        rows, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
+        log_probs, lse, entropy = (torch.empty(rows, dtype=dtype, device=hidden.device) for _ in range(3))
+        for start in range(0, rows, chunk_size):
+            end = min(start + chunk_size, rows)
+            kernels.stats(chunk_logits(hidden[start:end], weight, bias), targets[start:end], inv_temperature,
+                          log_probs[start:end], lse[start:end], entropy[start:end])
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size, ctx.kernels = inv_temperature, chunk_size, kernels
+        return log_probs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        # The kernels index rows of flat [C] buffers: an expanded grad (from .sum()) must be made dense.
+        grad_log_probs = grad_log_probs.to(lse.dtype).contiguous()
+        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if needs_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            hidden_chunk = hidden[start:end]
+            grad_logits = ctx.kernels.grad_logits_(
+                chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
+                grad_log_probs[start:end], grad_entropy[start:end], ctx.inv_temperature)
+            if needs_bias:
+                grad_bias += grad_logits.sum(0)
+            # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
+            grad_logits = grad_logits.to(weight.dtype)
+            if needs_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            if needs_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        if needs_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def check_chunk_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"chunk_size must be None or a positive int (rows per chunk), got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {value}")
+    return value
+
+
+def check_operands(hidden: Any, weight: Any, bias: Any) -> None:
+    for name, tensor, ndim, shape in (("hidden", hidden, 2, "[C, H]"), ("weight", weight, 2, "[V, H]"),
+                                      ("bias", bias, 1, "[V]")):
+        if name == "bias" and tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor {shape}, got dtype {tensor.dtype}")
+        if tensor.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(tensor.shape)}")
+        if name != "hidden" and (tensor.dtype != hidden.dtype or tensor.device != hidden.device):
+            raise ValueError(f"{name} ({tensor.dtype}, {tensor.device}) must have hidden's dtype and device "
+                             f"({hidden.dtype}, {hidden.device})")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows: the vocabulary V must be at least 1")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight [V, H] has H = {weight.shape[1]} but hidden [C, H] has H = {hidden.shape[1]}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] like weight's rows, got shape {tuple(bias.shape)}")
+
+
+def check_targets(targets: Any, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``targets`` as contiguous int64 ``[C]`` on hidden's device, every id in ``[0, V)``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be an integer torch.Tensor [C], got {type(targets).__name__}")
+    if targets.dtype == torch.bool or targets.dtype.is_floating_point or targets.dtype.is_complex:
+        raise TypeError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [C] = [{hidden.shape[0]}] like hidden's rows, got shape "
+                         f"{tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if targets.numel():
+        # One device-to-host read of (min, max): the only sync of the call. An id out of range
+        # would make the kernels read outside the row (Triton) or fail deep inside gather.
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"targets must be token ids in [0, V) = [0, {vocab_size}), got ids from {low} to {high}")
+    return targets.long().contiguous()
+
+
+def fused_linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
+                           chunk_size: int | None = None, backend: str = "auto"):
+    """``log_softmax((hidden @ weight.T + bias) / temperature)`` gathered at ``targets``.
+
+    Args:
+        hidden: ``[C, H]`` float16/bfloat16/float32/float64, e.g. the last hidden states at
+            the completion positions.
+        weight: ``[V, H]`` the LM head (or the tied embedding), hidden's dtype and device.
+        targets: ``[C]`` integer token ids in ``[0, V)``.
+        bias: optional ``[V]``, hidden's dtype and device.
+        temperature: positive finite; the logits are divided by it (TRL/verl sampling temperature).
+        return_entropy: also return the entropy of the same distribution.
+        chunk_size: rows per chunk of logits; default :func:`default_chunk_size`
+            (:data:`LOGITS_CHUNK_BYTES` of upcast logits).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`resolve_backend`).
+
+    Returns:
+        ``log_probs [C]`` float32 (float64 for float64 inputs), or ``(log_probs, entropy)``.
+        Both are differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+    """
+    check_operands(hidden, weight, bias)
+    targets = check_targets(targets, hidden, weight.shape[0])
+    inv_temperature = 1.0 / check_positive_real(temperature, "temperature")
+    check_bool(return_entropy, "return_entropy")
+    chunk_size = check_chunk_size(chunk_size) or default_chunk_size(weight.shape[0], hidden.dtype)
+    kernels = KERNELS[resolve_backend(backend, hidden.device)]
+    log_probs, entropy = FusedLinearLogProbs.apply(hidden, weight, bias, targets, inv_temperature, chunk_size,
+                                                   kernels)
+    return (log_probs, entropy) if return_entropy else log_probs

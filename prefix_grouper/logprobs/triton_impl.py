@@ -1,0 +1,113 @@
+"""Triton backend of the per-chunk steps (Liger-Kernel style: the matmuls stay in cuBLAS).
+
+One program per row of a logits chunk ``[c, V]`` walks the vocabulary in ``BLOCK_V`` tiles:
+- ``log_prob_stats_kernel``: online log-sum-exp, target gather and entropy in one read of
+  the row. The entropy is carried as ``sum_j e_j (z_j - m)`` with ``e_j = exp(z_j - m)``
+  (every term <= 0, rescaled when the running max ``m`` moves), so
+  ``H = log s - (sum_j e_j (z_j - m)) / s`` has no cancellation even for a peaked row.
+- ``log_prob_grad_kernel``: recomputes ``p`` from the stored ``lse`` and overwrites the row
+  with the gradient of the logits (one read, one write).
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+# No `from __future__ import annotations`: Triton reads the ``tl.float64`` annotation of
+# ``inv_temperature`` as an object (a string would be ignored and the scalar passed as fp32,
+# whose rounding shows in float64 results).
+import torch
+
+from ..runtime import device_guard
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the torch backend covers every call
+    triton = None
+
+__all__ = ["chunk_grad_logits_triton_", "chunk_stats_triton", "log_prob_grad_kernel", "log_prob_stats_kernel"]
+
+# Largest vocabulary tile per loop step: 8192 fp32 lanes over 8 warps is 32 registers a thread.
+MAX_BLOCK_V = 8192
+
+
+if triton is not None:
+
+    @triton.jit
+    def log_prob_stats_kernel(logits_ptr, row_stride, targets_ptr, log_probs_ptr, lse_ptr, entropy_ptr,
+                              vocab_size, inv_temperature: tl.float64, BLOCK_V: tl.constexpr):
+        """``log_probs``, ``lse`` and ``entropy`` ``[c]`` of ``logits [c, V] * inv_temperature``."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        dtype = logits_ptr.dtype.element_ty
+        scale = tl.full([], inv_temperature, dtype)
+        cols = tl.arange(0, BLOCK_V)
+        running_max = tl.full([], float("-inf"), dtype)
+        sum_exp = tl.zeros([], dtype)
+        sum_exp_shift = tl.zeros([], dtype)  # sum_j e_j (z_j - running_max), <= 0
+        for start in range(0, vocab_size, BLOCK_V):
+            inside = start + cols < vocab_size
+            z = tl.load(row_ptr + start + cols, mask=inside, other=float("-inf")).to(dtype) * scale
+            new_max = tl.maximum(running_max, tl.max(z, 0))
+            # Before the first finite logit running_max is -inf and there is nothing to rescale.
+            shift = tl.where(sum_exp > 0, running_max - new_max, 0.0).to(dtype)
+            rescale = tl.exp(shift)
+            sum_exp_shift = rescale * (sum_exp_shift + shift * sum_exp)
+            # -inf logits (padding lanes, banned tokens) add 0; the where also hides -inf - -inf.
+            e = tl.where(z > float("-inf"), tl.exp(z - new_max), 0.0).to(dtype)
+            sum_exp = rescale * sum_exp + tl.sum(e, 0)
+            sum_exp_shift += tl.sum(tl.where(e > 0, z - new_max, 0.0).to(dtype) * e, 0)
+            running_max = new_max
+        log_sum = tl.log(sum_exp)
+        lse = running_max + log_sum
+        target = tl.load(targets_ptr + row)
+        target_logit = tl.load(row_ptr + target).to(dtype) * scale
+        tl.store(log_probs_ptr + row, target_logit - lse)
+        tl.store(lse_ptr + row, lse)
+        tl.store(entropy_ptr + row, log_sum - sum_exp_shift / sum_exp)
+
+    @triton.jit
+    def log_prob_grad_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, entropy_ptr, grad_log_probs_ptr,
+                             grad_entropy_ptr, vocab_size, inv_temperature: tl.float64, BLOCK_V: tl.constexpr):
+        """Overwrite ``logits [c, V]`` with ``d(g_lp log p_t + g_H H) / d logits``, row by row."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        dtype = logits_ptr.dtype.element_ty
+        scale = tl.full([], inv_temperature, dtype)
+        lse = tl.load(lse_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+        grad_log_prob = tl.load(grad_log_probs_ptr + row)
+        grad_entropy = tl.load(grad_entropy_ptr + row)
+        target = tl.load(targets_ptr + row)
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, vocab_size, BLOCK_V):
+            inside = start + cols < vocab_size
+            log_p = tl.load(row_ptr + start + cols, mask=inside, other=0.0).to(dtype) * scale - lse
+            p = tl.exp(log_p)
+            # d H / d z = -p (log p + H); a banned token (p = 0, log p = -inf) adds 0, not NaN.
+            entropy_term = tl.where(p > 0, log_p + entropy, 0.0) * p
+            grad = tl.where(start + cols == target, grad_log_prob, 0.0) - grad_log_prob * p \
+                - grad_entropy * entropy_term
+            tl.store(row_ptr + start + cols, (grad * scale).to(dtype), mask=inside)
+
+
+def _launch_config(vocab_size: int) -> dict:
+    block = min(triton.next_power_of_2(vocab_size), MAX_BLOCK_V)
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+
+
+def chunk_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
+                       log_probs: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor) -> None:
+    """Same contract as :func:`..torch_impl.chunk_stats_torch` (``logits`` is left intact here)."""
+    rows, vocab_size = logits.shape
+    with device_guard(logits):
+        log_prob_stats_kernel[(rows,)](logits, logits.stride(0), targets, log_probs, lse, entropy, vocab_size,
+                                       inv_temperature, **_launch_config(vocab_size))
+
+
+def chunk_grad_logits_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                              entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor,
+                              inv_temperature: float) -> torch.Tensor:
+    """Same contract as :func:`..torch_impl.chunk_grad_logits_torch_`: the gradient, in place."""
+    rows, vocab_size = logits.shape
+    with device_guard(logits):
+        log_prob_grad_kernel[(rows,)](logits, logits.stride(0), targets, lse, entropy, grad_log_probs, grad_entropy,
+                                      vocab_size, inv_temperature, **_launch_config(vocab_size))
+    return logits

@@ -12,25 +12,23 @@ as verl and TRL lay them out) or "shuffled".
 Writes benchmarks/results/advantages_<device>.csv and .png. Triton on CPU runs under the
 interpreter, which says nothing about speed: it is skipped there unless --backends names it.
 
-    python benchmarks/bench_advantages.py --quick --max-rows 1e5 --threads 1  # CPU, < 2 minutes
-    python benchmarks/bench_advantages.py                           # GPU: 1e3 .. 1e7 rows
+    python -m benchmarks.bench_advantages --quick --max-rows 1e5 --threads 1  # CPU, < 2 minutes
+    python -m benchmarks.bench_advantages                           # GPU: 1e3 .. 1e7 rows
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, save_figure, slug, versions, write_csv  # noqa: E402
+from prefix_grouper.advantages import available_backends, grpo_advantages
+from prefix_grouper.advantages.dispatch import normalize_in_groups
+from prefix_grouper.advantages.options import NormalizeOptions
+from prefix_grouper.advantages.segments import Segments
 
-from prefix_grouper.advantages import available_backends, grpo_advantages  # noqa: E402
-from prefix_grouper.advantages.dispatch import normalize_in_groups  # noqa: E402
-from prefix_grouper.advantages.options import NormalizeOptions  # noqa: E402
-from prefix_grouper.advantages.segments import Segments  # noqa: E402
+from .common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, save_figure, slug, versions, write_csv
 
 # grpo_advantages' defaults, so that both scopes time the same normalization.
 KERNEL_OPTIONS = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .triton_common import (
     BOUND_MASK, CAUSAL_MASK, LOG2E, NO_MASK, autotune_inner_block, dot_precision, key_block_scores,
-    launchable, load_key_tile, load_tile, padded_head_dim, query_tile_prologue, walk_key_runs,
+    launchable, load_key_tile, load_row_pair, load_tile, padded_head_dim, query_tile_prologue, walk_key_runs,
 )
 
 DELTA_BLOCK_TOKENS = 64
@@ -106,13 +106,8 @@ def dkdv_query_block(
     DOT_PRECISION: tl.constexpr,
 ):
     """Add queries ``[query_start, query_start + BLOCK_M)``'s share of dK (unscaled), dV."""
-    rows = query_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < query_end
-    row_offsets = rows[:, None].to(tl.int64)
-    q = load_tile(q_head + row_offsets * stride_qt + dims[None, :], row_ok, dim_ok,
-                  MASK != NO_MASK, CHECK_DIMS)
-    dout = load_tile(dout_head + row_offsets * stride_dot + dims[None, :], row_ok, dim_ok,
-                     MASK != NO_MASK, CHECK_DIMS)
+    rows, row_ok, q, dout = load_row_pair(q_head, stride_qt, dout_head, stride_dot, query_start, query_end,
+                                          dims, dim_ok, MASK != NO_MASK, CHECK_DIMS, BLOCK_M)
     if MASK == NO_MASK:
         lse_log2 = tl.load(lse_head + rows) * LOG2E
         delta = tl.load(delta_head + rows)

@@ -122,6 +122,21 @@ def load_tile(ptrs, row_ok, dim_ok, CHECK_ROWS: tl.constexpr, CHECK_DIMS: tl.con
 
 
 @triton.jit
+def load_row_pair(
+    a_head, stride_a, b_head, stride_b, start, end, dims, dim_ok,
+    CHECK_ROWS: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Packed rows ``[start, start + BLOCK)``, valid below ``end``, of two one-head views
+    (K and V, or Q and dO): ``(rows, row_ok, a [BLOCK, HEAD_DIM_PAD], b [BLOCK, HEAD_DIM_PAD])``."""
+    rows = start + tl.arange(0, BLOCK)
+    row_ok = rows < end
+    offsets = rows[:, None].to(tl.int64)
+    a = load_tile(a_head + offsets * stride_a + dims[None, :], row_ok, dim_ok, CHECK_ROWS, CHECK_DIMS)
+    b = load_tile(b_head + offsets * stride_b + dims[None, :], row_ok, dim_ok, CHECK_ROWS, CHECK_DIMS)
+    return rows, row_ok, a, b
+
+
+@triton.jit
 def query_tile_prologue(
     q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     num_q_heads, heads_per_kv, qk_scale_log2,
@@ -164,13 +179,8 @@ def key_block_scores(
     domain and ``-inf`` where ``MASK`` hides the key.
     """
     q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2 = scores_ctx
-    keys = key_start + tl.arange(0, BLOCK_N)
-    key_ok = keys < key_end
-    key_offsets = keys[:, None].to(tl.int64)
-    k = load_tile(k_head + key_offsets * stride_kt + dims[None, :], key_ok, dim_ok,
-                  MASK != NO_MASK, CHECK_DIMS)
-    v = load_tile(v_head + key_offsets * stride_vt + dims[None, :], key_ok, dim_ok,
-                  MASK != NO_MASK, CHECK_DIMS)
+    keys, key_ok, k, v = load_row_pair(k_head, stride_kt, v_head, stride_vt, key_start, key_end, dims,
+                                       dim_ok, MASK != NO_MASK, CHECK_DIMS, BLOCK_N)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     if MASK == CAUSAL_MASK:
         scores = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], scores, float("-inf"))

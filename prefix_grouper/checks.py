@@ -110,8 +110,10 @@ def as_length_list(values: Any, name: str) -> list[int]:
     else:
         out = []
         for x in values:
-            if isinstance(x, torch.Tensor) and x.dim() == 0 and not (
-                    x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+            if isinstance(x, torch.Tensor):
+                if x.dim() != 0 or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                    raise TypeError(f"{name} must hold integers, got a {x.dtype} tensor of shape "
+                                    f"{tuple(x.shape)}")
                 x = int(x.item())
             # numpy integers have __index__; floats, numpy floats and bools are refused.
             if isinstance(x, bool) or isinstance(x, float) or not hasattr(x, "__index__"):

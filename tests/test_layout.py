@@ -183,15 +183,7 @@ def test_pack_and_unpack_errors(layout):
         GroupLayout.from_lengths({3, 4}, [[1], [2]])
 
 
-@pytest.mark.parametrize("length", [
-    np.float64(3.0), 3.0,
-    # A float 0-d tensor gets torch's "only integer tensors ... converted to an index", which
-    # names no argument: prefix_grouper.checks.as_length_list must test tensors' dtype first.
-    pytest.param(torch.tensor(3.7), marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                            reason="as_length_list (checks.py)")),
-    pytest.param(torch.tensor(3.0), marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                            reason="as_length_list (checks.py)")),
-])
+@pytest.mark.parametrize("length", [np.float64(3.0), 3.0, torch.tensor(3.7), torch.tensor(3.0)])
 def test_non_integer_lengths_are_refused(length):
     """Float lengths were truncated (3.7 became 3): a float length is a caller bug."""
     with pytest.raises(TypeError, match=r"prefix_lens must hold integers"):

@@ -84,13 +84,11 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def verify_equivalence(trainer: Trainer) -> bool:
     """Loss and parameter gradients of one rollout, grouped vs unpacked; prints and returns pass/fail."""
     rollout = trainer.rollout()
-    advantages = trainer.advantages(rollout)
-    batches = trainer.micro_batches(rollout)
-    trainer.policy.model.train()
+    prepared = trainer.prepare(rollout)
     results = {}
     for grouped in (True, False):
         trainer.optimizer.zero_grad(set_to_none=True)
-        stats = trainer.accumulate_gradients(rollout, advantages, batches, use_prefix_grouper=grouped)
+        stats = trainer.accumulate_gradients(prepared, use_prefix_grouper=grouped)
         grads = {n: p.grad.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.grad is not None}
         results[grouped] = stats["loss"], grads
     (loss_g, grads_g), (loss_u, grads_u) = results[True], results[False]
@@ -103,9 +101,10 @@ def verify_equivalence(trainer: Trainer) -> bool:
     loss_diff = abs(loss_g - loss_u) / max(1.0, abs(loss_u))
     name, grad_diff = max(((n, relative_difference(grads_g[n], grads_u[n])) for n in grads_g), key=lambda x: x[1])
     ok = loss_diff <= tolerance and grad_diff <= tolerance
-    tokens = sum(b.layout.total_tokens for b in batches), sum(b.layout.unpacked_tokens() for b in batches)
-    print(f"rows {rollout.num_rows} in {len(rollout.group_sizes)} prefix groups; tokens packed {tokens[0]}, "
-          f"unpacked {tokens[1]}")
+    packed = sum(b.layout.total_tokens for b in prepared.batches)
+    unpacked = sum(b.layout.unpacked_tokens() for b in prepared.batches)
+    print(f"rows {rollout.num_rows} in {len(rollout.group_sizes)} prefix groups; tokens packed {packed}, "
+          f"unpacked {unpacked}")
     print(f"loss grouped {loss_g:.12g} unpacked {loss_u:.12g}: relative difference {loss_diff:.3e}")
     print(f"max relative gradient difference over {len(grads_g)} parameters: {grad_diff:.3e} ({name})")
     print(f"tolerance ({dtype}): {tolerance:g} -> {'PASS' if ok else 'FAIL'}")

@@ -1,4 +1,19 @@
-"""Reference GRPO, CRPO and GiGPO trainers on the grouped (shared-prefix) layout."""
-from .loss import LOSS_TYPES, policy_loss
+"""Reference GRPO, CRPO and GiGPO trainers on the grouped (shared-prefix) layout.
 
-__all__ = ["LOSS_TYPES", "policy_loss"]
+One loop (:class:`Trainer`) with three thin algorithms on top; ``python -m
+prefix_grouper.train`` is the command line.
+"""
+from .build import ALGORITHMS, DEFAULT_TASKS, build_trainer
+from .crpo import CRPO
+from .distributed import Distributed, init_distributed
+from .gigpo import GiGPO
+from .grpo import CONVENTIONS, GRPO
+from .loop import TrainConfig, Trainer
+from .loss import LOSS_TYPES, policy_loss
+from .metrics import append_metrics, plot_rewards, read_metrics
+from .model import TINY_MODEL, Policy, load_policy
+from .rollout import Rollout
+
+__all__ = ["ALGORITHMS", "CONVENTIONS", "CRPO", "DEFAULT_TASKS", "Distributed", "GRPO", "GiGPO", "LOSS_TYPES",
+           "Policy", "Rollout", "TINY_MODEL", "TrainConfig", "Trainer", "append_metrics", "build_trainer",
+           "init_distributed", "load_policy", "plot_rewards", "policy_loss", "read_metrics"]

@@ -25,7 +25,7 @@ from .model import Policy
 from .rollout import Rollout, sample_episodes, sample_task
 from .tasks import Environment, Task
 
-__all__ = ["Algorithm", "MicroBatch", "TrainConfig", "Trainer"]
+__all__ = ["Algorithm", "MicroBatch", "Prepared", "TrainConfig", "Trainer"]
 
 
 @dataclass
@@ -61,6 +61,17 @@ class MicroBatch:
     completion_ids: list[torch.Tensor]
     start: int
     stop: int
+
+
+@dataclass
+class Prepared:
+    """What the updates of one rollout need: ``advantages`` ``[N]`` (this rank's rows),
+    the micro-batches, and per micro-batch ``[n, max_S]`` old and reference log-probs
+    (None when not needed: a single iteration, or beta = 0)."""
+    advantages: torch.Tensor
+    batches: list[MicroBatch]
+    old_log_probs: list[torch.Tensor] | None
+    ref_log_probs: list[torch.Tensor] | None
 
 
 class Trainer:
@@ -121,31 +132,45 @@ class Trainer:
         values = self.algorithm.advantages(rows)
         return values[first_row:first_row + rollout.num_rows]
 
-    def accumulate_gradients(self, rollout: Rollout, advantages: torch.Tensor, batches: list[MicroBatch], *,
-                             use_prefix_grouper: bool, old_log_probs: list[torch.Tensor] | None = None,
-                             ref_log_probs: list[torch.Tensor] | None = None) -> dict[str, float]:
+    def prepare(self, rollout: Rollout) -> "Prepared":
+        """Advantages, micro-batches and the recorded old / reference log-probs of ``rollout``."""
+        c = self.config
+        batches = self.micro_batches(rollout)
+
+        def recorded(model) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return [self.log_probs(model, b, c.use_prefix_grouper)[0] for b in batches]
+
+        # One update per batch needs no recorded old log-probs: rho = 1 at the first iteration.
+        self.policy.model.train()
+        return Prepared(self.advantages(rollout), batches,
+                        recorded(self.model) if c.num_iterations > 1 else None,
+                        recorded(self.reference) if self.reference is not None else None)
+
+    def accumulate_gradients(self, prepared: "Prepared", *, use_prefix_grouper: bool) -> dict[str, float]:
         """Backward of the batch's loss, micro-batch by micro-batch, into the parameters' ``.grad``.
 
         Each micro-batch's loss is weighted so that the sum over micro-batches and ranks is
         :func:`policy_loss` of the whole global batch, times the world size (DDP averages).
         Returns the global loss and token means (kl, ratio, clip fractions, entropy).
         """
-        c = self.config
+        c, batches = self.config, prepared.batches
         tokens = [sum(len(x) for x in b.completion_ids) for b in batches]
-        rows_total, tokens_total = self.dist.all_sum([float(rollout.num_rows), float(sum(tokens))], self.device)
-        advantages = advantages.to(self.device, self.policy.model.dtype)
+        rows_total, tokens_total = self.dist.all_sum([float(batches[-1].stop), float(sum(tokens))], self.device)
+        advantages = prepared.advantages.to(self.device, self.policy.model.dtype)
         sums = dict.fromkeys(("loss", "kl", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy"), 0.0)
         for i, batch in enumerate(batches):
-            share = {"grpo": (batch.stop - batch.start) / rows_total, "dr_grpo": (batch.stop - batch.start) / rows_total,
-                     "bnpo": tokens[i] / tokens_total, "dapo": 1.0}[c.loss_type]
-            sync = contextlib.nullcontext() if i == len(batches) - 1 or not self.dist.enabled else self.model.no_sync()
-            with sync:
+            rows = batch.stop - batch.start
+            share = {"grpo": rows / rows_total, "dr_grpo": rows / rows_total, "bnpo": tokens[i] / tokens_total,
+                     "dapo": 1.0}[c.loss_type]
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
                 log_probs, mask = self.log_probs(self.model, batch, use_prefix_grouper)
                 loss, stats = policy_loss(
-                    log_probs, None if old_log_probs is None else old_log_probs[i],
+                    log_probs, None if prepared.old_log_probs is None else prepared.old_log_probs[i],
                     advantages[batch.start:batch.stop], mask, loss_type=c.loss_type, epsilon_low=c.epsilon_low,
                     epsilon_high=c.epsilon_high, beta=c.beta,
-                    ref_log_probs=None if ref_log_probs is None else ref_log_probs[i],
+                    ref_log_probs=None if prepared.ref_log_probs is None else prepared.ref_log_probs[i],
                     max_completion_length=self.task.max_new_tokens, num_items_in_batch=tokens_total)
                 (loss * (share * self.dist.world_size)).backward()
             sums["loss"] += loss.item() * share
@@ -156,28 +181,17 @@ class Trainer:
         totals = dict(zip(sums, self.dist.all_sum(list(sums.values()), self.device)))
         return {key: value if key == "loss" else value / max(tokens_total, 1.0) for key, value in totals.items()}
 
-    def recorded_log_probs(self, model, batches: list[MicroBatch]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [self.log_probs(model, b, self.config.use_prefix_grouper)[0] for b in batches]
-
     def train_step(self, rollout: Rollout) -> dict[str, float]:
         """``num_iterations`` optimizer steps on ``rollout``; the step's metrics (global means)."""
-        c = self.config
-        advantages = self.advantages(rollout)
-        batches = self.micro_batches(rollout)
-        self.policy.model.train()
-        # One update per batch needs no recorded old log-probs: rho = 1 at the first iteration.
-        old = self.recorded_log_probs(self.model, batches) if c.num_iterations > 1 else None
-        ref = self.recorded_log_probs(self.reference, batches) if self.reference is not None else None
+        prepared = self.prepare(rollout)
         per_iteration = []
-        for _ in range(c.num_iterations):
+        for _ in range(self.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            per_iteration.append(self.accumulate_gradients(rollout, advantages, batches, old_log_probs=old,
-                                                           ref_log_probs=ref,
-                                                           use_prefix_grouper=c.use_prefix_grouper))
+            per_iteration.append(self.accumulate_gradients(prepared, use_prefix_grouper=self.config.use_prefix_grouper))
             self.optimizer.step()
         metrics = {key: sum(m[key] for m in per_iteration) / len(per_iteration) for key in per_iteration[0]}
         metrics["entropy"] = per_iteration[0]["entropy"]  # of the sampling policy
+        batches = prepared.batches
         packed, unpacked = self.dist.all_sum([float(sum(b.layout.total_tokens for b in batches)),
                                               float(sum(b.layout.unpacked_tokens() for b in batches))], self.device)
         metrics.update(tokens_packed=int(packed), tokens_unpacked=int(unpacked))

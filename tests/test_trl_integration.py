@@ -1,0 +1,174 @@
+"""prefix_grouper.integrations.trl.GRPOTrainer against trl.GRPOTrainer on a tiny Qwen2.
+
+The model (float32, random weights) and a word-level tokenizer are built offline and saved
+under tmp_path, so TRL loads the policy and its reference model from a local folder.
+
+Tolerance 1e-5 on log-probs, entropies, loss and gradients: TRL's fused LM head folds the
+logits into float32 statistics (online logsumexp over vocabulary tiles, positions offset by
+the left padding), the grouped path runs one float32 log-softmax on the packed positions;
+both are float32 computations of the same numbers, whose rounding differences through 2
+layers and a 40-way softmax stay below 1e-6. A wrong mask or position (a completion seeing
+a sibling) changes these log-probs by more than 1e-2. float64 cannot tighten this: TRL's
+head keeps its statistics in float32 whatever the model dtype.
+"""
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from prefix_grouper.integrations.transformers import ATTENTION_NAME  # noqa: E402
+from prefix_grouper.integrations.trl import GRPOTrainer, forward_chunks  # noqa: E402
+
+TOL = 1e-5  # see the module docstring
+WORDS = [f"w{i}" for i in range(36)]
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny Qwen2 and its tokenizer (vocabulary: <pad>, <eos>, <unk>, w0..w35)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                     eos_token="<eos>", unk_token="<unk>")
+    config = transformers.Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
+                                      bos_token_id=EOS, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def word_count_reward(completions, **kwargs):
+    return [float(len(c.split())) for c in completions]
+
+
+def make_trainer(trainer_class, model_dir, tmp_path, **config):
+    prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(8)]
+    args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=4,
+                          per_device_train_batch_size=8, max_completion_length=6, temperature=0.7,
+                          beta=0.1, learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=0, bf16=False,
+                          **config)
+    # Not AutoTokenizer: the folder's config says qwen2, whose tokenizer class would re-tokenize as BPE.
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return trainer_class(model=model_dir, reward_funcs=word_count_reward, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+
+
+def trl_shaped_batch(seed=0):
+    """Rows as TRL scores them: 3 groups (4, 2, 3 completions) of ragged left-padded prompts,
+    ragged right-padded completions (one empty: a truncated, masked completion), rows shuffled
+    as TRL shuffles a generation batch before cutting micro-batches."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 3 + len(WORDS)
+    prompt_lens, group_completion_lens = [5, 2, 7], [[3, 6, 1, 4], [6, 0], [2, 5, 6]]
+    width = max(prompt_lens)
+    prompt_rows, completion_rows, prompt_masks, completion_masks = [], [], [], []
+    for p, completion_lens in zip(prompt_lens, group_completion_lens):
+        prompt = torch.randint(3, vocab, (p,), generator=g)
+        for s in completion_lens:
+            prompt_rows.append(torch.cat([torch.full((width - p,), PAD), prompt]))
+            prompt_masks.append(torch.arange(width) >= width - p)
+            completion = torch.randint(3, vocab, (6,), generator=g)
+            completion_masks.append(torch.arange(6) < s)
+            completion_rows.append(torch.where(completion_masks[-1], completion, PAD))
+    order = torch.randperm(len(prompt_rows), generator=g)
+    input_ids = torch.cat([torch.stack(prompt_rows), torch.stack(completion_rows)], 1)[order]
+    attention_mask = torch.cat([torch.stack(prompt_masks), torch.stack(completion_masks)], 1).long()[order]
+    return input_ids, attention_mask, 6
+
+
+def test_forward_chunks_never_split_a_group():
+    assert forward_chunks([4, 2, 3, 1], 4) == [[4], [2], [3, 1]]
+    assert forward_chunks([2, 2, 6, 1], 4) == [[2, 2], [6], [1]]  # a group larger than the chunk runs whole
+    assert forward_chunks([3, 3], 100) == [[3, 3]]
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_log_probs_and_entropies_equal_trl(model_dir, tmp_path, batch_size):
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path)
+    input_ids, attention_mask, logits_to_keep = trl_shaped_batch()
+    for model, entropy in ((trainer.model, True), (trainer.ref_model, False)):
+        expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+            compute_entropy=entropy)
+        grouped = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                             batch_size=batch_size, compute_entropy=entropy)
+        assert model.config._attn_implementation == f"{ATTENTION_NAME}+sdpa"
+        assert grouped[0].dtype == expected[0].dtype == torch.float32
+        assert grouped[0].shape == expected[0].shape == (9, logits_to_keep)
+        torch.testing.assert_close(grouped[0], expected[0], rtol=TOL, atol=TOL)
+        assert (grouped[1] is None) == (expected[1] is None) == (not entropy) and grouped[2] is expected[2] is None
+        if entropy:
+            torch.testing.assert_close(grouped[1], expected[1], rtol=TOL, atol=TOL)
+    # A wrong layout would not be within TOL: the rows' log-probs differ from those of
+    # the same completions after a different prompt by far more.
+    assert (expected[0][attention_mask[:, -logits_to_keep:].bool()].abs() > 1e-2).all()
+
+
+def test_one_training_step_gives_trl_loss_and_gradients(model_dir, tmp_path):
+    stock = make_trainer(trl.GRPOTrainer, model_dir, tmp_path / "stock")
+    grouped = make_trainer(GRPOTrainer, model_dir, tmp_path / "grouped")
+    input_ids, attention_mask, logits_to_keep = trl_shaped_batch(seed=1)
+    with torch.no_grad():
+        ref_log_probs, _, _ = stock._get_per_token_logps_and_entropies(
+            stock.ref_model, input_ids, attention_mask, logits_to_keep)
+    inputs = {
+        "prompt_ids": input_ids[:, :-logits_to_keep], "prompt_mask": attention_mask[:, :-logits_to_keep],
+        "completion_ids": input_ids[:, -logits_to_keep:], "completion_mask": attention_mask[:, -logits_to_keep:],
+        "advantages": torch.linspace(-1.0, 1.5, input_ids.shape[0]),
+        # Old-policy log-probs away from the policy's: ratios off 1, some of them clipped.
+        "old_per_token_logps": ref_log_probs + 0.3 * torch.randn(ref_log_probs.shape, generator=torch.Generator().manual_seed(2)),
+        "ref_per_token_logps": ref_log_probs - 0.05,
+        "num_items_in_batch": attention_mask[:, -logits_to_keep:].sum(),
+    }
+    results = []
+    for trainer in (stock, grouped):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by TRL's loss
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}))
+    (expected_loss, expected_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=TOL, atol=TOL)
+    assert expected_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=TOL, atol=TOL, msg=name)
+
+
+def test_train_runs_two_steps(model_dir, tmp_path):
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.model.config._attn_implementation == f"{ATTENTION_NAME}+sdpa"
+
+
+def test_unhandled_inputs_fall_back_to_trl_with_one_warning(model_dir, tmp_path):
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path)
+    input_ids, attention_mask, logits_to_keep = trl_shaped_batch()
+    token_type_ids = torch.zeros_like(input_ids)
+    expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, logits_to_keep, token_type_ids=token_type_ids)
+    with pytest.warns(UserWarning, match="token_type_ids"):
+        first = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
+                                                           logits_to_keep, token_type_ids=token_type_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
+                                                            logits_to_keep, token_type_ids=token_type_ids)
+    torch.testing.assert_close(first[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(second[0], expected[0], rtol=0, atol=0)

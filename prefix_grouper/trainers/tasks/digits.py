@@ -26,7 +26,11 @@ class DigitsTask(Task):
     channels = ("correct_fraction",)
     weights = (1.0,)
 
-    def __init__(self, *, length: int = 3, num_digits: int = 5, operation: str = "copy") -> None:
+    # Sort is the default because a tiny model gets it off the ground: part of the reward comes
+    # from the answer's shape (small digits first) before attention to the prompt is learned.
+    # Probe, 2-layer 64-wide Qwen2, plain GRPO, 200 steps of 8 prompts x 8, lr 3e-3: the mean
+    # reward of the first / last 20 steps went 0.16 -> 0.63 for sort, 0.15 -> 0.29 for copy.
+    def __init__(self, *, length: int = 3, num_digits: int = 5, operation: str = "sort") -> None:
         self.length = check_int(length, "length", 1)
         self.num_digits = check_int(num_digits, "num_digits", 1, len(DIGITS))
         check_choice(operation, "operation", tuple(OPERATIONS))

@@ -1,0 +1,260 @@
+"""fused_linear_log_probs against the float64 reference: values, entropy, every gradient, errors,
+and the memory bound (a process that cannot hold the full logits still runs it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import assert_compiles_for_sm90
+from prefix_grouper import fused_linear_log_probs
+from prefix_grouper.logprobs import default_chunk_size, reference_log_probs, resolve_backend
+
+BACKENDS = ["torch", "triton"]  # triton under the interpreter here (tests/conftest.py)
+# Ragged chunks on purpose: 7 and 33 rows in chunks of 4 leave a last chunk of 3 and 1.
+SHAPES = [(1, 5, 3), (7, 97, 16), (33, 97, 3), (7, 5, 16)]
+CHUNK = 4
+TEMPERATURE = 0.7
+# float64 inputs: only summation order differs from the reference (V <= 97 terms).
+# float32: logits of magnitude ~sqrt(H) ~ 4 carry ~4e-7 rounding, a log-sum-exp and the
+# chunked matmul accumulations a few ulps more; 2e-5 leaves a 10x margin.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def make_inputs(rows, vocab, width, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=gen, dtype=torch.float64).to(dtype)
+    weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64).to(dtype)
+    targets = torch.randint(vocab, (rows,), generator=gen)
+    return hidden, weight, bias, targets
+
+
+def values_and_grads(fn, hidden, weight, bias, grad_log_probs, grad_entropy):
+    """``(log_probs, entropy, d hidden, d weight, d bias)`` of ``fn`` for the given upstream grads."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    log_probs, entropy = fn(*leaves)
+    torch.autograd.backward([log_probs, entropy], [grad_log_probs.to(log_probs.dtype),
+                                                   grad_entropy.to(entropy.dtype)])
+    return (log_probs, entropy) + tuple(leaf.grad for leaf in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "C{}_V{}_H{}".format(*s))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_entropy_and_gradients_match_float64_reference(backend, shape, dtype):
+    hidden, weight, bias, targets = make_inputs(*shape, dtype)
+    gen = torch.Generator().manual_seed(1)
+    grad_log_probs, grad_entropy = torch.randn(2, shape[0], generator=gen, dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=TEMPERATURE, return_entropy=True,
+                                               chunk_size=CHUNK, backend=backend),
+        hidden, weight, bias, grad_log_probs, grad_entropy)
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b, TEMPERATURE),
+                                hidden.double(), weight.double(), bias.double(), grad_log_probs, grad_entropy)
+    assert ours[0].dtype == ours[1].dtype == dtype
+    for name, got, want in zip(["log_probs", "entropy", "d hidden", "d weight", "d bias"], ours, expected):
+        torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64_both_outputs(backend):
+    """The full Jacobian of both outputs w.r.t. hidden, weight and bias (any upstream gradient)."""
+    hidden, weight, bias, targets = make_inputs(3, 5, 2, torch.float64, seed=2)
+    inputs = [t.requires_grad_() for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=1.3, return_entropy=True,
+                                               chunk_size=2, backend=backend),
+        inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_inputs_give_float32_outputs_and_bfloat16_grads(backend):
+    hidden, weight, bias, targets = make_inputs(7, 97, 16, torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    grad_log_probs, grad_entropy = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, return_entropy=True, chunk_size=CHUNK,
+                                               backend=backend),
+        hidden, weight, bias, grad_log_probs, grad_entropy)
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b),
+                                hidden.double(), weight.double(), bias.double(), grad_log_probs, grad_entropy)
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    assert [g.dtype for g in ours[2:]] == [torch.bfloat16] * 3
+    # The head's matmuls run in bf16 (fp32 accumulation, output rounded to 8 bits of mantissa):
+    # logits of magnitude ~5 are off by up to ~0.02, gradients (~1) by a few bf16 ulps.
+    for name, got, want in zip(["log_probs", "entropy", "d hidden", "d weight", "d bias"], ours, expected):
+        torch.testing.assert_close(got.double(), want, atol=0.06, rtol=0.02, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_banned_token_bias_minus_inf_equals_vocabulary_without_it(backend):
+    """A -inf bias (a banned token) has p = 0: values and gradients equal those of the
+    vocabulary without that token, and its weight row gets a zero gradient (not NaN)."""
+    hidden, weight, bias, targets = make_inputs(6, 9, 4, torch.float64, seed=4)
+    banned = 3
+    bias[banned] = float("-inf")
+    targets[targets == banned] = banned + 1
+    kept = [v for v in range(9) if v != banned]
+    gen = torch.Generator().manual_seed(5)
+    grad_log_probs, grad_entropy = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, return_entropy=True, chunk_size=CHUNK,
+                                               backend=backend),
+        hidden, weight, bias, grad_log_probs, grad_entropy)
+    remapped = targets - (targets > banned).long()
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, remapped, b),
+                                hidden, weight[kept], bias[kept], grad_log_probs, grad_entropy)
+    for got, want in zip(ours[:3], expected[:3]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ours[3][kept], expected[3], atol=1e-10, rtol=1e-10)
+    assert torch.equal(ours[3][banned], torch.zeros(4, dtype=torch.float64))
+    assert ours[4][banned] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_probs_only_sum_backward_and_empty_batch(backend):
+    """return_entropy=False returns one tensor; .sum() hands the backward an expanded grad."""
+    hidden, weight, _, targets = make_inputs(5, 11, 3, torch.float64)
+    hidden.requires_grad_()
+    log_probs = fused_linear_log_probs(hidden, weight, targets, chunk_size=2, backend=backend)
+    log_probs.sum().backward()
+    expected_hidden = hidden.detach().clone().requires_grad_()
+    reference_log_probs(expected_hidden, weight, targets)[0].sum().backward()
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad, atol=1e-10, rtol=1e-10)
+
+    empty_weight = weight.clone().requires_grad_()
+    log_probs, entropy = fused_linear_log_probs(hidden[:0], empty_weight, targets[:0], return_entropy=True,
+                                                backend=backend)
+    assert log_probs.shape == entropy.shape == (0,)
+    (log_probs.sum() + entropy.sum()).backward()
+    assert torch.equal(empty_weight.grad, torch.zeros_like(weight))
+
+
+def test_default_chunk_size_fits_the_budget():
+    assert default_chunk_size(151936, torch.bfloat16) == 441  # 256 MiB of float32 logits
+    assert default_chunk_size(151936, torch.float64) == 220
+    assert default_chunk_size(2**40, torch.float32) == 1
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # even under the Triton interpreter
+    with pytest.raises(RuntimeError, match="backend='triton' is not available on meta"):
+        resolve_backend("triton", torch.device("meta"))
+
+
+def error_cases():
+    hidden, weight, bias, targets = make_inputs(4, 6, 3, torch.float32)
+    return [
+        (dict(targets=torch.tensor([0, 1, 6, 2])), ValueError, r"targets must be token ids in \[0, V\) = \[0, 6\)"),
+        (dict(targets=torch.tensor([0, -1, 2, 2])), ValueError, r"got ids from -1 to 2"),
+        (dict(targets=targets.float()), TypeError, "targets must hold integer token ids"),
+        (dict(targets=[0, 1, 2, 3]), TypeError, "targets must be an integer torch.Tensor"),
+        (dict(targets=targets[:3]), ValueError, r"targets must be \[C\] = \[4\]"),
+        (dict(hidden=hidden[0]), ValueError, r"hidden must be 2-D \[C, H\]"),
+        (dict(hidden=hidden.long()), TypeError, "hidden must be a floating-point tensor"),
+        (dict(weight=weight[:, :2]), ValueError, "weight .V, H. has H = 2 but hidden .C, H. has H = 3"),
+        (dict(weight=weight.double()), ValueError, "weight .torch.float64, cpu. must have hidden's dtype"),
+        (dict(weight=weight[:0]), ValueError, "the vocabulary V must be at least 1"),
+        (dict(bias=bias[:5]), ValueError, r"bias must be \[V\] = \[6\]"),
+        (dict(bias=bias.half()), ValueError, "bias .torch.float16, cpu. must have hidden's dtype"),
+        (dict(temperature=0.0), ValueError, "temperature must be a positive finite number"),
+        (dict(temperature=-1.0), ValueError, "temperature must be a positive finite number"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a positive finite number"),
+        (dict(temperature="1.0"), TypeError, "temperature must be a real number"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive number of rows"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size must be None or a positive int"),
+        (dict(chunk_size=True), TypeError, "chunk_size must be None or a positive int"),
+        (dict(backend="cuda"), ValueError, "backend must be one of 'auto', 'torch', 'triton'"),
+        (dict(return_entropy="yes"), TypeError, "return_entropy must be True or False"),
+    ]
+
+
+@pytest.mark.parametrize("change,error,match", error_cases(), ids=lambda x: None)
+def test_errors_name_the_argument(change, error, match):
+    hidden, weight, bias, targets = make_inputs(4, 6, 3, torch.float32)
+    args = dict(hidden=hidden, weight=weight, targets=targets)
+    kwargs = dict(bias=bias)
+    for name, value in change.items():
+        (args if name in args else kwargs)[name] = value
+    with pytest.raises(error, match=match):
+        fused_linear_log_probs(args["hidden"], args["weight"], args["targets"], **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_targets_on_another_device_are_refused():
+    hidden, weight, _, targets = make_inputs(4, 6, 3, torch.float32)
+    with pytest.raises(ValueError, match="targets is on cpu but hidden is on cuda"):
+        fused_linear_log_probs(hidden.cuda(), weight.cuda(), targets)
+
+
+MEMORY_BOUND_SCRIPT = textwrap.dedent(r"""
+    import resource
+    import torch
+    from prefix_grouper import fused_linear_log_probs
+    from prefix_grouper.logprobs import reference_log_probs
+
+    torch.set_num_threads(1)
+    rows, vocab, width = 4096, 65536, 16  # full float32 logits: 1 GiB
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, width, generator=gen).requires_grad_()
+    weight = torch.randn(vocab, width, generator=gen).requires_grad_()
+    targets = torch.randint(vocab, (rows,), generator=gen)
+    # Warm-up (lazy library loads, allocator arenas) before the address space is measured.
+    fused_linear_log_probs(hidden[:2], weight, targets[:2], return_entropy=True, chunk_size=1)[1].sum().backward()
+    hidden.grad = weight.grad = None
+    vm_size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size + (512 << 20), resource.RLIM_INFINITY))
+    try:
+        torch.log_softmax(hidden.detach() @ weight.detach().t(), dim=-1)
+    except (RuntimeError, MemoryError):
+        print("full logits refused")
+    # 256 rows a chunk: 64 MiB of logits, a few such temporaries at a time.
+    log_probs, entropy = fused_linear_log_probs(hidden, weight, targets, return_entropy=True, chunk_size=256)
+    (log_probs.sum() + entropy.sum()).backward()
+    expected_log_probs, expected_entropy = reference_log_probs(hidden[-3:].detach(), weight.detach(), targets[-3:])
+    assert torch.allclose(log_probs[-3:].double(), expected_log_probs, atol=1e-4)
+    assert torch.allclose(entropy[-3:].double(), expected_entropy, atol=1e-4)
+    assert bool(hidden.grad.isfinite().all()) and bool(weight.grad.isfinite().all())
+    print("fused ran")
+""")
+
+
+def test_peak_memory_stays_bounded_under_an_address_space_limit():
+    """Limit the process to its warm size + 512 MiB: plain full logits (1 GiB) fail, the
+    chunked forward and backward run."""
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", MEMORY_BOUND_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "full logits refused" in result.stdout and "fused ran" in result.stdout, result.stdout
+
+
+COMPILE_KERNELS = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from prefix_grouper.logprobs.triton_impl import log_prob_grad_kernel, log_prob_stats_kernel
+
+for kernel in (log_prob_stats_kernel, log_prob_grad_kernel):
+    for dtype in ("*fp32", "*fp64"):
+        signature = {p.name: (dtype if p.name.endswith("_ptr") else "i64") for p in kernel.params}
+        signature.update(targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64", BLOCK_V="constexpr")
+        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(BLOCK_V=4096))
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert "ld.global" in ptx and "st.global" in ptx
+        if dtype == "*fp64":
+            assert "cvt.f64.f32" not in ptx, "an fp32 value is widened in the float64 kernel"
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects (e.g. loop-carried type changes)."""
+    pytest.importorskip("triton")
+    assert_compiles_for_sm90(COMPILE_KERNELS, timeout=300)

@@ -21,7 +21,7 @@ Two exact formulations on padded views of the packed axis:
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
 zero probability, and ``0 * NaN = NaN``. So no batch row mixes segments that must not see
 each other (hence one row per completion, not per group, in the fused suffix call), and
-padding is gathered as zeros rather than as the neighbouring tokens. A non-finite K/V of a
+padding gathers an appended zero row rather than the neighbouring tokens. A non-finite K/V of a
 completion token then reaches only that completion's rows, one of a prefix token only its
 group's rows, as in the naive layout.
 """
@@ -33,24 +33,30 @@ import torch.nn.functional as F
 from ..layout import GroupLayout
 
 
-def _padded_index(starts: torch.Tensor, lens: torch.Tensor, width: int, last: int):
-    """``[R, width]`` packed indices of R runs (clamped into range) and their validity."""
+def _padded_index(starts: torch.Tensor, lens: torch.Tensor, width: int, zero_row: int):
+    """``[R, width]`` packed indices of R runs, ``zero_row`` where padded, and their validity."""
     cols = torch.arange(width, device=starts.device)
     valid = cols[None, :] < lens[:, None]
-    return (starts[:, None] + cols[None, :]).clamp(max=last), valid
+    return torch.where(valid, starts[:, None] + cols[None, :], zero_row), valid
+
+
+def _with_zero_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x [T, ...]`` in ``dtype`` with a zero row appended at index T, which padding gathers:
+    a clamped neighbour token's NaN would otherwise reach a padded batch's rows through
+    their zero probabilities (and their gradients)."""
+    return torch.cat([x.to(dtype), x.new_zeros((1, *x.shape[1:]), dtype=dtype)])
 
 
 def _plan(layout: GroupLayout) -> dict:
     """Gather/select indices between the packed axis and the three padded batches."""
-    last = layout.total_tokens - 1
+    zero_row = layout.total_tokens
     group_suffix_starts = layout.prefix_starts + layout.prefix_lens
     group_suffix_lens = layout.cu_group_seqlens[1:] - group_suffix_starts
     prefix_idx, prefix_valid = _padded_index(layout.prefix_starts, layout.prefix_lens,
-                                             layout.max_prefix_len, last)
-    group_idx, group_valid = _padded_index(group_suffix_starts, group_suffix_lens,
-                                           layout.max_group_suffix_tokens, last)
-    own_idx, own_valid = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len,
-                                       last)
+                                             layout.max_prefix_len, zero_row)
+    group_idx, _ = _padded_index(group_suffix_starts, group_suffix_lens,
+                                 layout.max_group_suffix_tokens, zero_row)
+    own_idx, _ = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len, zero_row)
 
     # Where every packed token sits in each padded batch (flattened row * width + column).
     group, completion = layout.token_group, layout.token_completion
@@ -62,10 +68,8 @@ def _plan(layout: GroupLayout) -> dict:
     in_own = completion_safe * layout.max_suffix_len + (arange_t - layout.suffix_starts[completion_safe])
     zero = torch.zeros_like(arange_t)
     return {
-        # Padded runs: (packed index [R, width], valid [R, width]) for _gather.
-        "prefix": (prefix_idx, prefix_valid),
-        "group": (group_idx, group_valid),
-        "own": (own_idx, own_valid),
+        "prefix_idx": prefix_idx, "prefix_valid": prefix_valid,
+        "group_idx": group_idx, "own_idx": own_idx,
         "is_prefix": is_prefix,
         "in_prefix": torch.where(is_prefix, in_prefix, zero),
         "in_group": torch.where(is_prefix, zero, in_group),
@@ -91,37 +95,30 @@ def _attend(q, k, v, mask, scale):
     return out, lse.permute(0, 3, 1, 2).reshape(r, lq, hq)
 
 
-def _gather(x, run):
-    """``x [T, ...]`` gathered into a padded run ``(idx [R, L], valid [R, L])``: ``[R, L, ...]``.
-
-    Padding is zero, not the clamped neighbour token: a neighbour's NaN would otherwise
-    reach this run's rows through their zero probabilities (and their gradients).
-    """
-    idx, valid = run
+def _gather(x, idx):
     # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
-    gathered = x[idx]
-    return torch.where(valid.view(*valid.shape, *(1,) * (x.dim() - 1)), gathered, 0)
+    return x[idx]
 
 
 def _completion_keys_plan(layout: GroupLayout, plan: dict):
-    """Keys ``(idx, valid)`` ``[N, P_max + S_max]`` of every completion's queries (its group's
-    prefix, then itself) and their mask ``[N, S_max, P_max + S_max]``: the valid prefix,
-    then causal within the completion."""
-    prefix_idx, prefix_valid = (x[layout.completion_group] for x in plan["prefix"])
-    own_idx, own_valid = plan["own"]
+    """Keys ``[N, P_max + S_max]`` of every completion's queries (its group's prefix, then
+    itself) and their mask ``[N, S_max, P_max + S_max]``: the valid prefix, then causal
+    within the completion."""
+    group = layout.completion_group
+    own_idx = plan["own_idx"]
     width = own_idx.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=layout.device).tril()
-    mask = torch.cat([prefix_valid[:, None, :].expand(-1, width, -1),
+    mask = torch.cat([plan["prefix_valid"][group][:, None, :].expand(-1, width, -1),
                       causal[None].expand(own_idx.shape[0], -1, -1)], 2)
-    return (torch.cat([prefix_idx, own_idx], 1), torch.cat([prefix_valid, own_valid], 1)), mask
+    return torch.cat([plan["prefix_idx"][group], own_idx], 1), mask
 
 
 def _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale):
-    def heads_first(x, run):
-        return _gather(x, run).transpose(1, 2)  # [R, H, L, D]
+    def heads_first(x, idx):
+        return _gather(x, idx).transpose(1, 2)  # [R, H, L, D]
 
     o_pre = F.scaled_dot_product_attention(
-        *(heads_first(x, plan["prefix"]) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
+        *(heads_first(x, plan["prefix_idx"]) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
         enable_gqa=True).transpose(1, 2)
     hq, d = qc.shape[1:]
     o_pre = o_pre.reshape(-1, hq, d)[plan["in_prefix"]]
@@ -130,7 +127,7 @@ def _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale):
     keys, mask = layout.cached(("torch_backend_completion_keys",),
                                lambda: _completion_keys_plan(layout, plan))
     o_suffix = F.scaled_dot_product_attention(
-        heads_first(qc, plan["own"]), heads_first(kc, keys), heads_first(vc, keys),
+        heads_first(qc, plan["own_idx"]), heads_first(kc, keys), heads_first(vc, keys),
         attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True).transpose(1, 2)
     o_suffix = o_suffix.reshape(-1, hq, d)[plan["in_own"]]
     return torch.where(plan["is_prefix"][:, None, None], o_pre, o_suffix)
@@ -151,22 +148,21 @@ def torch_prefix_attention(
     """
     plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc, vc = (x.to(compute) for x in (q, k, v))
+    qc, kc, vc = (_with_zero_row(x, compute) for x in (q, k, v))
     if not need_lse:
         return _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale).to(q.dtype), None
-    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix"]) for x in (qc, kc, vc))
+    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix_idx"]) for x in (qc, kc, vc))
     causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
                                device=q.device).tril()
     o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
     if layout.num_completion_tokens == 0:  # every completion empty: prefixes only
-        prefix_valid = plan["prefix"][1]
-        return o_pre[prefix_valid].to(q.dtype), lse_pre[prefix_valid]
+        return o_pre[plan["prefix_valid"]].to(q.dtype), lse_pre[plan["prefix_valid"]]
 
-    q_group = _gather(qc, plan["group"])
-    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix"][1][:, None, :],
+    q_group = _gather(qc, plan["group_idx"])
+    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],
                                  softmax_scale)
 
-    q_own, k_own, v_own = (_gather(x, plan["own"]) for x in (qc, kc, vc))
+    q_own, k_own, v_own = (_gather(x, plan["own_idx"]) for x in (qc, kc, vc))
     causal_own = torch.ones(layout.max_suffix_len, layout.max_suffix_len, dtype=torch.bool,
                             device=q.device).tril()
     o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)

@@ -55,7 +55,7 @@ def word_count_reward(completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
-def make_trainer(trainer_class, model_dir, tmp_path, **config):
+def make_trainer(trainer_class, model_dir, tmp_path, peft_config=None, **config):
     prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(8)]
     args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=4,
                           per_device_train_batch_size=8, max_completion_length=6, temperature=0.7,
@@ -64,7 +64,7 @@ def make_trainer(trainer_class, model_dir, tmp_path, **config):
     # Not AutoTokenizer: the folder's config says qwen2, whose tokenizer class would re-tokenize as BPE.
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
     return trainer_class(model=model_dir, reward_funcs=word_count_reward, args=args, processing_class=tokenizer,
-                         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+                         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), peft_config=peft_config)
 
 
 def trl_shaped_batch(seed=0):
@@ -104,8 +104,18 @@ def test_log_probs_and_entropies_equal_trl(model_dir, tmp_path, batch_size):
         expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(
             trainer, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
             compute_entropy=entropy)
-        grouped = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                             batch_size=batch_size, compute_entropy=entropy)
+        packed_rows = []
+        hook = model.model.register_forward_hook(
+            lambda module, args, kwargs, out: packed_rows.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        try:
+            grouped = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                 batch_size=batch_size, compute_entropy=entropy)
+        finally:
+            hook.remove()
+        # Every prompt encoded once: 5 + 2 + 7 prompt tokens and 33 completion tokens, in one
+        # packed row, or in 3 (groups of 4, 2 and 3 rows, chunks of 3: the group of 4 runs whole).
+        assert [rows for rows, _ in packed_rows] == [1] * (1 if batch_size is None else 3)
+        assert sum(tokens for _, tokens in packed_rows) == 5 + 2 + 7 + 33
         assert model.config._attn_implementation == f"{ATTENTION_NAME}+sdpa"
         assert grouped[0].dtype == expected[0].dtype == torch.float32
         assert grouped[0].shape == expected[0].shape == (9, logits_to_keep)
@@ -118,9 +128,14 @@ def test_log_probs_and_entropies_equal_trl(model_dir, tmp_path, batch_size):
     assert (expected[0][attention_mask[:, -logits_to_keep:].bool()].abs() > 1e-2).all()
 
 
-def test_one_training_step_gives_trl_loss_and_gradients(model_dir, tmp_path):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_one_training_step_gives_trl_loss_and_gradients(model_dir, tmp_path, use_reentrant):
+    """Under gradient checkpointing (GRPOConfig's default, switched on by Trainer.train()),
+    reentrant or not: the recomputed layers must take the grouped attention again."""
     stock = make_trainer(trl.GRPOTrainer, model_dir, tmp_path / "stock")
     grouped = make_trainer(GRPOTrainer, model_dir, tmp_path / "grouped")
+    for trainer in (stock, grouped):
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     input_ids, attention_mask, logits_to_keep = trl_shaped_batch(seed=1)
     with torch.no_grad():
         ref_log_probs, _, _ = stock._get_per_token_logps_and_entropies(
@@ -146,6 +161,35 @@ def test_one_training_step_gives_trl_loss_and_gradients(model_dir, tmp_path):
     assert expected_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=TOL, atol=TOL, msg=name)
+
+
+def test_lora_log_probs_entropies_and_gradients_equal_trl(model_dir, tmp_path):
+    """A PEFT model: the adapters' forward hooks run in the grouped forward, and TRL's
+    reference (the adapter disabled) comes out grouped too."""
+    peft = pytest.importorskip("peft")
+    # init_lora_weights=False: random adapters, so that policy and reference differ.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path, peft_config=lora)
+    model = trainer.model
+    assert isinstance(model, peft.PeftModel) and trainer.ref_model is None
+    input_ids, attention_mask, logits_to_keep = trl_shaped_batch(seed=3)
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def log_probs_entropies_and_grads(method):
+        log_probs, entropies, _ = method(trainer, model, input_ids, attention_mask, logits_to_keep,
+                                         batch_size=4, compute_entropy=True)
+        return log_probs, entropies, torch.autograd.grad((log_probs + entropies).sum(), lora_params)
+
+    expected = log_probs_entropies_and_grads(trl.GRPOTrainer._get_per_token_logps_and_entropies)
+    grouped = log_probs_entropies_and_grads(GRPOTrainer._get_per_token_logps_and_entropies)
+    for value, expected_value in zip([*grouped[:2], *grouped[2]], [*expected[:2], *expected[2]]):
+        torch.testing.assert_close(value, expected_value, rtol=TOL, atol=TOL)
+    with torch.no_grad(), model.disable_adapter():
+        expected_ref = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, model, input_ids, attention_mask, logits_to_keep)[0]
+        grouped_ref = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep)[0]
+    torch.testing.assert_close(grouped_ref, expected_ref, rtol=TOL, atol=TOL)
+    assert (grouped_ref - grouped[0]).abs().max() > 1e-3  # the adapter was really off
 
 
 def test_train_runs_two_steps(model_dir, tmp_path):

@@ -72,9 +72,10 @@ def test_gradcheck_float64_both_outputs(backend):
         inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16_inputs_give_float32_outputs_and_bfloat16_grads(backend):
-    hidden, weight, bias, targets = make_inputs(7, 97, 16, torch.bfloat16)
+def test_half_inputs_give_float32_outputs_and_half_grads(backend, dtype):
+    hidden, weight, bias, targets = make_inputs(7, 97, 16, dtype)
     gen = torch.Generator().manual_seed(3)
     grad_log_probs, grad_entropy = torch.randn(2, 7, generator=gen, dtype=torch.float64)
     ours = values_and_grads(
@@ -84,9 +85,10 @@ def test_bfloat16_inputs_give_float32_outputs_and_bfloat16_grads(backend):
     expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b),
                                 hidden.double(), weight.double(), bias.double(), grad_log_probs, grad_entropy)
     assert ours[0].dtype == ours[1].dtype == torch.float32
-    assert [g.dtype for g in ours[2:]] == [torch.bfloat16] * 3
-    # The head's matmuls run in bf16 (fp32 accumulation, output rounded to 8 bits of mantissa):
-    # logits of magnitude ~5 are off by up to ~0.02, gradients (~1) by a few bf16 ulps.
+    assert [g.dtype for g in ours[2:]] == [dtype] * 3
+    # The head's matmuls run in the input dtype (fp32 accumulation, output rounded to bf16's
+    # 8 bits of mantissa): logits of magnitude ~5 are off by up to ~0.02, gradients (~1) by a
+    # few bf16 ulps. fp16 (11 bits) is 8x tighter; one bound covers both.
     for name, got, want in zip(["log_probs", "entropy", "d hidden", "d weight", "d bias"], ours, expected):
         torch.testing.assert_close(got.double(), want, atol=0.06, rtol=0.02, msg=name)
 
@@ -241,10 +243,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from prefix_grouper.logprobs.triton_impl import log_prob_grad_kernel, log_prob_stats_kernel
 
+# (logits, statistics): half-precision logits are read as they are and computed on in float32.
 for kernel in (log_prob_stats_kernel, log_prob_grad_kernel):
-    for dtype in ("*fp32", "*fp64"):
+    for logits, dtype in (("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp32"), ("*fp64", "*fp64")):
         signature = {p.name: (dtype if p.name.endswith("_ptr") else "i64") for p in kernel.params}
-        signature.update(targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64", BLOCK_V="constexpr")
+        signature.update(logits_ptr=logits, targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64",
+                         BLOCK_V="constexpr")
         source = ASTSource(fn=kernel, signature=signature, constexprs=dict(BLOCK_V=4096))
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         assert "ld.global" in ptx and "st.global" in ptx

@@ -2,7 +2,7 @@
 ever holding more than one chunk of logits.
 
 The forward walks the rows in chunks: ``logits = hidden[chunk] @ weight.T + bias`` (cuBLAS,
-in the input dtype), upcast to float32 (float64 for float64 inputs), reduced per row to
+in the input dtype), reduced per row in float32 (float64 for float64 inputs) to
 ``log p(target)``, ``lse`` and entropy; only those ``[C]`` statistics are kept. The backward
 recomputes each chunk's logits, overwrites them with their gradient and applies the two
 matmuls of the head's backward. That is one more ``hidden @ weight.T`` than plain PyTorch
@@ -25,10 +25,12 @@ __all__ = ["BACKENDS", "LOGITS_CHUNK_BYTES", "default_chunk_size", "fused_linear
 
 BACKENDS = ("torch", "triton")
 
-# Memory budget of one chunk of upcast logits. 256 MiB is 441 rows of Qwen's 151,936-token
-# vocabulary in float32: matmuls of that height still run near cuBLAS peak, and the chunk is
-# a small fraction of any training GPU. The backward briefly adds the chunk's gradient cast
-# to a half-precision weight dtype (128 MiB more for bf16/fp16 weights).
+# Memory budget of one chunk of logits counted in float32 (float64 for float64 inputs), the
+# dtype the torch backend upcasts them to. 256 MiB is 441 rows of Qwen's 151,936-token
+# vocabulary: matmuls of that height still run near cuBLAS peak, and the chunk is a small
+# fraction of any training GPU. The Triton backend keeps bf16/fp16 logits as they are
+# (half the budget); the torch backend holds up to ~3 such buffers at once (its temporaries,
+# and the gradient cast to a bf16/fp16 weight dtype for the matmuls).
 LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
@@ -67,9 +69,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A fresh ``[c, V]`` buffer of logits in the compute dtype, which the kernels may overwrite."""
-    logits = hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
-    return logits.to(compute_dtype(hidden_chunk.dtype))
+    """A fresh ``[c, V]`` buffer of logits in the input dtype, which the kernels may overwrite."""
+    return hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
 
 
 class FusedLinearLogProbs(torch.autograd.Function):
@@ -105,7 +106,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
                 grad_log_probs[start:end], grad_entropy[start:end], ctx.inv_temperature)
             if needs_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
             # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
             grad_logits = grad_logits.to(weight.dtype)
             if needs_hidden:

@@ -7,6 +7,10 @@ One program per row of a logits chunk ``[c, V]`` walks the vocabulary in ``BLOCK
   ``H = log s - (sum_j e_j (z_j - m)) / s`` has no cancellation even for a peaked row.
 - ``log_prob_grad_kernel``: recomputes ``p`` from the stored ``lse`` and overwrites the row
   with the gradient of the logits (one read, one write).
+Logits stay in the input dtype in memory (bf16/fp16 chunks are half the bytes of float32
+ones and need no upcast pass); the kernels compute in the dtype of the ``[c]`` statistics,
+float32 (float64 for float64 inputs), and write the gradient back in the logits' dtype,
+which is what the head's backward matmuls consume.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 # No `from __future__ import annotations`: Triton reads the ``tl.float64`` annotation of
@@ -36,7 +40,7 @@ if triton is not None:
         """``log_probs``, ``lse`` and ``entropy`` ``[c]`` of ``logits [c, V] * inv_temperature``."""
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
-        dtype = logits_ptr.dtype.element_ty
+        dtype = lse_ptr.dtype.element_ty
         scale = tl.full([], inv_temperature, dtype)
         cols = tl.arange(0, BLOCK_V)
         running_max = tl.full([], float("-inf"), dtype)
@@ -69,7 +73,7 @@ if triton is not None:
         """Overwrite ``logits [c, V]`` with ``d(g_lp log p_t + g_H H) / d logits``, row by row."""
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
-        dtype = logits_ptr.dtype.element_ty
+        dtype = lse_ptr.dtype.element_ty
         scale = tl.full([], inv_temperature, dtype)
         lse = tl.load(lse_ptr + row)
         entropy = tl.load(entropy_ptr + row)
@@ -85,7 +89,7 @@ if triton is not None:
             entropy_term = tl.where(p > 0, log_p + entropy, 0.0) * p
             grad = tl.where(start + cols == target, grad_log_prob, 0.0) - grad_log_prob * p \
                 - grad_entropy * entropy_term
-            tl.store(row_ptr + start + cols, (grad * scale).to(dtype), mask=inside)
+            tl.store(row_ptr + start + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=inside)
 
 
 def _launch_config(vocab_size: int) -> dict:

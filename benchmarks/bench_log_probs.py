@@ -1,0 +1,179 @@
+"""Completion log-probs through the LM head: fused (chunked) against full logits.
+
+Approaches, each timed forward + backward of ``loss = -sum(log p(target))`` (plus
+``0.01 * sum(entropy)`` with --entropy) with respect to hidden and the head's weight:
+  plain         hidden @ weight.T in the input dtype, log_softmax in float32, gather
+                (what TRL/verl do without a fused head)
+  fused-torch   prefix_grouper.fused_linear_log_probs(backend="torch")
+  fused-triton  prefix_grouper.fused_linear_log_probs(backend="triton") (CUDA only)
+  liger         Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="sum"), the same
+                loss (where liger-kernel is installed; no entropy, so not with --entropy)
+
+Every approach's log-probs and gradients are compared with plain's before timing (max abs
+difference, in the CSV). Peak extra memory is what the step allocates beyond its inputs:
+torch.cuda.max_memory_allocated on GPU; on CPU the process's peak resident size (VmHWM,
+reset through /proc/self/clear_refs after glibc's malloc_trim) above its resident size before the step.
+
+    python -m benchmarks.bench_log_probs --device cpu          # C=512 V=8192 H=256, seconds
+    python -m benchmarks.bench_log_probs                       # GPU: C 2048..32768, V=151936, bf16
+
+Writes log_probs_<device>.csv and .png into --out (default runs/bench_log_probs/).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+
+import torch
+
+from prefix_grouper import fused_linear_log_probs
+
+from .common import add_output_arguments, bar_chart, device_name, measure_ms, output_dir, slug, versions, write_csv
+
+GPU_VOCAB, GPU_CONFIGS = 151936, [(rows, width) for width in (1536, 3584) for rows in (2048, 8192, 32768)]
+CPU_VOCAB, CPU_CONFIGS, CPU_CHUNK_SIZE = 8192, [(512, 256)], 128
+ENTROPY_WEIGHT = 0.01
+
+
+def liger_loss():
+    """Liger-Kernel's fused linear cross-entropy module, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+def plain_log_probs(hidden, weight, targets, with_entropy):
+    log_p = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    log_probs = log_p.gather(1, targets[:, None]).squeeze(1)
+    return log_probs, (-(log_p.exp() * log_p).sum(-1) if with_entropy else None)
+
+
+def approaches(device: torch.device, with_entropy: bool, chunk_size: int | None) -> dict:
+    """name -> fn(hidden, weight, targets) returning (loss, log_probs)."""
+    def combine(log_probs, entropy):
+        loss = -log_probs.sum()
+        return (loss + ENTROPY_WEIGHT * entropy.sum() if with_entropy else loss), log_probs
+
+    def fused(backend):
+        return lambda h, w, t: combine(*fused_linear_log_probs(h, w, t, return_entropy=True, chunk_size=chunk_size,
+                                                                    backend=backend))
+
+    table = {"plain": lambda h, w, t: combine(*plain_log_probs(h, w, t, with_entropy)),
+             "fused-torch": fused("torch")}
+    if device.type == "cuda":
+        table["fused-triton"] = fused("triton")
+        liger = liger_loss()
+        if liger is not None and not with_entropy:
+            # Liger returns only the summed loss: its log-probs are not compared, its gradients are.
+            table["liger"] = lambda h, w, t: (liger(w, h, t), None)
+    return table
+
+
+def peak_extra_mib(fn, device: torch.device) -> float:
+    """Memory ``fn()`` allocates at its peak beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    def status_kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    # Hand freed heap pages back first: glibc keeps them resident, so a step reusing them
+    # would not raise the peak. Then reset VmHWM to the current resident size.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - base) / 2**10
+
+
+def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, names):
+    gen = torch.Generator().manual_seed(rows + width)
+    # Scaled like a trained head: logits of a few units, not sqrt(H).
+    hidden = (torch.randn(rows, width, generator=gen) / width**0.5).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) * 2).to(device, dtype).requires_grad_()
+    targets = torch.randint(vocab, (rows,), generator=gen).to(device)
+    table = approaches(device, with_entropy, chunk_size)
+
+    def step(fn):
+        hidden.grad = weight.grad = None
+        loss, log_probs = fn(hidden, weight, targets)
+        loss.backward()
+        return log_probs
+
+    results, baseline = [], None
+    for name in names or table:
+        if name not in table:
+            continue
+        fn = table[name]
+        try:
+            log_probs = step(fn)
+            outputs = [None if log_probs is None else log_probs.detach().float(), hidden.grad.float(),
+                       weight.grad.float()]
+            baseline = baseline or outputs
+            max_err = max((got - want).abs().max().item() for got, want in zip(outputs, baseline) if got is not None)
+            ms = measure_ms(lambda: step(fn), device)
+            mib = peak_extra_mib(lambda: step(fn), device)
+        except torch.OutOfMemoryError:
+            ms = mib = max_err = float("nan")
+        hidden.grad = weight.grad = None
+        results.append(dict(config=f"C{rows} V{vocab} H{width}", approach=name, dtype=str(dtype).split(".")[-1],
+                            entropy=with_entropy, fwd_bwd_ms=round(ms, 3), peak_extra_mib=round(mib, 1),
+                            max_abs_diff_vs_plain=max_err))
+        print(f"{results[-1]['config']:>22} {name:>13}: {ms:9.2f} ms  {mib:9.1f} MiB extra  "
+              f"max|diff vs plain| {max_err:.2e}", flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are not representative)")
+    parser.add_argument("--configs", nargs="*", help='"C,H" pairs (default: every config of this device)')
+    parser.add_argument("--vocab", type=int, help=f"V (default {GPU_VOCAB} on GPU, {CPU_VOCAB} on CPU)")
+    parser.add_argument("--approaches", nargs="*", help="names to run (default: all available)")
+    parser.add_argument("--entropy", action="store_true", help="add 0.01 * sum(entropy) to the loss")
+    parser.add_argument("--chunk-size", type=int,
+                        help=f"rows per chunk of the fused approaches (default: the library's 256 MiB budget on GPU; "
+                             f"{CPU_CHUNK_SIZE} on CPU, where that budget would hold the small shape in one chunk)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_output_arguments(parser, "bench_log_probs")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    vocab = args.vocab or (GPU_VOCAB if on_gpu else CPU_VOCAB)
+    configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs
+               else GPU_CONFIGS if on_gpu else CPU_CONFIGS)
+    chunk_size = args.chunk_size or (None if on_gpu else CPU_CHUNK_SIZE)
+    name = device_name(device)
+    print(f"{name}; {versions()}; {dtype}", flush=True)
+    rows = [r for rows_, width in configs
+            for r in run_config(rows_, width, vocab, dtype, device, args.entropy, chunk_size, args.approaches)]
+    out = output_dir(args)
+    stem = os.path.join(out, f"log_probs_{slug(name)}")
+    write_csv(rows, stem + ".csv")
+    title = f"fused linear log-probs, fwd+bwd, {str(dtype).split('.')[-1]}, {name}"
+    series_ms, series_mib = {}, {}
+    for r in rows:
+        series_ms.setdefault(r["approach"], {})[r["config"]] = r["fwd_bwd_ms"]
+        series_mib.setdefault(r["approach"], {})[r["config"]] = r["peak_extra_mib"]
+    bar_chart(series_ms, stem + ".png", ylabel="fwd+bwd ms", title=title, log_scale=True)
+    bar_chart(series_mib, stem + "_memory.png", ylabel="peak extra MiB", title=title, log_scale=True)
+    print(f"wrote {stem}.csv, .png, _memory.png", flush=True)
+
+
+if __name__ == "__main__":
+    main()

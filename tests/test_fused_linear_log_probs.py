@@ -34,30 +34,40 @@ def make_inputs(rows, vocab, width, dtype, seed=0):
     return hidden, weight, bias, targets
 
 
-def values_and_grads(fn, hidden, weight, bias, grad_log_probs, grad_entropy):
-    """``(log_probs, entropy, d hidden, d weight, d bias)`` of ``fn`` for the given upstream grads."""
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    log_probs, entropy = fn(*leaves)
-    torch.autograd.backward([log_probs, entropy], [grad_log_probs.to(log_probs.dtype),
-                                                   grad_entropy.to(entropy.dtype)])
-    return (log_probs, entropy) + tuple(leaf.grad for leaf in leaves)
+OUTPUTS = ["log_probs", "entropy", "d hidden", "d weight", "d bias"]
+
+
+def values_and_grads(fn, inputs, upstream):
+    """``(log_probs, entropy, d hidden, d weight, d bias)`` of ``fn(hidden, weight, bias)`` for
+    the upstream gradients ``upstream [2, C]`` of (log_probs, entropy)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outputs = fn(*leaves)
+    torch.autograd.backward(outputs, [grad.to(out.dtype) for grad, out in zip(upstream, outputs)])
+    return tuple(outputs) + tuple(leaf.grad for leaf in leaves)
+
+
+def fused_and_reference(backend, hidden, weight, bias, targets, temperature=1.0, reference_inputs=None):
+    """:func:`values_and_grads` of the fused call and of the float64 reference for one random
+    upstream gradient; the reference runs on ``reference_inputs`` (hidden, weight, bias,
+    targets), by default the same inputs cast to float64."""
+    upstream = torch.randn(2, hidden.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=temperature, return_entropy=True,
+                                               chunk_size=CHUNK, backend=backend),
+        (hidden, weight, bias), upstream)
+    *float_inputs, reference_targets = reference_inputs or (hidden.double(), weight.double(), bias.double(), targets)
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, reference_targets, b, temperature),
+                                float_inputs, upstream)
+    return ours, expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "C{}_V{}_H{}".format(*s))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_values_entropy_and_gradients_match_float64_reference(backend, shape, dtype):
-    hidden, weight, bias, targets = make_inputs(*shape, dtype)
-    gen = torch.Generator().manual_seed(1)
-    grad_log_probs, grad_entropy = torch.randn(2, shape[0], generator=gen, dtype=torch.float64)
-    ours = values_and_grads(
-        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=TEMPERATURE, return_entropy=True,
-                                               chunk_size=CHUNK, backend=backend),
-        hidden, weight, bias, grad_log_probs, grad_entropy)
-    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b, TEMPERATURE),
-                                hidden.double(), weight.double(), bias.double(), grad_log_probs, grad_entropy)
+    ours, expected = fused_and_reference(backend, *make_inputs(*shape, dtype), temperature=TEMPERATURE)
     assert ours[0].dtype == ours[1].dtype == dtype
-    for name, got, want in zip(["log_probs", "entropy", "d hidden", "d weight", "d bias"], ours, expected):
+    for name, got, want in zip(OUTPUTS, ours, expected):
         torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
 
 
@@ -75,21 +85,13 @@ def test_gradcheck_float64_both_outputs(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_inputs_give_float32_outputs_and_half_grads(backend, dtype):
-    hidden, weight, bias, targets = make_inputs(7, 97, 16, dtype)
-    gen = torch.Generator().manual_seed(3)
-    grad_log_probs, grad_entropy = torch.randn(2, 7, generator=gen, dtype=torch.float64)
-    ours = values_and_grads(
-        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, return_entropy=True, chunk_size=CHUNK,
-                                               backend=backend),
-        hidden, weight, bias, grad_log_probs, grad_entropy)
-    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b),
-                                hidden.double(), weight.double(), bias.double(), grad_log_probs, grad_entropy)
+    ours, expected = fused_and_reference(backend, *make_inputs(7, 97, 16, dtype))
     assert ours[0].dtype == ours[1].dtype == torch.float32
     assert [g.dtype for g in ours[2:]] == [dtype] * 3
     # The head's matmuls run in the input dtype (fp32 accumulation, output rounded to bf16's
     # 8 bits of mantissa): logits of magnitude ~5 are off by up to ~0.02, gradients (~1) by a
     # few bf16 ulps. fp16 (11 bits) is 8x tighter; one bound covers both.
-    for name, got, want in zip(["log_probs", "entropy", "d hidden", "d weight", "d bias"], ours, expected):
+    for name, got, want in zip(OUTPUTS, ours, expected):
         torch.testing.assert_close(got.double(), want, atol=0.06, rtol=0.02, msg=name)
 
 
@@ -102,17 +104,11 @@ def test_banned_token_bias_minus_inf_equals_vocabulary_without_it(backend):
     bias[banned] = float("-inf")
     targets[targets == banned] = banned + 1
     kept = [v for v in range(9) if v != banned]
-    gen = torch.Generator().manual_seed(5)
-    grad_log_probs, grad_entropy = torch.randn(2, 6, generator=gen, dtype=torch.float64)
-    ours = values_and_grads(
-        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, return_entropy=True, chunk_size=CHUNK,
-                                               backend=backend),
-        hidden, weight, bias, grad_log_probs, grad_entropy)
     remapped = targets - (targets > banned).long()
-    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, remapped, b),
-                                hidden, weight[kept], bias[kept], grad_log_probs, grad_entropy)
-    for got, want in zip(ours[:3], expected[:3]):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    ours, expected = fused_and_reference(backend, hidden, weight, bias, targets,
+                                         reference_inputs=(hidden, weight[kept], bias[kept], remapped))
+    for name, got, want in zip(OUTPUTS[:3], ours[:3], expected[:3]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
     torch.testing.assert_close(ours[3][kept], expected[3], atol=1e-10, rtol=1e-10)
     assert torch.equal(ours[3][banned], torch.zeros(4, dtype=torch.float64))
     assert ours[4][banned] == 0

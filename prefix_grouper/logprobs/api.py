@@ -134,10 +134,9 @@ def check_operands(hidden: Any, weight: Any, bias: Any) -> None:
                                       ("bias", bias, 1, "[V]")):
         if name == "bias" and tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(tensor).__name__}")
-        if not tensor.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor {shape}, got dtype {tensor.dtype}")
+        if not (isinstance(tensor, torch.Tensor) and tensor.dtype.is_floating_point):
+            got = f"dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a floating-point tensor {shape}, got {got}")
         if tensor.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(tensor.shape)}")
         if name != "hidden" and (tensor.dtype != hidden.dtype or tensor.device != hidden.device):

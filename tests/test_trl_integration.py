@@ -56,7 +56,7 @@ def word_count_reward(completions, **kwargs):
 
 
 def make_trainer(trainer_class, model_dir, tmp_path, peft_config=None, **config):
-    prompts = [" ".join(WORDS[i:i + 1 + i % 5]) for i in range(8)]
+    prompts = [" ".join(WORDS[i:i + 2 + i % 5]) for i in range(8)]
     args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=4,
                           per_device_train_batch_size=8, max_completion_length=6, temperature=0.7,
                           beta=0.1, learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=0, bf16=False,
@@ -67,13 +67,13 @@ def make_trainer(trainer_class, model_dir, tmp_path, peft_config=None, **config)
                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), peft_config=peft_config)
 
 
-def trl_shaped_batch(seed=0):
+def trl_shaped_batch(seed=0, prompt_lens=(5, 2, 7)):
     """Rows as TRL scores them: 3 groups (4, 2, 3 completions) of ragged left-padded prompts,
     ragged right-padded completions (one empty: a truncated, masked completion), rows shuffled
     as TRL shuffles a generation batch before cutting micro-batches."""
     g = torch.Generator().manual_seed(seed)
     vocab = 3 + len(WORDS)
-    prompt_lens, group_completion_lens = [5, 2, 7], [[3, 6, 1, 4], [6, 0], [2, 5, 6]]
+    group_completion_lens = [[3, 6, 1, 4], [6, 0], [2, 5, 6]]
     width = max(prompt_lens)
     prompt_rows, completion_rows, prompt_masks, completion_masks = [], [], [], []
     for p, completion_lens in zip(prompt_lens, group_completion_lens):
@@ -112,10 +112,11 @@ def test_log_probs_and_entropies_equal_trl(model_dir, tmp_path, batch_size):
                                                                  batch_size=batch_size, compute_entropy=entropy)
         finally:
             hook.remove()
-        # Every prompt encoded once: 5 + 2 + 7 prompt tokens and 33 completion tokens, in one
-        # packed row, or in 3 (groups of 4, 2 and 3 rows, chunks of 3: the group of 4 runs whole).
+        # Every prompt encoded once (5 + 2 + 7 tokens; its last token once per completion: 9),
+        # and 33 completion tokens, in one packed row, or in 3 (groups of 4, 2 and 3 rows,
+        # chunks of 3: the group of 4 runs whole).
         assert [rows for rows, _ in packed_rows] == [1] * (1 if batch_size is None else 3)
-        assert sum(tokens for _, tokens in packed_rows) == 5 + 2 + 7 + 33
+        assert sum(tokens for _, tokens in packed_rows) == (4 + 1 + 6) + 9 + 33
         assert model.config._attn_implementation == f"{ATTENTION_NAME}+sdpa"
         assert grouped[0].dtype == expected[0].dtype == torch.float32
         assert grouped[0].shape == expected[0].shape == (9, logits_to_keep)
@@ -194,25 +195,33 @@ def test_lora_log_probs_entropies_and_gradients_equal_trl(model_dir, tmp_path):
 
 def test_train_runs_two_steps(model_dir, tmp_path):
     trainer = make_trainer(GRPOTrainer, model_dir, tmp_path, max_steps=2)
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "prefix_grouper" in str(w.message)]  # grouped throughout, no fallback
     assert trainer.state.global_step == 2
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert trainer.model.config._attn_implementation == f"{ATTENTION_NAME}+sdpa"
 
 
-def test_unhandled_inputs_fall_back_to_trl_with_one_warning(model_dir, tmp_path):
+@pytest.mark.parametrize("unhandled", ["token_type_ids", "prompts of one token"])
+def test_unhandled_inputs_fall_back_to_trl_with_one_warning(model_dir, tmp_path, unhandled):
     trainer = make_trainer(GRPOTrainer, model_dir, tmp_path)
-    input_ids, attention_mask, logits_to_keep = trl_shaped_batch()
-    token_type_ids = torch.zeros_like(input_ids)
+    if unhandled == "token_type_ids":
+        input_ids, attention_mask, logits_to_keep = trl_shaped_batch()
+        extra = {"token_type_ids": torch.zeros_like(input_ids)}
+    else:  # the shared prefix is the prompt but its last token: a one-token prompt has none
+        input_ids, attention_mask, logits_to_keep = trl_shaped_batch(prompt_lens=(5, 1, 7))
+        extra = {}
     expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(
-        trainer, trainer.model, input_ids, attention_mask, logits_to_keep, token_type_ids=token_type_ids)
-    with pytest.warns(UserWarning, match="token_type_ids"):
+        trainer, trainer.model, input_ids, attention_mask, logits_to_keep, **extra)
+    with pytest.warns(UserWarning, match=unhandled):
         first = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
-                                                           logits_to_keep, token_type_ids=token_type_ids)
+                                                           logits_to_keep, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         second = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
-                                                            logits_to_keep, token_type_ids=token_type_ids)
+                                                            logits_to_keep, **extra)
     torch.testing.assert_close(first[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(second[0], expected[0], rtol=0, atol=0)

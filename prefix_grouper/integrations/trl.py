@@ -7,8 +7,14 @@ Usage (the one-line change)::
 TRL scores a batch of ``N`` rows ``[left-padded prompt; right-padded completion]``, so a
 prompt with ``G`` completions is encoded ``G`` times in the policy's loss forward and again
 for the old policy and the reference model. This trainer runs those forwards on the packed
-``prompt, completion_1..completion_G`` axis (:func:`completion_logits`), with the same
-temperature scaling, entropies and returned tuple as TRL.
+``prompt, completion_1..completion_G`` axis (:func:`completion_logits`, shared-prefix
+attention) and scores the completion tokens with TRL's own fused LM head (the same
+temperature scaling, entropies, float32 statistics and vocabulary tiling, so no
+``[tokens, vocab]`` logits are materialized), returning TRL's tuple.
+
+The prompt's last token is packed at the head of every completion (``prompt[:-1]`` is the
+shared prefix): each packed position then predicts exactly one token, as TRL's head needs,
+for ``G - 1`` extra tokens per group.
 
 Rows with identical prompts are grouped wherever they stand in the batch (TRL shuffles the
 rows of a generation batch before cutting it into micro-batches), and the results come back
@@ -19,6 +25,7 @@ runs whole.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 from accelerate.utils import is_peft_model
@@ -50,38 +57,40 @@ def _rows_grouped_by_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor)
     return torch.argsort(prompt_of_row, stable=True), rows_per_prompt.tolist()
 
 
-def _log_probs_and_entropies(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                             compute_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``log_softmax(logits / temperature)`` at ``targets`` and the entropy, from one log-softmax.
+def _completion_scores(scores: torch.Tensor, layout: GroupLayout, width: int) -> torch.Tensor:
+    """Per-token scores of the packed completions ``[last prompt token; completion]``
+    (``[sum_j (1 + S_j), ...]``) as TRL returns them: ``[N, width, ...]``, the prompt token's
+    own score dropped, right-padded with zeros."""
+    padded, _ = layout.unpack_completions(scores)
+    completions = padded[:, 1:]
+    return torch.nn.functional.pad(completions, (0, 0) * (scores.dim() - 1) + (0, width - completions.shape[1]))
 
-    logits ``[M, V]``, targets ``[M]`` -> ``([M], [M] or None)`` in float32 as TRL's fused LM
-    head returns them. Like TRL, the logits are scaled in float32 (float64 for a float64 model).
+
+class _FusedHeadCall:
+    """``model`` as :func:`completion_logits` calls it: the model TRL hands over (maybe wrapped
+    by accelerate or PEFT, whose forward carries their hooks), under the accelerator's
+    autocast as TRL runs it, with the config of the transformers model inside (which
+    :func:`install` already switched).
+
+    :func:`completion_logits` asks for the logits at ``logits_to_keep`` (the packed positions
+    that predict each packed completion token); this answers with what TRL's fused LM head
+    computes there instead, ``[1, M, 2]`` (log-prob, entropy) or ``[1, M, 1]`` (log-prob, for
+    a head without entropy), without vocabulary-wide logits.
     """
-    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) * (1.0 / temperature)
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    selected = log_probs.gather(-1, targets[:, None])[:, 0].float()
-    entropies = -(log_probs.exp() * log_probs).sum(-1).float() if compute_entropy else None
-    return selected, entropies
-
-
-def _padded_completions(values: torch.Tensor, layout: GroupLayout, width: int) -> torch.Tensor:
-    """``[num_completion_tokens]`` -> ``[N, width]`` right-padded with zeros, as TRL returns them."""
-    padded, _ = layout.unpack_completions(values)
-    return torch.nn.functional.pad(padded, (0, width - padded.shape[1]))
-
-
-class _TrainingModelCall:
-    """``model`` as :func:`completion_logits` calls it: the model TRL hands over (maybe wrapped by
-    accelerate or PEFT, whose forward carries their hooks) run under the accelerator's autocast
-    as TRL runs it, with the config of the transformers model inside, which :func:`install`
-    already switched."""
 
     def __init__(self, model, transformers_model, accelerator) -> None:
         self.model, self.config, self.accelerator = model, transformers_model.config, accelerator
 
-    def __call__(self, **kwargs):
+    def __call__(self, *, input_ids, logits_to_keep, prefix_layout, **kwargs):
+        labels = torch.full_like(input_ids, -100)
+        # The last prefix position appears once per completion in logits_to_keep, always
+        # with the same label: the prompt's last token, packed at every completion's head.
+        labels[0, logits_to_keep] = input_ids[0, prefix_layout.completion_positions()]
         with self.accelerator.autocast():
-            return self.model(**kwargs)
+            out = self.model(input_ids=input_ids, shift_labels=labels, fused_lm_head=True,
+                             prefix_layout=prefix_layout, **kwargs)
+        per_token = [out.log_probs] if out.entropy is None else [out.log_probs, out.entropy]
+        return SimpleNamespace(logits=torch.stack(per_token, -1)[:, logits_to_keep])
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
@@ -134,6 +143,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
         unhandled = [name for name, value in extra_inputs.items() if value is not None]
         if compute_aux_loss:
             unhandled.append("compute_aux_loss=True")
+        prompt_width = input_ids.shape[1] - logits_to_keep
+        if prompt_width < 2 or not bool(attention_mask[:, prompt_width - 2].all()):
+            # The shared prefix is the prompt but its last token, so it needs 2 tokens.
+            unhandled.append("prompts of one token")
         if unhandled:
             self._warn_fallback_once(", ".join(unhandled))
             return super()._get_per_token_logps_and_entropies(
@@ -148,29 +161,26 @@ class GRPOTrainer(_TRLGRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         transformers_model = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
         install(transformers_model)
-        model_call = _TrainingModelCall(model, transformers_model, self.accelerator)
+        model_call = _FusedHeadCall(model, transformers_model, self.accelerator)
 
-        order, group_sizes = _rows_grouped_by_prompt(input_ids[:, :-logits_to_keep],
-                                                     attention_mask[:, :-logits_to_keep])
+        prompt_width = input_ids.shape[1] - logits_to_keep
+        order, group_sizes = _rows_grouped_by_prompt(input_ids[:, :prompt_width], attention_mask[:, :prompt_width])
         input_ids, attention_mask = input_ids[order], attention_mask[order]
-        prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
-        prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]
-        all_log_probs, all_entropies = [], []
-        start = 0
+        chunk_scores, start = [], 0
         for chunk_sizes in forward_chunks(group_sizes, batch_size):
-            end = start + sum(chunk_sizes)
-            layout = GroupLayout.from_padded(prompt_mask[start:end], completion_mask[start:end], chunk_sizes)
-            logits, targets = completion_logits(model_call, layout, prompt_ids[start:end],
-                                                completion_ids[start:end])
-            log_probs, entropies = _log_probs_and_entropies(logits, targets, self.temperature, compute_entropy)
-            all_log_probs.append(_padded_completions(log_probs, layout, logits_to_keep))
-            if compute_entropy:
-                all_entropies.append(_padded_completions(entropies, layout, logits_to_keep))
-            start = end
-        batch_order = torch.argsort(order)
-        log_probs = torch.cat(all_log_probs)[batch_order]
-        entropies = torch.cat(all_entropies)[batch_order] if compute_entropy else None
-        return log_probs, entropies
+            rows = slice(start, start + sum(chunk_sizes))
+            # Shared prefix: the prompt but its last token, which heads every packed completion.
+            layout = GroupLayout.from_padded(attention_mask[rows, :prompt_width - 1],
+                                             attention_mask[rows, prompt_width - 1:], chunk_sizes)
+            scores, _ = completion_logits(model_call, layout, input_ids[rows, :prompt_width - 1],
+                                          input_ids[rows, prompt_width - 1:])
+            chunk_scores.append(_completion_scores(scores, layout, logits_to_keep))
+            start = rows.stop
+        scores = torch.cat(chunk_scores)[torch.argsort(order)]
+        if compute_entropy and scores.shape[-1] < 2:
+            raise ValueError(f"compute_entropy=True, but {type(model).__name__}'s fused LM head computes no "
+                             f"entropy (TRL asks for entropies of the policy only)")
+        return scores[..., 0], scores[..., 1] if compute_entropy else None
 
     def _warn_fallback_once(self, reason: str) -> None:
         if reason not in self._fallbacks_warned:

@@ -35,6 +35,9 @@ def triton_interpreted() -> bool:
     return isinstance(triton.jit(probe), InterpretedFunction)
 
 
+# Whether Triton can run cannot change while a program runs, and torch.compile cannot trace
+# the check (it builds a triton.jit probe): compiled code takes its result as a constant.
+@torch.compiler.assume_constant_result
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
     """None when Triton kernels can run on tensors on ``device``, else a one-line reason."""
     device = torch.device(device)

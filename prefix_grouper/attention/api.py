@@ -22,16 +22,11 @@ MAX_HEAD_DIM = 256
 _FLOAT32 = torch.finfo(torch.float32)
 _SCALE_RANGE = (_FLOAT32.tiny, _FLOAT32.max / math.log2(math.e))
 
-# Whether Triton can run cannot change while a program runs, and torch.compile cannot
-# trace the check (it builds a triton.jit probe): compiled code takes its result as a constant.
-_triton_unavailable_reason = torch.compiler.assume_constant_result(triton_unavailable_reason)
-
-
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest last."""
     device = torch.device(device)
     names = ["reference", "torch"]
-    if _triton_unavailable_reason(device) is None:
+    if triton_unavailable_reason(device) is None:
         names.append("triton")
     return names
 
@@ -45,13 +40,13 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     check_choice(backend, "backend", ("auto",) + BACKENDS)
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and _triton_unavailable_reason(device) is None:
+        if device.type == "cuda" and dtype != torch.float64 and triton_unavailable_reason(device) is None:
             return "triton"
         return "torch"
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
-        reason = _triton_unavailable_reason(device)
+        reason = triton_unavailable_reason(device)
         if reason is not None:
             raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
         if device.type == "cpu" and dtype == torch.bfloat16:

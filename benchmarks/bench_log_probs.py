@@ -170,8 +170,9 @@ def main():
     for r in rows:
         series_ms.setdefault(r["approach"], {})[r["config"]] = r["fwd_bwd_ms"]
         series_mib.setdefault(r["approach"], {})[r["config"]] = r["peak_extra_mib"]
-    bar_chart(series_ms, stem + ".png", ylabel="fwd+bwd ms", title=title, log_scale=True)
-    bar_chart(series_mib, stem + "_memory.png", ylabel="peak extra MiB", title=title, log_scale=True)
+    spread = len(configs) > 1  # C from 2048 to 32768 on GPU: a log axis keeps every config readable
+    bar_chart(series_ms, stem + ".png", ylabel="fwd+bwd ms", title=title, log_scale=spread)
+    bar_chart(series_mib, stem + "_memory.png", ylabel="peak extra MiB", title=title, log_scale=spread)
     print(f"wrote {stem}.csv, .png, _memory.png", flush=True)
 
 

@@ -3,7 +3,7 @@
 Each function takes one fresh chunk of logits ``[c, V]`` in the input dtype, upcasts it to
 the dtype of the ``[c]`` statistics (float32, or float64 for float64 inputs; a no-op when
 it is already that) and works in place on the upcast buffer, so that a chunk holds at most
-a few chunk-sized temporaries (``logsumexp``'s and ``exp``'s).
+two chunk-sized buffers (the upcast logits and their ``exp``).
 """
 from __future__ import annotations
 
@@ -18,13 +18,19 @@ def chunk_stats_torch(logits: torch.Tensor, targets: torch.Tensor, inv_temperatu
 
     ``lse`` is the log-sum-exp of ``logits * inv_temperature``; ``targets [c]`` int64.
     """
+    # The Triton kernel's formulas, vectorized: one exp pass serves lse and entropy, and
+    # H = log s - sum_j e_j (z_j - m) / s has no cancellation (every term <= 0).
     scaled = logits.to(lse.dtype).mul_(inv_temperature)
-    torch.logsumexp(scaled, dim=1, out=lse)
-    log_p = scaled.sub_(lse[:, None])
-    log_probs.copy_(log_p.gather(1, targets[:, None]).squeeze(1))
-    # A banned token (-inf logit) has p = 0; clamping its log p keeps p * log p at 0, not NaN.
-    log_p.clamp_(min=torch.finfo(log_p.dtype).min)
-    torch.neg(torch.linalg.vecdot(log_p.exp(), log_p), out=entropy)
+    row_max = scaled.amax(1, keepdim=True)
+    shifted = scaled.sub_(row_max)
+    exp_shifted = shifted.exp()
+    sum_exp = exp_shifted.sum(1)
+    log_sum = sum_exp.log()
+    torch.add(row_max.squeeze(1), log_sum, out=lse)
+    torch.sub(shifted.gather(1, targets[:, None]).squeeze(1), log_sum, out=log_probs)
+    # A banned token (-inf logit) has e = 0; clamping its z - m keeps e (z - m) at 0, not NaN.
+    shifted.clamp_(min=torch.finfo(shifted.dtype).min)
+    torch.sub(log_sum, torch.linalg.vecdot(exp_shifted, shifted) / sum_exp, out=entropy)
 
 
 def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,

@@ -133,6 +133,19 @@ def test_log_probs_only_sum_backward_and_empty_batch(backend):
     assert torch.equal(empty_weight.grad, torch.zeros_like(weight))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_the_result(backend):
+    """Under autocast the forward's matmul would run in bf16 but the backward's recomputation
+    (autocast off there) in float32: logits inconsistent with the saved lse. The head runs
+    in the inputs' dtype in both, so autocast changes nothing."""
+    inputs = make_inputs(7, 97, 16, torch.float32)
+    plain, _ = fused_and_reference(backend, *inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, _ = fused_and_reference(backend, *inputs)
+    for name, got, want in zip(OUTPUTS, under_autocast, plain):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+
+
 def test_default_chunk_size_fits_the_budget():
     assert default_chunk_size(151936, torch.bfloat16) == 441  # 256 MiB of float32 logits
     assert default_chunk_size(151936, torch.float64) == 220

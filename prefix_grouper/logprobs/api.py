@@ -68,6 +68,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def inputs_dtype_matmuls(device: torch.device):
+    """Autocast off: under autocast the forward's head matmul would run in bf16 while the
+    backward's recomputation (where autocast is usually off) ran in the inputs' dtype, and
+    the recomputed logits would disagree with the saved ``lse``."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A fresh ``[c, V]`` buffer of logits in the input dtype, which the kernels may overwrite."""
     return hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
@@ -80,10 +87,11 @@ class FusedLinearLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, inv_temperature: float, chunk_size: int, kernels: ChunkKernels):
         rows, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
         log_probs, lse, entropy = (torch.empty(rows, dtype=dtype, device=hidden.device) for _ in range(3))
-        for start in range(0, rows, chunk_size):
-            end = min(start + chunk_size, rows)
-            kernels.stats(chunk_logits(hidden[start:end], weight, bias), targets[start:end], inv_temperature,
-                          log_probs[start:end], lse[start:end], entropy[start:end])
+        with inputs_dtype_matmuls(hidden.device):
+            for start in range(0, rows, chunk_size):
+                end = min(start + chunk_size, rows)
+                kernels.stats(chunk_logits(hidden[start:end], weight, bias), targets[start:end], inv_temperature,
+                              log_probs[start:end], lse[start:end], entropy[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.inv_temperature, ctx.chunk_size, ctx.kernels = inv_temperature, chunk_size, kernels
         return log_probs, entropy
@@ -99,20 +107,21 @@ class FusedLinearLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if needs_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            hidden_chunk = hidden[start:end]
-            grad_logits = ctx.kernels.grad_logits_(
-                chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
-                grad_log_probs[start:end], grad_entropy[start:end], ctx.inv_temperature)
-            if needs_bias:
-                grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
-            # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
-            grad_logits = grad_logits.to(weight.dtype)
-            if needs_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if needs_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        with inputs_dtype_matmuls(hidden.device):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                end = min(start + ctx.chunk_size, hidden.shape[0])
+                hidden_chunk = hidden[start:end]
+                grad_logits = ctx.kernels.grad_logits_(
+                    chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
+                    grad_log_probs[start:end], grad_entropy[start:end], ctx.inv_temperature)
+                if needs_bias:
+                    grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+                # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
+                grad_logits = grad_logits.to(weight.dtype)
+                if needs_hidden:
+                    torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+                if needs_weight:
+                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
         if needs_bias:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None

@@ -13,6 +13,7 @@ import torch
 from conftest import assert_compiles_for_sm90
 from prefix_grouper import fused_linear_log_probs
 from prefix_grouper.logprobs import default_chunk_size, reference_log_probs, resolve_backend
+from prefix_grouper.logprobs.triton_impl import MAX_BLOCK_V
 
 BACKENDS = ["torch", "triton"]  # triton under the interpreter here (tests/conftest.py)
 # Ragged chunks on purpose: 7 and 33 rows in chunks of 4 leave a last chunk of 3 and 1.
@@ -67,6 +68,20 @@ def fused_and_reference(backend, hidden, weight, bias, targets, temperature=1.0,
 def test_values_entropy_and_gradients_match_float64_reference(backend, shape, dtype):
     ours, expected = fused_and_reference(backend, *make_inputs(*shape, dtype), temperature=TEMPERATURE)
     assert ours[0].dtype == ours[1].dtype == dtype
+    for name, got, want in zip(OUTPUTS, ours, expected):
+        torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_of_several_kernel_tiles(backend, dtype):
+    """V spans three Triton tiles, and a rising bias moves each row's running max into later
+    tiles, so the online log-sum-exp and entropy rescale (the small shapes fit one tile)."""
+    vocab = 2 * MAX_BLOCK_V + 5
+    hidden, weight, bias, targets = make_inputs(3, vocab, 3, dtype)
+    bias += torch.linspace(-4, 4, vocab, dtype=dtype)
+    targets[:2] = torch.tensor([7, vocab - 1])
+    ours, expected = fused_and_reference(backend, hidden, weight, bias, targets, temperature=TEMPERATURE)
     for name, got, want in zip(OUTPUTS, ours, expected):
         torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
 
@@ -195,6 +210,34 @@ def test_errors_name_the_argument(change, error, match):
         (args if name in args else kwargs)[name] = value
     with pytest.raises(error, match=match):
         fused_linear_log_probs(args["hidden"], args["weight"], args["targets"], **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_bfloat16_matches_reference_and_holds_only_chunks(backend):
+    cuda_inputs = [t.cuda() for t in make_inputs(700, 50000, 64, torch.bfloat16)]
+    ours, expected = fused_and_reference(backend, *cuda_inputs)
+    for name, got, want in zip(OUTPUTS, ours, expected):
+        # The bf16 bound of test_half_inputs_give_float32_outputs_and_half_grads.
+        torch.testing.assert_close(got.double(), want, atol=0.06, rtol=0.02, msg=name)
+
+    hidden, weight, _, targets = (t.cuda() for t in make_inputs(4096, 50000, 64, torch.bfloat16))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    chunk = 256
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    log_probs, entropy = fused_linear_log_probs(hidden, weight, targets, return_entropy=True, chunk_size=chunk,
+                                                backend=backend)
+    (log_probs.sum() + entropy.sum()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    # At most ~3 float32 chunks at a time (torch backend: upcast logits, exp, bf16 gradient
+    # copy), plus the gradients and outputs; full float32 logits would be 4096 * 50000 * 4
+    # = 819 MB, this bound 4 chunks = 205 MB plus 7 MB.
+    grads_and_outputs = (hidden.numel() + weight.numel()) * 2 + 4 * 4096 * 4
+    assert extra <= 4 * chunk * 50000 * 4 + grads_and_outputs + 2**20, extra
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

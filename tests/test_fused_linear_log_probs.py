@@ -129,6 +129,24 @@ def test_banned_token_bias_minus_inf_equals_vocabulary_without_it(backend):
     assert ours[4][banned] == 0
 
 
+@pytest.mark.parametrize("used", ["log_probs", "entropy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_one_output_alone(backend, used):
+    """The output the loss leaves out reaches the backward as None, not zeros: both paths."""
+    hidden, weight, bias, targets = make_inputs(7, 11, 3, torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        fn(*leaves)[OUTPUTS.index(used)].sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    ours = grads(lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=TEMPERATURE,
+                                                        return_entropy=True, chunk_size=CHUNK, backend=backend))
+    expected = grads(lambda h, w, b: reference_log_probs(h, w, targets, b, TEMPERATURE))
+    for name, got, want in zip(OUTPUTS[2:], ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_probs_only_sum_backward_and_empty_batch(backend):
     """return_entropy=False returns one tensor; .sum() hands the backward an expanded grad."""
@@ -299,13 +317,17 @@ from prefix_grouper.logprobs.triton_impl import log_prob_grad_kernel, log_prob_s
 for kernel in (log_prob_stats_kernel, log_prob_grad_kernel):
     for logits, dtype in (("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp32"), ("*fp64", "*fp64")):
         signature = {p.name: (dtype if p.name.endswith("_ptr") else "i64") for p in kernel.params}
-        signature.update(logits_ptr=logits, targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64",
-                         BLOCK_V="constexpr")
-        source = ASTSource(fn=kernel, signature=signature, constexprs=dict(BLOCK_V=4096))
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        assert "ld.global" in ptx and "st.global" in ptx
-        if dtype == "*fp64":
-            assert "cvt.f64.f32" not in ptx, "an fp32 value is widened in the float64 kernel"
+        signature.update(logits_ptr=logits, targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64")
+        for has_grad_entropy in ((True, False) if kernel is log_prob_grad_kernel else (None,)):
+            constants = dict(BLOCK_V=4096)
+            if has_grad_entropy is not None:
+                constants.update(HAS_GRAD_ENTROPY=has_grad_entropy)
+            signature.update({name: "constexpr" for name in constants})
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            assert "ld.global" in ptx and "st.global" in ptx
+            if dtype == "*fp64":
+                assert "cvt.f64.f32" not in ptx, "an fp32 value is widened in the float64 kernel"
 print("compiled")
 """
 

@@ -93,6 +93,8 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 kernels.stats(chunk_logits(hidden[start:end], weight, bias), targets[start:end], inv_temperature,
                               log_probs[start:end], lse[start:end], entropy[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        # An output the loss does not use gets grad None, not zeros: the entropy term is skipped.
+        ctx.set_materialize_grads(False)
         ctx.inv_temperature, ctx.chunk_size, ctx.kernels = inv_temperature, chunk_size, kernels
         return log_probs, entropy
 
@@ -102,8 +104,10 @@ class FusedLinearLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         # The kernels index rows of flat [C] buffers: an expanded grad (from .sum()) must be made dense.
-        grad_log_probs = grad_log_probs.to(lse.dtype).contiguous()
-        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        grad_log_probs = (torch.zeros_like(lse) if grad_log_probs is None
+                          else grad_log_probs.to(lse.dtype).contiguous())
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if needs_bias else None
@@ -113,7 +117,8 @@ class FusedLinearLogProbs(torch.autograd.Function):
                 hidden_chunk = hidden[start:end]
                 grad_logits = ctx.kernels.grad_logits_(
                     chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
-                    grad_log_probs[start:end], grad_entropy[start:end], ctx.inv_temperature)
+                    grad_log_probs[start:end], None if grad_entropy is None else grad_entropy[start:end],
+                    ctx.inv_temperature)
                 if needs_bias:
                     grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
                 # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.

@@ -34,18 +34,23 @@ def chunk_stats_torch(logits: torch.Tensor, targets: torch.Tensor, inv_temperatu
 
 
 def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                             entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor,
+                             entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor | None,
                              inv_temperature: float) -> torch.Tensor:
     """The gradient of ``sum(grad_log_probs * log_probs + grad_entropy * entropy)`` with respect
     to ``logits [c, V]``, in the statistics' dtype (in the logits' buffer when that is float32/64).
 
     With ``z = logits * inv_temperature``: ``d log p_t / d z = onehot_t - p`` and
     ``d H / d z = -p (log p + H)``; both are scaled by ``inv_temperature`` for the chain to
-    the raw logits. ``lse``, ``entropy``, ``grad_*`` are ``[c]`` in the logits' dtype.
+    the raw logits. ``lse``, ``entropy``, ``grad_*`` are ``[c]`` in the statistics' dtype;
+    ``grad_entropy`` None (the entropy was not used) skips its term.
     """
     log_p = logits.to(lse.dtype).mul_(inv_temperature).sub_(lse[:, None])
     p = log_p.exp()
-    grad = log_p.clamp_(min=torch.finfo(log_p.dtype).min).add_(entropy[:, None]).mul_(p)
-    grad.mul_(-grad_entropy[:, None]).addcmul_(p, grad_log_probs[:, None], value=-1)
+    if grad_entropy is None:
+        grad = torch.mul(p, grad_log_probs[:, None], out=log_p).neg_()
+    else:
+        # A banned token (-inf logit) has p = 0; clamping its log p keeps p (log p + H) at 0, not NaN.
+        grad = log_p.clamp_(min=torch.finfo(log_p.dtype).min).add_(entropy[:, None]).mul_(p)
+        grad.mul_(-grad_entropy[:, None]).addcmul_(p, grad_log_probs[:, None], value=-1)
     grad.scatter_add_(1, targets[:, None], grad_log_probs[:, None])
     return grad.mul_(inv_temperature)

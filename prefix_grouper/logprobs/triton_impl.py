@@ -69,26 +69,29 @@ if triton is not None:
 
     @triton.jit
     def log_prob_grad_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, entropy_ptr, grad_log_probs_ptr,
-                             grad_entropy_ptr, vocab_size, inv_temperature: tl.float64, BLOCK_V: tl.constexpr):
-        """Overwrite ``logits [c, V]`` with ``d(g_lp log p_t + g_H H) / d logits``, row by row."""
+                             grad_entropy_ptr, vocab_size, inv_temperature: tl.float64,
+                             HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Overwrite ``logits [c, V]`` with ``d(g_lp log p_t + g_H H) / d logits``, row by row
+        (``g_H = 0`` without HAS_GRAD_ENTROPY; ``entropy_ptr``, ``grad_entropy_ptr`` unread then)."""
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         dtype = lse_ptr.dtype.element_ty
         scale = tl.full([], inv_temperature, dtype)
         lse = tl.load(lse_ptr + row)
-        entropy = tl.load(entropy_ptr + row)
         grad_log_prob = tl.load(grad_log_probs_ptr + row)
-        grad_entropy = tl.load(grad_entropy_ptr + row)
+        if HAS_GRAD_ENTROPY:
+            entropy = tl.load(entropy_ptr + row)
+            grad_entropy = tl.load(grad_entropy_ptr + row)
         target = tl.load(targets_ptr + row)
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, vocab_size, BLOCK_V):
             inside = start + cols < vocab_size
             log_p = tl.load(row_ptr + start + cols, mask=inside, other=0.0).to(dtype) * scale - lse
             p = tl.exp(log_p)
-            # d H / d z = -p (log p + H); a banned token (p = 0, log p = -inf) adds 0, not NaN.
-            entropy_term = tl.where(p > 0, log_p + entropy, 0.0) * p
-            grad = tl.where(start + cols == target, grad_log_prob, 0.0) - grad_log_prob * p \
-                - grad_entropy * entropy_term
+            grad = tl.where(start + cols == target, grad_log_prob, 0.0) - grad_log_prob * p
+            if HAS_GRAD_ENTROPY:
+                # d H / d z = -p (log p + H); a banned token (p = 0, log p = -inf) adds 0, not NaN.
+                grad -= grad_entropy * (tl.where(p > 0, log_p + entropy, 0.0) * p)
             tl.store(row_ptr + start + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=inside)
 
 
@@ -107,11 +110,14 @@ def chunk_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temperat
 
 
 def chunk_grad_logits_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                              entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor,
+                              entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor | None,
                               inv_temperature: float) -> torch.Tensor:
     """Same contract as :func:`..torch_impl.chunk_grad_logits_torch_`: the gradient, in place."""
     rows, vocab_size = logits.shape
+    has_grad_entropy = grad_entropy is not None
     with device_guard(logits):
-        log_prob_grad_kernel[(rows,)](logits, logits.stride(0), targets, lse, entropy, grad_log_probs, grad_entropy,
-                                      vocab_size, inv_temperature, **_launch_config(vocab_size))
+        log_prob_grad_kernel[(rows,)](logits, logits.stride(0), targets, lse, entropy, grad_log_probs,
+                                      grad_entropy if has_grad_entropy else grad_log_probs, vocab_size,
+                                      inv_temperature, HAS_GRAD_ENTROPY=has_grad_entropy,
+                                      **_launch_config(vocab_size))
     return logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["append_metrics", "plot_rewards", "read_metrics"]
+__all__ = ["append_metrics", "plot_rewards", "read_metrics", "summary_table"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "rewards.png"
@@ -18,6 +18,27 @@ def append_metrics(out_dir: str, record: dict) -> None:
 def read_metrics(out_dir: str) -> list[dict]:
     with open(os.path.join(out_dir, METRICS_FILE), encoding="utf-8") as file:
         return [json.loads(line) for line in file if line.strip()]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summary_table(out_dirs: list[str], window: int = 20) -> str:
+    """Markdown table of runs: mean reward of the first and last ``window`` steps, packed and
+    unpacked tokens per step, seconds per step."""
+    lines = [f"| run | steps | reward first {window} | reward last {window} | success last {window} "
+             f"| tokens/step packed | tokens/step unpacked | s/step |", "|---|---|---|---|---|---|---|---|"]
+    for out_dir in out_dirs:
+        records = read_metrics(out_dir)
+        first, last = records[:window], records[-window:]
+        success = (f"{_mean([r['success_rate'] for r in last]):.2f}" if "success_rate" in records[0] else "-")
+        lines.append(f"| {os.path.basename(os.path.normpath(out_dir))} | {len(records)} "
+                     f"| {_mean([r['reward_mean'] for r in first]):.3f} | {_mean([r['reward_mean'] for r in last]):.3f} "
+                     f"| {success} | {_mean([r['tokens_packed'] for r in records]):.0f} "
+                     f"| {_mean([r['tokens_unpacked'] for r in records]):.0f} "
+                     f"| {_mean([r['seconds'] for r in records]):.2f} |")
+    return "\n".join(lines)
 
 
 def plot_rewards(out_dir: str, title: str) -> str:
@@ -34,9 +55,7 @@ def plot_rewards(out_dir: str, title: str) -> str:
     figure, axis = plt.subplots(figsize=(7, 4))
     for key in keys:
         values = [r[key] for r in records]
-        window = min(20, len(values))
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                  for i in range(len(values))]
+        smooth = [_mean(values[max(0, i - 19):i + 1]) for i in range(len(values))]
         line, = axis.plot(steps, smooth, label=key)
         axis.plot(steps, values, color=line.get_color(), alpha=0.2, linewidth=0.8)
     axis.set_xlabel("step")
@@ -49,3 +68,4 @@ def plot_rewards(out_dir: str, title: str) -> str:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+

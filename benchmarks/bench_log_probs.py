@@ -119,8 +119,11 @@ def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, name
             log_probs = step(fn)
             outputs = [None if log_probs is None else log_probs.detach().float(), hidden.grad.float(),
                        weight.grad.float()]
-            baseline = baseline or outputs
-            max_err = max((got - want).abs().max().item() for got, want in zip(outputs, baseline) if got is not None)
+            if name == "plain":
+                baseline = outputs
+            # NaN when plain did not run (not selected, or out of memory): nothing to compare with.
+            max_err = float("nan") if baseline is None else max(
+                (got - want).abs().max().item() for got, want in zip(outputs, baseline) if got is not None)
             ms = measure_ms(lambda: step(fn), device)
             mib = peak_extra_mib(lambda: step(fn), device)
         except torch.OutOfMemoryError:

@@ -1,0 +1,183 @@
+"""TRL GRPO training-step time: trl.GRPOTrainer against prefix_grouper's drop-in GRPOTrainer.
+
+A step here is what the drop-in changes: one no-grad forward for the old policy (TRL runs
+the same forward for the reference model when ``beta > 0``) and the loss forward and
+backward, under gradient checkpointing (GRPOConfig's default), on a fixed TRL-shaped
+micro-batch: B groups of G completions of ragged lengths, long prompts, rows shuffled as
+TRL shuffles them. Generation and rewards, identical in both, are left out.
+
+Models are built from a Qwen2Config with random weights (nothing is downloaded): a tiny one
+on CPU, Qwen2.5-0.5B and 1.5B shapes (bfloat16) on CUDA.
+
+    python -m benchmarks.bench_trl                      # this device's configs
+    python -m benchmarks.bench_trl --configs "tiny P1024 S64 G8 x2" --threads 1
+
+Writes ``trl_<device>.csv`` and ``.png`` under ``runs/bench_trl/`` (or ``--out`` /
+``--update-results``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+
+import torch
+
+from .common import add_output_arguments, bar_chart, device_name, measure_ms, output_dir, slug, versions, write_csv
+
+# name, Qwen2Config sizes, prompt length, max completion length, group size, groups per micro-batch
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)
+QWEN2_5_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN2_5_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+CPU_CONFIGS = [
+    ("tiny P512 S64 G8 x2", TINY, 512, 64, 8, 2),
+    ("tiny P1024 S64 G8 x2", TINY, 1024, 64, 8, 2),
+]
+GPU_CONFIGS = [
+    ("0.5B P2048 S256 G8 x2", QWEN2_5_0_5B, 2048, 256, 8, 2),
+    ("0.5B P4096 S512 G8 x2", QWEN2_5_0_5B, 4096, 512, 8, 2),
+    ("1.5B P2048 S256 G8 x2", QWEN2_5_1_5B, 2048, 256, 8, 2),
+    ("1.5B P4096 S512 G8 x1", QWEN2_5_1_5B, 4096, 512, 8, 1),
+]
+PAD, EOS = 0, 1
+
+
+def word_tokenizer():
+    """An offline word-level tokenizer (the timed step never tokenizes; TRL wants one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", "a", "b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def micro_batch(vocab_size, prompt_len, completion_len, group_size, num_groups, device):
+    """TRL's rows: left-padded prompts (group b's prompt is ``b`` tokens shorter than the
+    longest), right-padded completions of S/2..S tokens, shuffled; ``(input_ids, attention_mask)``."""
+    g = torch.Generator().manual_seed(0)
+    rows, masks = [], []
+    for b in range(num_groups):
+        prompt = torch.randint(2, vocab_size, (prompt_len - b,), generator=g)
+        for _ in range(group_size):
+            length = int(torch.randint(completion_len // 2, completion_len + 1, (1,), generator=g))
+            completion = torch.randint(2, vocab_size, (completion_len,), generator=g)
+            completion[length:] = PAD
+            rows.append(torch.cat([torch.full((b,), PAD), prompt, completion]))
+            masks.append(torch.cat([torch.zeros(b), torch.ones(prompt_len - b), torch.arange(completion_len) < length]))
+    order = torch.randperm(len(rows), generator=g)
+    return torch.stack(rows)[order].to(device), torch.stack(masks)[order].long().to(device)
+
+
+def make_trainer(trainer_class, sizes, rows, completion_len, group_size, device, dtype, folder):
+    import datasets
+    import transformers
+    import trl
+
+    config = transformers.Qwen2Config(max_position_embeddings=32768, pad_token_id=PAD, eos_token_id=EOS, **sizes)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+    args = trl.GRPOConfig(output_dir=folder, report_to="none", use_cpu=device.type == "cpu",
+                          bf16=dtype == torch.bfloat16, num_generations=group_size, per_device_train_batch_size=rows,
+                          max_completion_length=completion_len, beta=0.0, save_strategy="no")
+    trainer = trainer_class(model=model, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+                            args=args, processing_class=word_tokenizer(),
+                            train_dataset=datasets.Dataset.from_dict({"prompt": ["a b"] * rows}))
+    # What Trainer.train() does before the first step.
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def time_step(trainer, input_ids, attention_mask, completion_len, device):
+    """``(median ms, peak GiB on CUDA or nan, old-policy log-probs [N, S])`` of one step."""
+    model, k = trainer.model, completion_len
+    inputs = {"prompt_ids": input_ids[:, :-k], "prompt_mask": attention_mask[:, :-k],
+              "completion_ids": input_ids[:, -k:], "completion_mask": attention_mask[:, -k:],
+              "advantages": torch.linspace(-1, 1, input_ids.shape[0], device=device),
+              "num_items_in_batch": attention_mask[:, -k:].sum()}
+
+    def step():
+        with torch.no_grad():
+            old, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, k,
+                                                                    batch_size=input_ids.shape[0])
+        trainer.compute_loss(model, {**inputs, "old_per_token_logps": old}).backward()
+        model.zero_grad(set_to_none=True)
+        return old
+
+    old_log_probs = step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = measure_ms(step, device, warmup=1, repeats=3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return ms, peak, old_log_probs
+
+
+def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups, device, dtype):
+    import trl
+
+    from prefix_grouper.integrations.trl import GRPOTrainer
+
+    input_ids, attention_mask = micro_batch(sizes["vocab_size"], prompt_len, completion_len, group_size,
+                                            num_groups, device)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, trainer_class in (("trl", trl.GRPOTrainer), ("prefix_grouper", GRPOTrainer)):
+            trainer = make_trainer(trainer_class, sizes, input_ids.shape[0], completion_len, group_size, device,
+                                   dtype, folder)
+            results[label] = time_step(trainer, input_ids, attention_mask, completion_len, device)
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    mask = attention_mask[:, -completion_len:].bool()
+    max_diff = (results["trl"][2] - results["prefix_grouper"][2]).abs()[mask].max().item()
+    return {"config": name, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "rows": input_ids.shape[0], "tokens_trl": int(attention_mask.sum()),
+            "trl_ms": f"{results['trl'][0]:.1f}", "prefix_grouper_ms": f"{results['prefix_grouper'][0]:.1f}",
+            "speedup": f"{results['trl'][0] / results['prefix_grouper'][0]:.2f}",
+            "trl_peak_gib": f"{results['trl'][1]:.2f}", "prefix_grouper_peak_gib": f"{results['prefix_grouper'][1]:.2f}",
+            "max_abs_diff_old_log_probs": f"{max_diff:.1e}"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", nargs="*", choices=[c[0] for c in CPU_CONFIGS + GPU_CONFIGS],
+                        help="names of configs to run (default: all of this device's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 gives steady timings on a shared or small VM)")
+    add_output_arguments(parser, "bench_trl")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    configs = [c for c in (GPU_CONFIGS if on_gpu else CPU_CONFIGS) if not args.configs or c[0] in args.configs]
+    if not configs:
+        parser.error(f"--configs: none of {args.configs} is a {device.type} config")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per trainer
+    rows = [bench_config(*config, device, dtype) for config in configs]
+    print(f"{device_name(device)}; {versions()}; {dtype}")
+    for r in rows:
+        print(f"{r['config']}: TRL {r['trl_ms']} ms, grouped {r['prefix_grouper_ms']} ms ({r['speedup']}x); peak "
+              f"GiB {r['trl_peak_gib']} / {r['prefix_grouper_peak_gib']}; old log-probs max |diff| "
+              f"{r['max_abs_diff_old_log_probs']}")
+    stem = os.path.join(output_dir(args), f"trl_{slug(device_name(device))}")
+    write_csv(rows, stem + ".csv")
+    bar_chart({"trl.GRPOTrainer": {r["config"]: float(r["trl_ms"]) for r in rows},
+               "prefix_grouper GRPOTrainer": {r["config"]: float(r["prefix_grouper_ms"]) for r in rows}},
+              stem + ".png", ylabel="ms per step (median)",
+              title=f"TRL GRPO step (old-policy fwd + loss fwd/bwd): {device_name(device)}")
+    print(f"wrote {stem}.csv and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()

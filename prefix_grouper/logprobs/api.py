@@ -51,8 +51,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
     """Rows per chunk so that one chunk of logits upcast from ``dtype`` fits :data:`LOGITS_CHUNK_BYTES`."""
-    row_bytes = vocab_size * torch.empty((), dtype=compute_dtype(dtype)).element_size()
-    return max(1, LOGITS_CHUNK_BYTES // row_bytes)
+    return max(1, LOGITS_CHUNK_BYTES // (vocab_size * compute_dtype(dtype).itemsize))
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -9,5 +9,6 @@ from .attention import available_backends, prefix_attention
 from .layout import GroupLayout, broadcast_to_padded, broadcast_to_tokens
 from .logprobs import fused_linear_log_probs
 
-__all__ = ["GroupLayout", "available_backends", "broadcast_to_padded", "broadcast_to_tokens", "prefix_attention"]
+__all__ = ["GroupLayout", "available_backends", "broadcast_to_padded", "broadcast_to_tokens", "fused_linear_log_probs",
+           "prefix_attention"]
 __version__ = "0.1.0"

@@ -94,6 +94,10 @@ def test_forward_chunks_never_split_a_group():
     assert forward_chunks([4, 2, 3, 1], 4) == [[4], [2], [3, 1]]
     assert forward_chunks([2, 2, 6, 1], 4) == [[2, 2], [6], [1]]  # a group larger than the chunk runs whole
     assert forward_chunks([3, 3], 100) == [[3, 3]]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        forward_chunks([3, 3], 0)
+    with pytest.raises(TypeError, match="batch_size"):
+        forward_chunks([3, 3], 2.5)
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])

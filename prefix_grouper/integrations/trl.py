@@ -31,6 +31,7 @@ import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
+from ..checks import as_length_list
 from ..layout import GroupLayout
 from .transformers import completion_logits, install
 
@@ -41,8 +42,11 @@ def forward_chunks(group_sizes: list[int], batch_size: int) -> list[list[int]]:
     """Consecutive groups cut into forward passes of at most ``batch_size`` rows, never
     splitting a group: the group sizes of each pass. A group of more than ``batch_size``
     completions runs alone."""
+    (batch_size,) = as_length_list([batch_size], "batch_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (rows per forward pass), got {batch_size}")
     chunks: list[list[int]] = [[]]
-    for size in group_sizes:
+    for size in as_length_list(group_sizes, "group_sizes"):
         if chunks[-1] and sum(chunks[-1]) + size > batch_size:
             chunks.append([])
         chunks[-1].append(size)

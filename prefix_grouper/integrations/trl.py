@@ -103,9 +103,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
     Falls back to TRL's own computation, with a warning the first time for each reason, on
     inputs the grouped forward does not handle: multimodal inputs (``pixel_values``,
-    ``image_grid_thw``, ``token_type_ids``...) and the MoE load-balancing loss
-    (``compute_aux_loss=True``). Generation, evaluation and every other call of the model
-    keep its own attention.
+    ``image_grid_thw``, ``token_type_ids``...), the MoE load-balancing loss
+    (``compute_aux_loss=True``) and batches holding a one-token prompt. Generation,
+    evaluation and every other call of the model keep its own attention.
     """
 
     def __init__(self, *args, **kwargs) -> None:

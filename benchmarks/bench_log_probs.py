@@ -29,7 +29,8 @@ import torch
 
 from prefix_grouper import fused_linear_log_probs
 
-from .common import add_output_arguments, bar_chart, device_name, measure_ms, output_dir, slug, versions, write_csv
+from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
+                     output_dir, slug, versions, write_csv)
 
 GPU_VOCAB, GPU_CONFIGS = 151936, [(rows, width) for width in (1536, 3584) for rows in (2048, 8192, 32768)]
 CPU_VOCAB, CPU_CONFIGS, CPU_CHUNK_SIZE = 8192, [(512, 256)], 128
@@ -139,7 +140,7 @@ def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, name
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are not representative)")
     parser.add_argument("--configs", nargs="*", help='"C,H" pairs (default: every config of this device)')
@@ -149,12 +150,9 @@ def main():
     parser.add_argument("--chunk-size", type=int,
                         help=f"rows per chunk of the fused approaches (default: the library's 256 MiB budget on GPU; "
                              f"{CPU_CHUNK_SIZE} on CPU, where that budget would hold the small shape in one chunk)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
     add_output_arguments(parser, "bench_log_probs")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_of(args)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     vocab = args.vocab or (GPU_VOCAB if on_gpu else CPU_VOCAB)

@@ -24,7 +24,8 @@ import warnings
 
 import torch
 
-from .common import add_output_arguments, bar_chart, device_name, measure_ms, output_dir, slug, versions, write_csv
+from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
+                     output_dir, slug, versions, write_csv)
 
 # name, Qwen2Config sizes, prompt length, max completion length, group size, groups per micro-batch
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -148,16 +149,12 @@ def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument("--configs", nargs="*", choices=[c[0] for c in CPU_CONFIGS + GPU_CONFIGS],
                         help="names of configs to run (default: all of this device's)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (1 gives steady timings on a shared or small VM)")
     add_output_arguments(parser, "bench_trl")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_of(args)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     configs = [c for c in (GPU_CONFIGS if on_gpu else CPU_CONFIGS) if not args.configs or c[0] in args.configs]

@@ -58,6 +58,20 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     return 4 * head_dim * heads * total
 
 
+def add_device_arguments(parser) -> None:
+    """``--device`` (default: the GPU when there is one) and ``--threads`` (CPU threads for torch)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (1 gives steady timings on a shared or small VM)")
+
+
+def device_of(args) -> torch.device:
+    """The device chosen by :func:`add_device_arguments`'s options, after applying ``--threads``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
 def add_output_arguments(parser, run_name: str) -> None:
     """``--out`` (default ``runs/<run_name>/``) or ``--update-results`` (the committed folder)."""
     where = parser.add_mutually_exclusive_group()

@@ -21,7 +21,8 @@ fi
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$inputs_hash" ]; then
   echo "prefix_grouper: .venv is up to date with setup.py, pyproject.toml and csrc/ (delete $STAMP to reinstall)"
 else
-  python -m pip install -q "torch==2.14.1" numpy tqdm matplotlib pytest ninja cmake transformers
+  python -m pip install -q "torch==2.14.1" numpy tqdm matplotlib pytest ninja cmake "setuptools>=77" \
+    "transformers==5.24.0" "trl==1.16.0" "peft==0.21.2"
   python -m pip install -q --no-build-isolation -e .
   echo "$inputs_hash" > "$STAMP"
 fi

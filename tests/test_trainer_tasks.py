@@ -186,8 +186,9 @@ def scripted_optimal_action(env: KeyDoorEnvironment, state: KeyDoorState) -> str
     return "o" if state.key is None else "p"
 
 
-def test_keydoor_scripted_policy_solves_every_start():
-    env = KeyDoorEnvironment()
+@pytest.mark.parametrize("length", [4, 5])
+def test_keydoor_scripted_policy_solves_every_start(length):
+    env = KeyDoorEnvironment(length=length, max_steps=2 * length - 2)
     starts = set()
     rng = random.Random(0)
     for _ in range(100):
@@ -199,12 +200,14 @@ def test_keydoor_scripted_policy_solves_every_start():
             total, steps = total + reward, steps + 1
             assert not invalid
         assert env.success(state) and total == 1.0 and steps <= env.max_steps
-    # Every (agent, key) pair of the 4 walkable cells is a start, so every start is solvable in max_steps.
-    assert len(starts) == 4 * 3
+    # Every (agent, key) pair of walkable cells is a start, so every start is solvable in max_steps.
+    walkable = length - 1
+    assert len(starts) == walkable * (walkable - 1)
 
 
 def test_keydoor_observation():
-    env = KeyDoorEnvironment()
+    assert KeyDoorEnvironment().observe(KeyDoorState(0, 2, False)) == "a.kd"
+    env = KeyDoorEnvironment(length=5)
     assert env.observe(KeyDoorState(0, 2, False)) == "a.k.d"
     assert env.observe(KeyDoorState(2, 2, False)) == "..K.d"
     assert env.observe(KeyDoorState(1, None, False)) == ".a..d"
@@ -223,9 +226,9 @@ def test_keydoor_observation():
     (KeyDoorState(1, 2, False), "x"),
 ])
 def test_keydoor_invalid_action_is_penalized_and_keeps_the_state(state, action):
-    env = KeyDoorEnvironment(invalid_penalty=-0.25)
+    env = KeyDoorEnvironment(length=5, invalid_penalty=-0.25)
     assert env.step(state, action) == (state, -0.25, False, True)
-    assert KeyDoorEnvironment().step(state, action)[1] == -0.1
+    assert KeyDoorEnvironment(length=5).step(state, action)[1] == -0.1
 
 
 def test_keydoor_states_are_hashable_and_recur():
@@ -246,7 +249,7 @@ def test_keydoor_states_are_hashable_and_recur():
 
 
 def test_keydoor_errors():
-    env = KeyDoorEnvironment()
+    env = KeyDoorEnvironment(length=5)
     with pytest.raises(ValueError, match="terminal"):
         env.step(KeyDoorState(3, None, True), "l")
     with pytest.raises(TypeError, match="state must be a KeyDoorState"):
@@ -254,7 +257,9 @@ def test_keydoor_errors():
     with pytest.raises(ValueError, match="outside this corridor"):
         env.observe(KeyDoorState(4, 2, False))
     with pytest.raises(ValueError, match="max_steps must be an integer >= 8"):
-        KeyDoorEnvironment(max_steps=7)
+        KeyDoorEnvironment(length=5, max_steps=7)
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 6"):
+        KeyDoorEnvironment(max_steps=5)
     with pytest.raises(ValueError, match="invalid_penalty must be <= 0"):
         KeyDoorEnvironment(invalid_penalty=0.1)
     with pytest.raises(ValueError, match="length must be an integer >= 3"):

@@ -1,6 +1,6 @@
 """GiGPO environment: a 1-D corridor with a key and a locked door at its right end.
 
-Observation (the raw state), e.g. "a.k.d" for length 5: cells 0..length-2 are walkable
+Observation (the raw state), e.g. "a.kd" for length 4: cells 0..length-2 are walkable
 ("." empty, "a" agent, "k" key, "K" agent standing on the key), the last cell is the door
 ("d" locked, "D" open). A held key appears nowhere on the map. Actions are one character:
 "l" / "r" walk, "p" picks up the key under the agent, "o" opens the door from the cell next
@@ -34,7 +34,9 @@ class KeyDoorEnvironment(Environment):
     # makes a random-init policy's actions valid 4 times in 13 instead of about 1 in 40.
     max_new_tokens = 1
 
-    def __init__(self, *, length: int = 5, max_steps: int = 10, invalid_penalty: float = -0.1) -> None:
+    # Defaults from a probe (2-layer 64-wide Qwen2, plain GiGPO, one update per batch of 8 reset
+    # states x 8 episodes, lr 1e-3, 150 steps): success went from 0.7% to 100% of episodes.
+    def __init__(self, *, length: int = 4, max_steps: int = 8, invalid_penalty: float = -0.1) -> None:
         # Two walkable cells at least, so the agent and the key can start apart.
         self.length = check_int(length, "length", 3)
         # Worst start: agent next to the door, key at the far end: walk there, pick, walk back, open.

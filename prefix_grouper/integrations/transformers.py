@@ -6,10 +6,15 @@ Llama, Qwen2/3, Mistral, Gemma)::
     from prefix_grouper.integrations.transformers import completion_log_probs
 
     log_probs, mask = completion_log_probs(model, layout, prompt_ids, completion_ids)  # [N, max_S]
+    log_probs, entropy, mask = completion_log_probs(model, layout, prompt_ids, completion_ids,
+                                                    fused=True, return_entropy=True)
 
 The model runs once over the packed ``prompt, completion_1..completion_G`` axis of each
 group, with the layout's position ids and the model-call keyword ``prefix_layout=layout``;
-logits are computed only at the positions that predict completion tokens.
+logits are computed only at the positions that predict completion tokens. With
+``fused=True`` the model's body runs without its LM head, and
+:func:`prefix_grouper.fused_linear_log_probs` applies the head to the completion positions'
+hidden states one chunk at a time, never holding ``[num_completion_tokens, vocab]`` logits.
 
 ``completion_log_probs`` (and :func:`completion_logits`) first call :func:`install`, which
 gives the model, once and for good, the attention implementation ``"prefix_grouper+<its
@@ -31,8 +36,9 @@ import sys
 import torch
 
 from ..attention import prefix_attention
-from ..checks import check_positive_real
+from ..checks import check_bool, check_positive_real
 from ..layout import GroupLayout
+from ..logprobs import fused_linear_log_probs
 
 ATTENTION_NAME = "prefix_grouper"
 LAYOUT_KWARG = "prefix_layout"
@@ -43,6 +49,7 @@ _FALLBACK_SEPARATOR = "+"
 
 __all__ = [
     "ATTENTION_NAME",
+    "completion_hidden_states",
     "completion_log_probs",
     "completion_logits",
     "install",
@@ -51,6 +58,19 @@ __all__ = [
     "register",
     "token_log_probs",
 ]
+
+# How a causal LM's forward rescales its LM head's logits, by text-config attribute and
+# model_type, as read in transformers 5.24's modeling files: "multiply" (Cohere:
+# ``logits * logit_scale``; HyperCLOVA X: ``logits * logits_scaling``) or "divide" (Granite:
+# ``logits / logits_scaling``). The fused path folds the factor into the temperature; a
+# model whose config has one of these attributes but whose type is not listed (MiniCPM3
+# divides its hidden states instead, for one) is refused.
+_LOGIT_SCALINGS = {
+    "logit_scale": {"cohere": "multiply", "cohere2": "multiply", "cohere2_moe": "multiply"},
+    "logits_scaling": {"granite": "divide", "granite_swa": "divide", "granitemoe": "divide",
+                       "granitemoe_swa": "divide", "granitemoehybrid": "divide", "granitemoeshared": "divide",
+                       "hyperclovax": "multiply"},
+}
 
 # Set by completion_logits for the duration of its model call: the list of attention
 # modules that ran prefix_attention (checked afterwards), and the sign for
@@ -189,6 +209,28 @@ def install(model) -> str:
     return name
 
 
+def _packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_ids, backend: str,
+                    **call_kwargs):
+    """``module(...)`` (``model`` or its body) on the packed row with prefix attention:
+    ``(module's output, input_ids [T])``. Refuses a run in which no attention layer took
+    the packed path."""
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
+    install(model)
+    input_ids = layout.pack(prompt_ids, completion_ids)
+    attention_calls: list = []
+    token = _PACKED_CALL.set(attention_calls)
+    try:
+        output = module(input_ids=input_ids[None], position_ids=layout.position_ids[None], use_cache=False,
+                        **call_kwargs, **{LAYOUT_KWARG: layout, BACKEND_KWARG: backend})
+    finally:
+        _PACKED_CALL.reset(token)
+    if not attention_calls:
+        raise RuntimeError(f"no attention layer of {type(model).__name__} ran prefix_grouper's attention: the "
+                           f"packed row went through plain causal attention, and its log-probs would be wrong")
+    return output, input_ids
+
+
 def completion_logits(model, layout: GroupLayout, prompt_ids, completion_ids, *,
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits that predict every completion token, from one packed forward pass.
@@ -204,31 +246,73 @@ def completion_logits(model, layout: GroupLayout, prompt_ids, completion_ids, *,
     Returns ``(logits [num_completion_tokens, vocab] in the model's dtype, targets
     [num_completion_tokens] int64)``, completion after completion.
     """
-    if not isinstance(layout, GroupLayout):
-        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
-    install(model)
-    input_ids = layout.pack(prompt_ids, completion_ids)
-    attention_calls: list = []
-    token = _PACKED_CALL.set(attention_calls)
-    try:
-        logits = model(input_ids=input_ids[None], position_ids=layout.position_ids[None],
-                       logits_to_keep=layout.completion_logit_positions(), use_cache=False,
-                       **{LAYOUT_KWARG: layout, BACKEND_KWARG: backend}).logits[0]
-    finally:
-        _PACKED_CALL.reset(token)
-    if not attention_calls:
-        raise RuntimeError(f"no attention layer of {type(model).__name__} ran prefix_grouper's attention: the "
-                           f"packed row went through plain causal attention, and its log-probs would be wrong")
-    return logits, input_ids[layout.completion_positions()]
+    output, input_ids = _packed_forward(model, model, layout, prompt_ids, completion_ids, backend,
+                                        logits_to_keep=layout.completion_logit_positions())
+    return output.logits[0], input_ids[layout.completion_positions()]
 
 
-def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def completion_hidden_states(model, layout: GroupLayout, prompt_ids, completion_ids, *,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states that predict every completion token, from one packed forward
+    pass of the model's body (``model.get_decoder()``), without its LM head.
+
+    Takes the arguments of :func:`completion_logits`. Returns ``(hidden
+    [num_completion_tokens, hidden_size] in the model's dtype, targets
+    [num_completion_tokens] int64)``, completion after completion: the LM head's input at
+    the rows where :func:`completion_logits` returns its output.
+    """
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or body is model:
+        raise TypeError(f"model must be a transformers causal LM whose get_decoder() returns its body without "
+                        f"the LM head, got {type(model).__name__} (body {type(body).__name__})")
+    output, input_ids = _packed_forward(model, body, layout, prompt_ids, completion_ids, backend)
+    hidden = getattr(output, "last_hidden_state", None)
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{type(body).__name__} (the body of {type(model).__name__}) returned "
+                        f"{type(output).__name__} without a last_hidden_state tensor")
+    return hidden[0, layout.completion_logit_positions()], input_ids[layout.completion_positions()]
+
+
+def _fused_head(model, temperature: float) -> tuple[torch.nn.Linear, float]:
+    """``(lm_head, temperature)`` for :func:`fused_linear_log_probs`: the model's output
+    embedding and the temperature with the logit scaling of its forward folded in.
+
+    Refuses heads that are not a plain linear map of the last hidden state (final-logit
+    softcapping, an output embedding that is no ``nn.Linear``, a scaling of unknown direction).
+    """
+    config = model.config.get_text_config()
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"fused=True cannot apply {model_type}'s final-logit softcapping (config."
+                         f"final_logit_softcapping={config.final_logit_softcapping}): tanh is not a "
+                         f"linear head; use fused=False")
+    for attribute, directions in _LOGIT_SCALINGS.items():
+        if not hasattr(config, attribute):
+            continue
+        if model_type not in directions:
+            raise ValueError(f"fused=True does not know whether model_type {model_type!r} multiplies or divides "
+                             f"its logits by config.{attribute}; use fused=False")
+        scale = check_positive_real(getattr(config, attribute), f"config.{attribute}")
+        temperature = temperature / scale if directions[model_type] == "multiply" else temperature * scale
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"fused=True needs the model's output embedding to be a torch.nn.Linear [vocab, hidden] "
+                        f"(tied or not), got {type(head).__name__}")
+    return head, temperature
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
+                    return_entropy: bool = False):
     """``log_softmax(logits / temperature)`` at ``targets``: logits ``[M, V]``, targets ``[M]`` -> ``[M]``.
 
     Computed in float32 (float64 for float64 logits) without a float32 copy of the logits;
-    the division, skipped at temperature 1, stays in the logits' dtype as in TRL.
+    the division, skipped at temperature 1, stays in the logits' dtype as in TRL. With
+    ``return_entropy=True`` returns ``(log_probs [M], entropy [M])``, the entropy
+    ``-(p * log p).sum(-1)`` of the same distribution in the same precision (TRL's
+    ``entropy_from_logits``).
     """
     temperature = check_positive_real(temperature, "temperature")
+    check_bool(return_entropy, "return_entropy")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a floating-point [M, vocab] tensor, got "
                          f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
@@ -238,7 +322,13 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    return log_probs.gather(-1, targets[:, None])[:, 0]
+    target_log_probs = log_probs.gather(-1, targets[:, None])[:, 0]
+    if not return_entropy:
+        return target_log_probs
+    # A -inf logit (a banned token) has p = 0: clamping its log p keeps 0 * log 0 at 0 and
+    # its gradient at 0, not NaN, as fused_linear_log_probs does.
+    entropy = -(log_probs.exp() * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(-1)
+    return target_log_probs, entropy
 
 
 def completion_log_probs(
@@ -249,8 +339,10 @@ def completion_log_probs(
     *,
     backend: str = "auto",
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of every completion, from one packed forward pass.
+    fused: bool = False,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs (and entropies) of every completion, from one packed forward pass.
 
     Args:
         model: a transformers causal LM; :func:`install` is applied to it (its other calls,
@@ -261,9 +353,29 @@ def completion_log_probs(
         backend: the :func:`prefix_attention` backend.
         temperature: positive; logits are divided by it (as GRPO trainers do with the
             sampling temperature).
+        fused: run the model's body only (:func:`completion_hidden_states`) and apply its LM
+            head with :func:`prefix_grouper.fused_linear_log_probs`, one chunk of logits at a
+            time. A logit scaling of the model's forward (Cohere's ``logit_scale``, Granite's
+            ``logits_scaling``) is folded into the temperature; final-logit softcapping
+            (Gemma 2) is refused.
+        return_entropy: also return the entropy of every token's distribution.
 
-    Returns ``(log_probs [N, max_S] float32 (float64 for a float64 model), mask [N, max_S] bool)``.
+    Returns ``(log_probs [N, max_S], mask [N, max_S] bool)``, or ``(log_probs, entropy
+    [N, max_S], mask)`` with ``return_entropy=True``; values are float32 (float64 for a
+    float64 model), zeros where padded.
     """
     temperature = check_positive_real(temperature, "temperature")
-    logits, targets = completion_logits(model, layout, prompt_ids, completion_ids, backend=backend)
-    return layout.unpack_completions(token_log_probs(logits, targets, temperature))
+    check_bool(fused, "fused")
+    check_bool(return_entropy, "return_entropy")
+    if fused:
+        head, head_temperature = _fused_head(model, temperature)
+        hidden, targets = completion_hidden_states(model, layout, prompt_ids, completion_ids, backend=backend)
+        per_token = fused_linear_log_probs(hidden, head.weight, targets, bias=head.bias,
+                                           temperature=head_temperature, return_entropy=return_entropy)
+    else:
+        logits, targets = completion_logits(model, layout, prompt_ids, completion_ids, backend=backend)
+        per_token = token_log_probs(logits, targets, temperature, return_entropy=return_entropy)
+    if not return_entropy:
+        return layout.unpack_completions(per_token)
+    log_probs, mask = layout.unpack_completions(per_token[0])
+    return log_probs, layout.unpack_completions(per_token[1])[0], mask

@@ -25,9 +25,16 @@ TOL = 1e-5  # see the module docstring
 PROMPT_LENS, COMPLETION_LENS = [7, 1, 12], [[3, 5], [4], [1, 6, 2]]
 
 
-def tiny_model(attn_implementation="sdpa"):
-    config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+TINY_CONFIG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128)
+# fused=True against fused=False in float64: both run the same body on the same packed row,
+# and differ only in how the head's matmul and log-sum-exp are chunked and ordered (~1e-15
+# relative); a head, bias or temperature left out or folded the wrong way moves them by > 1e-2.
+FUSED_TOL = 1e-10
+
+
+def tiny_model(attn_implementation="sdpa", **config_kwargs):
+    config = transformers.Qwen2Config(**{**TINY_CONFIG, **config_kwargs})
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config).double()
     model.set_attn_implementation(attn_implementation)
@@ -83,6 +90,108 @@ def test_gradient_checkpointing_recomputes_with_prefix_attention():
     assert_same_log_probs_and_grads(model, layout, prompts, completions, backend="torch")
 
 
+def assert_fused_matches_unfused(model, layout, prompts, completions, **kwargs):
+    """completion_log_probs with fused=True against fused=False on the same model: log-probs,
+    entropies, and the gradients of every parameter for random upstream gradients of both."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for fused in (False, True):
+        log_probs, entropy, mask = completion_log_probs(model, layout, prompts, completions, backend="torch",
+                                                        fused=fused, return_entropy=True, **kwargs)
+        assert log_probs.dtype == entropy.dtype == torch.float64 and mask.sum() == layout.num_completion_tokens
+        upstream = torch.randn((2, *mask.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        loss = ((upstream[0] * log_probs + upstream[1] * entropy) * mask).sum()
+        results.append((log_probs, entropy, mask, torch.autograd.grad(loss, parameters)))
+    (log_probs, entropy, mask, grads), (fused_log_probs, fused_entropy, fused_mask, fused_grads) = results
+    assert torch.equal(fused_mask, mask)
+    for fused_value, value in [(fused_log_probs, log_probs), (fused_entropy, entropy), *zip(fused_grads, grads)]:
+        torch.testing.assert_close(fused_value, value, rtol=FUSED_TOL, atol=FUSED_TOL)
+
+
+def linear_head_with_bias(model):
+    """Replaces the model's LM head with a random nn.Linear [vocab, hidden] + bias [vocab]."""
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True,
+                                    dtype=torch.float64)
+    return model
+
+
+def gradient_checkpointed(model):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+@pytest.mark.parametrize("make_model, temperature", [
+    (tiny_model, 1.0),
+    (tiny_model, 0.7),
+    (lambda: tiny_model(tie_word_embeddings=True), 1.3),
+    (lambda: linear_head_with_bias(tiny_model()), 0.7),
+    (lambda: gradient_checkpointed(tiny_model()), 0.7),
+], ids=["plain", "temperature", "tied_embeddings", "head_bias", "gradient_checkpointing"])
+def test_fused_head_matches_the_model_head(make_model, temperature):
+    model = make_model()
+    layout, prompts, completions = ragged_batch()
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_fused_matches_unfused(model, layout, prompts, completions, temperature=temperature)
+
+
+@pytest.mark.parametrize("model_name, scaling", [
+    ("Cohere", {"logit_scale": 0.25}),            # logits * logit_scale
+    ("Granite", {"logits_scaling": 4.0}),         # logits / logits_scaling
+    ("HyperCLOVAX", {"logits_scaling": 3.0}),     # logits * logits_scaling
+])
+def test_fused_head_folds_the_models_logit_scaling(model_name, scaling):
+    """The model's own forward (fused=False) applies its scaling; the fused head must fold it
+    into the temperature in the same direction (a factor of 4 either way moves every log-prob)."""
+    config = getattr(transformers, f"{model_name}Config")(**TINY_CONFIG, **scaling)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{model_name}ForCausalLM")(config).double()
+    layout, prompts, completions = ragged_batch()
+    assert_fused_matches_unfused(model, layout, prompts, completions, temperature=0.9)
+
+
+def test_fused_head_refuses_final_logit_softcapping():
+    config = transformers.Gemma2Config(**TINY_CONFIG, head_dim=8)
+    assert config.final_logit_softcapping is not None
+    model = transformers.Gemma2ForCausalLM(config)
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(ValueError, match=r"fused=True cannot apply gemma2's final-logit softcapping"):
+        completion_log_probs(model, layout, prompts, completions, fused=True)
+
+
+def test_fused_head_refuses_a_logit_scaling_of_unknown_direction():
+    model = tiny_model(logits_scaling=2.0)
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(ValueError, match=r"does not know whether model_type 'qwen2' multiplies or divides its "
+                                         r"logits by config.logits_scaling"):
+        completion_log_probs(model, layout, prompts, completions, fused=True)
+
+
+def test_fused_head_refuses_an_output_embedding_that_is_not_linear():
+    model = tiny_model()
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(TypeError, match="output embedding to be a torch.nn.Linear"):
+        completion_log_probs(model, layout, prompts, completions, fused=True)
+
+
+@pytest.mark.parametrize("argument", ["fused", "return_entropy"])
+def test_fused_and_return_entropy_must_be_bools(argument):
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(TypeError, match=f"{argument} must be True or False"):
+        completion_log_probs(tiny_model(), layout, prompts, completions, **{argument: 1})
+
+
+def test_entropy_of_a_banned_token_is_finite_with_finite_gradient():
+    logits = torch.tensor([[0.5, -math.inf, 1.0], [2.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    log_probs, entropy = token_log_probs(logits, torch.tensor([0, 2]), return_entropy=True)
+    probs = torch.softmax(logits.detach()[0, [0, 2]], -1)
+    torch.testing.assert_close(entropy[0], -(probs * probs.log()).sum(), rtol=1e-12, atol=1e-12)
+    entropy.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 1] == 0
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_generate_and_other_calls_are_unchanged(attn_implementation):
     model = tiny_model(attn_implementation).eval()
@@ -107,7 +216,8 @@ def test_install_is_idempotent_and_keeps_the_strict_implementation():
     assert install(strict) == ATTENTION_NAME
 
 
-def test_attention_outside_attention_interface_raises(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_outside_attention_interface_raises(monkeypatch, fused):
     """A model whose layers do not dispatch through transformers' AttentionInterface would
     run the packed row through plain causal attention: refuse instead."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -120,7 +230,7 @@ def test_attention_outside_attention_interface_raises(monkeypatch):
     monkeypatch.setattr(modeling_qwen2, "ALL_ATTENTION_FUNCTIONS", HardcodedSdpa())
     layout, prompts, completions = ragged_batch()
     with pytest.raises(RuntimeError, match="no attention layer of Qwen2ForCausalLM ran prefix_grouper's attention"):
-        completion_log_probs(tiny_model(), layout, prompts, completions)
+        completion_log_probs(tiny_model(), layout, prompts, completions, fused=fused)
 
 
 def test_model_that_refuses_the_implementation_raises(monkeypatch):
@@ -218,3 +328,23 @@ def test_trl_shaped_batch_matches_every_row_run_separately():
         expected = torch.log_softmax(logits[len(prompt) - 1:-1], -1)[torch.arange(len(completion)), completion]
         torch.testing.assert_close(log_probs[j, :len(completion)], expected, rtol=TOL, atol=TOL)
         torch.testing.assert_close(unpacked[j, :len(completion)], expected, rtol=TOL, atol=TOL)
+
+
+def test_trl_shaped_batch_fused_log_probs_and_entropies_match_every_row_run_separately():
+    """The quantities TRL's GRPO loss takes (per-token log-probs and entropies) from the fused
+    head, against each ``[prompt; completion]`` row run alone with full logits."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = trl_batch()
+    layout = GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids)
+    model = tiny_model()
+    log_probs, entropy, mask = completion_log_probs(model, layout, prompt_ids, completion_ids, backend="torch",
+                                                    temperature=0.8, fused=True, return_entropy=True)
+    assert torch.equal(mask, completion_mask.bool())
+    for j in range(prompt_ids.shape[0]):
+        prompt = prompt_ids[j][prompt_mask[j].bool()]
+        completion = completion_ids[j][completion_mask[j].bool()]
+        logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1:-1] / 0.8
+        expected = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(log_probs[j, :len(completion)], expected[torch.arange(len(completion)), completion],
+                                   rtol=TOL, atol=TOL)
+        torch.testing.assert_close(entropy[j, :len(completion)], -(expected.exp() * expected).sum(-1),
+                                   rtol=TOL, atol=TOL)

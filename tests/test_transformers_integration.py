@@ -90,22 +90,22 @@ def test_gradient_checkpointing_recomputes_with_prefix_attention():
     assert_same_log_probs_and_grads(model, layout, prompts, completions, backend="torch")
 
 
-def assert_fused_matches_unfused(model, layout, prompts, completions, **kwargs):
+def assert_fused_matches_unfused(model, layout, prompts, completions, tol=FUSED_TOL, backend="torch", **kwargs):
     """completion_log_probs with fused=True against fused=False on the same model: log-probs,
     entropies, and the gradients of every parameter for random upstream gradients of both."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     results = []
     for fused in (False, True):
-        log_probs, entropy, mask = completion_log_probs(model, layout, prompts, completions, backend="torch",
+        log_probs, entropy, mask = completion_log_probs(model, layout, prompts, completions, backend=backend,
                                                         fused=fused, return_entropy=True, **kwargs)
-        assert log_probs.dtype == entropy.dtype == torch.float64 and mask.sum() == layout.num_completion_tokens
-        upstream = torch.randn((2, *mask.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-        loss = ((upstream[0] * log_probs + upstream[1] * entropy) * mask).sum()
+        assert log_probs.dtype == entropy.dtype == model.dtype and mask.sum() == layout.num_completion_tokens
+        upstream = torch.randn((2, *mask.shape), generator=torch.Generator().manual_seed(7), dtype=model.dtype)
+        loss = ((upstream[0].to(mask.device) * log_probs + upstream[1].to(mask.device) * entropy) * mask).sum()
         results.append((log_probs, entropy, mask, torch.autograd.grad(loss, parameters)))
     (log_probs, entropy, mask, grads), (fused_log_probs, fused_entropy, fused_mask, fused_grads) = results
     assert torch.equal(fused_mask, mask)
     for fused_value, value in [(fused_log_probs, log_probs), (fused_entropy, entropy), *zip(fused_grads, grads)]:
-        torch.testing.assert_close(fused_value, value, rtol=FUSED_TOL, atol=FUSED_TOL)
+        torch.testing.assert_close(fused_value, value, rtol=tol, atol=tol)
 
 
 def linear_head_with_bias(model):
@@ -149,6 +149,18 @@ def test_fused_head_folds_the_models_logit_scaling(model_name, scaling):
     model = getattr(transformers, f"{model_name}ForCausalLM")(config).double()
     layout, prompts, completions = ragged_batch()
     assert_fused_matches_unfused(model, layout, prompts, completions, temperature=0.9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head kernels and cuBLAS need a GPU")
+def test_fused_head_on_cuda_matches_the_model_head():
+    """fp32 on a GPU: the fused head's Triton kernels (backend "auto") and the prefix
+    attention's default backend, against the model's own head."""
+    model = linear_head_with_bias(tiny_model()).float().cuda()
+    layout, prompts, completions = ragged_batch()
+    # fp32 sums of 97 logits and of 32-wide matmuls in different orders: ~1e-6; 1e-4 leaves
+    # room for the gradients' larger magnitudes.
+    assert_fused_matches_unfused(model, layout.to("cuda"), [p.cuda() for p in prompts],
+                                 [c.cuda() for c in completions], tol=1e-4, backend="auto", temperature=0.7)
 
 
 def test_fused_head_refuses_final_logit_softcapping():

@@ -18,7 +18,7 @@ from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 from prefix_grouper import GroupLayout  # noqa: E402
 from prefix_grouper.integrations.transformers import (  # noqa: E402
-    ATTENTION_NAME, completion_log_probs, install, register, token_log_probs)
+    ATTENTION_NAME, completion_hidden_states, completion_log_probs, install, register, token_log_probs)
 from prefix_grouper.unpacked import unpacked_completion_log_probs  # noqa: E402
 
 TOL = 1e-5  # see the module docstring
@@ -186,6 +186,13 @@ def test_fused_head_refuses_an_output_embedding_that_is_not_linear():
     layout, prompts, completions = ragged_batch()
     with pytest.raises(TypeError, match="output embedding to be a torch.nn.Linear"):
         completion_log_probs(model, layout, prompts, completions, fused=True)
+
+
+def test_hidden_states_of_a_model_without_a_separate_body_are_refused():
+    body = tiny_model().model  # Qwen2Model: get_decoder() is itself, it has no LM head to leave out
+    layout, prompts, completions = ragged_batch()
+    with pytest.raises(TypeError, match="get_decoder\\(\\) returns its body without the LM head, got Qwen2Model"):
+        completion_hidden_states(body, layout, prompts, completions)
 
 
 @pytest.mark.parametrize("argument", ["fused", "return_entropy"])

@@ -72,7 +72,7 @@ _LOGIT_SCALINGS = {
                        "hyperclovax": "multiply"},
 }
 
-# Set by completion_logits for the duration of its model call: the list of attention
+# Set by _packed_forward for the duration of its model (or body) call: the list of attention
 # modules that ran prefix_attention (checked afterwards), and the sign for
 # prefix_grouper_mask that no dense mask is needed.
 _PACKED_CALL: contextvars.ContextVar[list | None] = contextvars.ContextVar("prefix_grouper_packed_call",

@@ -137,8 +137,15 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
     calls = _PACKED_CALL.get()
     if calls is not None:
         calls.append(module)
-    out = prefix_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                           layout, softmax_scale=scaling, backend=kwargs.get(BACKEND_KWARG, "auto"))
+    query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast, rotary embeddings leave q and k in float32 while v is in the autocast
+        # dtype; sdpa, an autocast op, runs in the autocast dtype, and so does this.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    out = prefix_attention(query, key, value, layout, softmax_scale=scaling,
+                           backend=kwargs.get(BACKEND_KWARG, "auto"))
     return out[None], None
 
 

@@ -26,6 +26,8 @@ class GroupedDDP(DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not registered yet (inside DDP's __init__): no fall-through
+                raise
             return getattr(self.module, name)
 
 

@@ -35,9 +35,10 @@ class KeyDoorEnvironment(Environment):
     max_new_tokens = 1
 
     # Defaults from a probe (2-layer 64-wide Qwen2, plain GiGPO, one update per batch of 8 reset
-    # states x 8 episodes, lr 1e-3, 150 steps): success went from 0.7% to 100% of episodes. With
-    # length 5 (max_steps 10) the same probe only learned to avoid invalid actions and never
-    # found the door: successes are too rare there for a random-init policy.
+    # states x 8 episodes, lr 1e-3, 150 steps): the episode return rose from about -0.58 to 0 in
+    # every run (invalid actions 72% -> 2%), and in 1 run of 3 success went from 0.7% to 100%;
+    # the others settled on safe walking before finding the door. With length 5 (max_steps 10)
+    # no run found the door: successes are too rare there for a random-init policy.
     def __init__(self, *, length: int = 4, max_steps: int = 8, invalid_penalty: float = -0.1) -> None:
         # Two walkable cells at least, so the agent and the key can start apart.
         self.length = check_int(length, "length", 3)

@@ -60,8 +60,22 @@ def check_real(value: Any, name: str, low: float = -math.inf, high: float = math
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got NaN")
     if not low <= value <= high:
         raise ValueError(f"{name} must be a real number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]``: floats, bools and tensors are refused (a float
+    size is a caller bug)."""
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = value.__index__()
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value}")
     return value
 
 

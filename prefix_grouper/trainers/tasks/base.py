@@ -84,12 +84,3 @@ def check_completion(completion: Any) -> None:
         raise TypeError(f"completion must be the decoded text (str), got {type(completion).__name__}")
 
 
-def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``: floats and bools are refused (a float size is a caller bug)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = value.__index__()
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value}")
-    return value

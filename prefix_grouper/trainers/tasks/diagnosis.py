@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple, Sequence
 
-from ...checks import check_finite_real
-from .base import Prompt, Task, check_completion, check_int, check_rng
+from ...checks import check_finite_real, check_int
+from .base import Prompt, Task, check_completion, check_rng
 
 PROMPT_END = ">"
 SEPARATOR = "|"

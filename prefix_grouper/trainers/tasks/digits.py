@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from ...checks import check_choice
-from .base import Prompt, Task, check_completion, check_int, check_rng
+from ...checks import check_choice, check_int
+from .base import Prompt, Task, check_completion, check_rng
 
 DIGITS = "0123456789"
 # Marks the end of the digits so the policy knows where its answer starts.

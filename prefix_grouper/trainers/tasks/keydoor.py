@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-from ...checks import check_finite_real
-from .base import Environment, check_completion, check_int, check_rng
+from ...checks import check_finite_real, check_int
+from .base import Environment, check_completion, check_rng
 
 ACTIONS = "lrpo"
 EMPTY, AGENT, KEY, AGENT_ON_KEY, DOOR_LOCKED, DOOR_OPEN = ".akKdD"

@@ -108,3 +108,15 @@ def test_command_writes_metrics_and_plot(algo, task, steps, tmp_path):
 def test_build_errors(algo, task, match):
     with pytest.raises(ValueError, match=match):
         build_trainer(algo, task)
+
+
+@pytest.mark.parametrize("model", ["llama", "checkpoint"])
+def test_verify_equivalence_on_other_models(model, tmp_path, capsys):
+    if model == "checkpoint":  # a local directory as users pass their own: weights + tokenizer
+        policy = build_trainer("gigpo", seed=4).policy
+        policy.model.save_pretrained(tmp_path)
+        policy.tokenizer.save(str(tmp_path))
+        model = str(tmp_path)
+    assert main(["--algo", "gigpo", "--model", model, "--verify-equivalence", "--dtype", "float64",
+                 "--group-size", "2", "--prompts-per-step", "2"]) == 0
+    assert "-> PASS" in capsys.readouterr().out

@@ -61,7 +61,7 @@ def check_real(value: Any, name: str, low: float = -math.inf, high: float = math
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if math.isnan(value):
-        raise ValueError(f"{name} must be a real number, got NaN")
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be a real number in [{low}, {high}], got {value!r}")
     return value

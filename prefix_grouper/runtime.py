@@ -8,7 +8,7 @@ import os
 
 import torch
 
-__all__ = ["device_guard", "triton_interpreted", "triton_unavailable_reason"]
+__all__ = ["device_guard", "require_triton", "triton_interpreted", "triton_on_cuda", "triton_unavailable_reason"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +54,18 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
             return "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
         return None
     return f"Triton kernels do not support {device.type} tensors"
+
+
+def triton_on_cuda(device: torch.device) -> bool:
+    """What ``backend="auto"`` asks before choosing Triton: CUDA tensors and a usable Triton."""
+    return device.type == "cuda" and triton_unavailable_reason(device) is None
+
+
+def require_triton(device: torch.device) -> None:
+    """Refuse an explicit ``backend="triton"`` that cannot run on ``device``, with the reason."""
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
 
 
 def device_guard(x: torch.Tensor):

@@ -11,7 +11,7 @@ import torch
 
 from .._extension import cuda_extension_available, require_cuda_extension
 from ..checks import check_choice
-from ..runtime import triton_unavailable_reason
+from ..runtime import require_triton, triton_on_cuda, triton_unavailable_reason
 from .cuda_impl import group_normalize_cuda
 from .options import BACKENDS, NormalizeOptions
 from .segments import Segments
@@ -52,17 +52,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if _cuda_extension_runs_on(device):
             return "cuda"
-        if device.type == "cuda" and triton_unavailable_reason(device) is None:
-            return "triton"
-        return "torch"
+        return "triton" if triton_on_cuda(device) else "torch"
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         require_cuda_extension("backend='cuda' of prefix_grouper.advantages")
     if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' is unavailable: {reason}")
+        require_triton(device)
     return backend
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ..checks import check_bool, check_choice, check_positive_real
 from ..layout import GroupLayout
-from ..runtime import triton_unavailable_reason
+from ..runtime import require_triton, triton_on_cuda, triton_unavailable_reason
 from .reference import reference_prefix_attention
 from .torch_backend import torch_prefix_attention
 
@@ -40,15 +40,11 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     check_choice(backend, "backend", ("auto",) + BACKENDS)
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and triton_unavailable_reason(device) is None:
-            return "triton"
-        return "torch"
+        return "triton" if dtype != torch.float64 and triton_on_cuda(device) else "torch"
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
+        require_triton(device)
         if device.type == "cpu" and dtype == torch.bfloat16:
             # Triton's interpreter (3.8) computes bf16 tl.dot wrongly; refuse rather than mislead.
             raise TypeError("backend='triton' on CPU (the Triton interpreter) supports float32 and float16, "

@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..checks import check_bool, check_choice, check_positive_real
-from ..runtime import triton_unavailable_reason
+from ..runtime import require_triton, triton_on_cuda
 from .torch_impl import chunk_grad_logits_torch_, chunk_stats_torch
 from .triton_impl import chunk_grad_logits_triton_, chunk_stats_triton
 
@@ -59,11 +59,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     backend that cannot run on ``device`` is refused with the reason."""
     check_choice(backend, "backend", ("auto",) + BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+        return "triton" if triton_on_cuda(device) else "torch"
     if backend == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
+        require_triton(device)
     return backend
 
 

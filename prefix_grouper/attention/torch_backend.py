@@ -1,43 +1,168 @@
 """Efficient pure-PyTorch shared-prefix attention (differentiable, any device).
 
-Two exact formulations on padded views of the packed axis:
+Three exact parts merged by log-sum-exp, each an attention call that returns its LSE:
 
-* With the LSE (``need_lse=True``): three dense attentions merged by log-sum-exp,
+1. every segment (a prompt or a non-empty completion) causal over itself: one batched
+   call per length bucket (segments whose lengths share ``ceil(log2(L))``, padded to the
+   bucket's longest, so padding at most doubles a segment and stays linear in tokens);
+2. every completion token of a group against the group's whole prompt: one dense,
+   mask-free call per group on contiguous slices of the packed axis (no copy of the
+   prompt's K/V per completion, no padding to the batch's longest prompt);
+3. the merge of (1) and (2) on the completion tokens:
+   ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``.
 
-  1. prefix queries -> their prefix keys, causal            ``[B, P_max, P_max]`` scores
-  2. every suffix query of a group -> the group's prefix     ``[B, Q_max, P_max]`` scores
-  3. every suffix query -> its own suffix keys, causal       ``[N, S_max, S_max]`` scores
-
-  (``Q_max`` = most suffix tokens in one group); under GQA the query heads sharing a KV
-  head are folded into one matmul instead of repeating K/V. No prefix K/V is copied per
-  completion: apart from the attention matrices the extra memory is O(T) plus padding.
-* Without it (the common case): two fused ``scaled_dot_product_attention`` calls, causal
-  over the padded prefixes, and every completion's queries against
-  ``[group prefix; own completion]`` under a boolean mask ``[N, S_max, P_max + S_max]``
-  (cached per layout). SDPA's fused kernels never materialize the scores, which makes this
-  path several times faster on CPU for ragged batches; it gathers the group's prefix K/V
-  once per completion (``O(N * P_max)`` rows, the naive layout's K/V).
+Each call runs through :func:`attention_with_lse`: on CPU the fused flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, tiled, never holding a score
+matrix), elsewhere :func:`chunked_attention_with_lse` (query chunks whose score block is
+at most ``SCORE_BLOCK_BYTES``, recomputed in the backward). Both take GQA natively (no
+repeated K/V) and are differentiable in out and lse, so autograd through the merge is exact.
+Extra memory is O(T) plus tiles.
 
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
-zero probability, and ``0 * NaN = NaN``. So no batch row mixes segments that must not see
-each other (hence one row per completion, not per group, in the fused suffix call), and
-padding gathers an appended zero row rather than the neighbouring tokens. A non-finite K/V of a
-completion token then reaches only that completion's rows, one of a prefix token only its
-group's rows, as in the naive layout.
+zero probability, and ``0 * NaN = NaN``. So no call mixes segments that must not see each
+other (a batch row of (1) is one segment; a call of (2) one group's completions against
+its prompt), and padding gathers an appended zero row rather than the neighbouring tokens.
+A non-finite K/V of a completion token then reaches only that completion's rows, one of a
+prefix token only its group's rows, as in the naive layout.
 """
 from __future__ import annotations
 
+from itertools import groupby
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..layout import GroupLayout
 
+__all__ = ["SCORE_BLOCK_BYTES", "attention_with_lse", "chunked_attention_with_lse", "torch_prefix_attention"]
 
-def _padded_index(starts: torch.Tensor, lens: torch.Tensor, width: int, zero_row: int):
-    """``[R, width]`` packed indices of R runs, ``zero_row`` where padded, and their validity."""
-    cols = torch.arange(width, device=starts.device)
-    valid = cols[None, :] < lens[:, None]
-    return torch.where(valid, starts[:, None] + cols[None, :], zero_row), valid
+SCORE_BLOCK_BYTES = 64 * 2**20
+"""Most bytes of scores :func:`chunked_attention_with_lse` holds at once (one query chunk)."""
+
+
+class _FusedCpuAttention(torch.autograd.Function):
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` with a gradient for its LSE too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        head_dim = q.shape[-1]
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        if grad_lse is not None:
+            # The scores' gradient is P * (dP - (rowsum(dO * O) - dlse)), and the fused
+            # backward forms rowsum(grad_out * out) itself. One extra head-dim column holding
+            # -dlse in grad_out and 1 in out subtracts dlse there; it is zero in q, k and v,
+            # so the scores and dP = dO V^T are unchanged.
+            grad_out = torch.cat([grad_out, -grad_lse[..., None]], -1)
+            out = F.pad(out, (0, 1), value=1.0)
+            q, k, v = (F.pad(x, (0, 1)) for x in (q, k, v))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, scale=ctx.scale)
+        return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim], None, None
+
+
+def _attention_block(q, k, v, first_query: int | None, scale: float):
+    """Scores of one query block: q ``[R, Hq, C, D]``, k/v ``[R, Hkv, K, D]``; causal with the
+    block's first query at position ``first_query`` (None: every key visible)."""
+    r, hq, c, d = q.shape
+    hkv, keys = k.shape[1], k.shape[2]
+    # GQA: the query heads of one KV head form a broadcast dim, so K/V are never repeated.
+    scores = (q.reshape(r, hkv, hq // hkv, c, d) * scale) @ k[:, :, None].transpose(-1, -2)
+    if first_query is not None:
+        positions = torch.arange(keys, device=q.device)
+        visible = positions[None, :] <= positions[:c, None] + first_query
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # causal rows see at least their own key
+    out = torch.exp(scores - lse[..., None]) @ v[:, :, None]
+    return out.reshape(r, hq, c, d), lse.reshape(r, hq, c)
+
+
+def chunked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in plain torch ops on any device, chunked over rows and queries.
+
+    Args:
+        q: ``[R, Hq, Lq, D]``; k, v: ``[R, Hkv, Lk, D]``, ``Hq % Hkv == 0``; ``causal``
+            (top-left aligned, ``Lq == Lk``) or every key visible.
+
+    Returns ``(out [R, Hq, Lq, D], lse [R, Hq, Lq])``. Each chunk's scores, at most
+    ``SCORE_BLOCK_BYTES`` (one query row of one batch row at least), are recomputed in the
+    backward instead of kept.
+    """
+    r, hq, lq, _ = q.shape
+    row_bytes = hq * k.shape[2] * q.element_size()  # the scores of one query row of one batch row
+    rows_per_chunk = max(1, SCORE_BLOCK_BYTES // (row_bytes * lq))
+    row_outs, row_lses = [], []
+    for row in range(0, r, rows_per_chunk):
+        rows = slice(row, row + rows_per_chunk)
+        queries_per_chunk = max(1, SCORE_BLOCK_BYTES // (row_bytes * q[rows].shape[0]))
+        outs, lses = [], []
+        for start in range(0, lq, queries_per_chunk):
+            stop = min(lq, start + queries_per_chunk)
+            keys = slice(0, stop if causal else None)
+            out, lse = checkpoint(_attention_block, q[rows, :, start:stop], k[rows, :, keys], v[rows, :, keys],
+                                  start if causal else None, scale, use_reentrant=False)
+            outs.append(out)
+            lses.append(lse)
+        row_outs.append(torch.cat(outs, 2))
+        row_lses.append(torch.cat(lses, 2))
+    return torch.cat(row_outs), torch.cat(row_lses)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention returning its log-sum-exp, differentiable in both.
+
+    Args:
+        q: ``[R, Hq, Lq, D]``; k, v: ``[R, Hkv, Lk, D]``, ``Hq % Hkv == 0``, float32 or
+            float64; ``causal`` (top-left aligned, ``Lq == Lk``) or every key visible.
+
+    Returns ``(out [R, Hq, Lq, D], lse [R, Hq, Lq])``: the fused CPU flash kernel on CPU,
+    :func:`chunked_attention_with_lse` on other devices.
+    """
+    if q.device.type == "cpu":
+        return _FusedCpuAttention.apply(q, k, v, causal, scale)
+    return chunked_attention_with_lse(q, k, v, causal, scale)
+
+
+def _plan(layout: GroupLayout) -> dict:
+    """Length buckets of the causal part, the prompt/completion slices of the dense part,
+    and where every packed token's causal-part row lies."""
+    segments, cross = [], []  # (packed start, length); (prompt start, prompt end, completions end)
+    start = 0
+    for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
+        prefix_start = start
+        segments.append((start, prefix_len))
+        start += prefix_len
+        for suffix_len in suffix_lens:
+            if suffix_len:
+                segments.append((start, suffix_len))
+            start += suffix_len
+        if start > prefix_start + prefix_len:
+            cross.append((prefix_start, prefix_start + prefix_len, start))
+
+    device, zero_row = layout.device, layout.total_tokens
+    buckets, row_of_token, base = [], torch.empty(layout.total_tokens, dtype=torch.long, device=device), 0
+    by_bucket = sorted(segments, key=lambda segment: (segment[1] - 1).bit_length())
+    for _, members in groupby(by_bucket, key=lambda segment: (segment[1] - 1).bit_length()):
+        starts, lens = (torch.tensor(column, dtype=torch.long, device=device) for column in zip(*members))
+        width = int(lens.max())
+        columns = torch.arange(width, device=device)
+        valid = columns[None, :] < lens[:, None]
+        index = torch.where(valid, starts[:, None] + columns[None, :], zero_row)
+        row_of_token[index[valid]] = base + torch.arange(index.numel(), device=device).view_as(index)[valid]
+        buckets.append(index)
+        base += index.numel()
+    return {"buckets": buckets, "row_of_token": row_of_token, "cross": cross}
 
 
 def _with_zero_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,90 +172,9 @@ def _with_zero_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([x.to(dtype), x.new_zeros((1, *x.shape[1:]), dtype=dtype)])
 
 
-def _plan(layout: GroupLayout) -> dict:
-    """Gather/select indices between the packed axis and the three padded batches."""
-    zero_row = layout.total_tokens
-    group_suffix_starts = layout.prefix_starts + layout.prefix_lens
-    group_suffix_lens = layout.cu_group_seqlens[1:] - group_suffix_starts
-    prefix_idx, prefix_valid = _padded_index(layout.prefix_starts, layout.prefix_lens,
-                                             layout.max_prefix_len, zero_row)
-    group_idx, _ = _padded_index(group_suffix_starts, group_suffix_lens,
-                                 layout.max_group_suffix_tokens, zero_row)
-    own_idx, _ = _padded_index(layout.suffix_starts, layout.suffix_lens, layout.max_suffix_len, zero_row)
-
-    # Where every packed token sits in each padded batch (flattened row * width + column).
-    group, completion = layout.token_group, layout.token_completion
-    is_prefix = completion < 0
-    completion_safe = completion.clamp(min=0)
-    arange_t = torch.arange(layout.total_tokens, device=layout.device)
-    in_prefix = group * layout.max_prefix_len + layout.position_ids
-    in_group = group * layout.max_group_suffix_tokens + (arange_t - group_suffix_starts[group])
-    in_own = completion_safe * layout.max_suffix_len + (arange_t - layout.suffix_starts[completion_safe])
-    zero = torch.zeros_like(arange_t)
-    return {
-        "prefix_idx": prefix_idx, "prefix_valid": prefix_valid,
-        "group_idx": group_idx, "own_idx": own_idx,
-        "is_prefix": is_prefix,
-        "in_prefix": torch.where(is_prefix, in_prefix, zero),
-        "in_group": torch.where(is_prefix, zero, in_group),
-        "in_own": torch.where(is_prefix, zero, in_own),
-    }
-
-
-def _attend(q, k, v, mask, scale):
-    """Masked softmax attention returning ``(out, lse)``.
-
-    q ``[R, Lq, Hq, D]``, k/v ``[R, Lk, Hkv, D]``, mask broadcastable to ``[R, Lq, Lk]``.
-    Every row must see at least one key; all three calls below guarantee it, padding rows
-    included (P >= 1 and key 0 / the diagonal is always visible).
-    Returns out ``[R, Lq, Hq, D]`` and lse ``[R, Lq, Hq]``.
-    """
-    r, lq, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = (q * scale).reshape(r, lq, hkv, hq // hkv, d)
-    scores = torch.einsum("rqhgd,rkhd->rhgqk", qg, k)
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    out = torch.einsum("rhgqk,rkhd->rqhgd", torch.softmax(scores, -1), v).reshape(r, lq, hq, d)
-    lse = torch.logsumexp(scores, -1)  # [R, Hkv, g, Lq]
-    return out, lse.permute(0, 3, 1, 2).reshape(r, lq, hq)
-
-
-def _gather(x, idx):
-    # Advanced indexing, not index_select: its backward (index_put) is several times faster on CPU.
-    return x[idx]
-
-
-def _completion_keys_plan(layout: GroupLayout, plan: dict):
-    """Keys ``[N, P_max + S_max]`` of every completion's queries (its group's prefix, then
-    itself) and their mask ``[N, S_max, P_max + S_max]``: the valid prefix, then causal
-    within the completion."""
-    group = layout.completion_group
-    own_idx = plan["own_idx"]
-    width = own_idx.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=layout.device).tril()
-    mask = torch.cat([plan["prefix_valid"][group][:, None, :].expand(-1, width, -1),
-                      causal[None].expand(own_idx.shape[0], -1, -1)], 2)
-    return torch.cat([plan["prefix_idx"][group], own_idx], 1), mask
-
-
-def _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale):
-    def heads_first(x, idx):
-        return _gather(x, idx).transpose(1, 2)  # [R, H, L, D]
-
-    o_pre = F.scaled_dot_product_attention(
-        *(heads_first(x, plan["prefix_idx"]) for x in (qc, kc, vc)), is_causal=True, scale=softmax_scale,
-        enable_gqa=True).transpose(1, 2)
-    hq, d = qc.shape[1:]
-    o_pre = o_pre.reshape(-1, hq, d)[plan["in_prefix"]]
-    if layout.num_completion_tokens == 0:
-        return o_pre
-    keys, mask = layout.cached(("torch_backend_completion_keys",),
-                               lambda: _completion_keys_plan(layout, plan))
-    o_suffix = F.scaled_dot_product_attention(
-        heads_first(qc, plan["own_idx"]), heads_first(kc, keys), heads_first(vc, keys),
-        attn_mask=mask[:, None], scale=softmax_scale, enable_gqa=True).transpose(1, 2)
-    o_suffix = o_suffix.reshape(-1, hq, d)[plan["in_own"]]
-    return torch.where(plan["is_prefix"][:, None, None], o_pre, o_suffix)
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[..., L, H, D]`` -> ``[..., H, L, D]`` (a view)."""
+    return x.transpose(-3, -2)
 
 
 def torch_prefix_attention(
@@ -141,7 +185,7 @@ def torch_prefix_attention(
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``, validated by the caller.
-        need_lse: compute the LSE (exact three-part path); without it the fused SDPA path runs.
+        need_lse: also return the LSE (it is computed either way: the merge needs it).
 
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
     None when not ``need_lse``)``. Half-precision inputs are computed in float32.
@@ -149,35 +193,30 @@ def torch_prefix_attention(
     plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (_with_zero_row(x, compute) for x in (q, k, v))
-    if not need_lse:
-        return _fused_without_lse(qc, kc, vc, layout, plan, softmax_scale).to(q.dtype), None
-    q_prefix, k_prefix, v_prefix = (_gather(x, plan["prefix_idx"]) for x in (qc, kc, vc))
-    causal_prefix = torch.ones(layout.max_prefix_len, layout.max_prefix_len, dtype=torch.bool,
-                               device=q.device).tril()
-    o_pre, lse_pre = _attend(q_prefix, k_prefix, v_prefix, causal_prefix[None], softmax_scale)
-    if layout.num_completion_tokens == 0:  # every completion empty: prefixes only
-        return o_pre[plan["prefix_valid"]].to(q.dtype), lse_pre[plan["prefix_valid"]]
 
-    q_group = _gather(qc, plan["group_idx"])
-    o_cross, lse_cross = _attend(q_group, k_prefix, v_prefix, plan["prefix_valid"][:, None, :],
-                                 softmax_scale)
+    outs, lses = [], []
+    for index in plan["buckets"]:
+        out, lse = attention_with_lse(*(_heads_first(x[index]) for x in (qc, kc, vc)), True, softmax_scale)
+        outs.append(_heads_first(out).reshape(-1, *q.shape[1:]))
+        lses.append(lse.transpose(1, 2).reshape(-1, q.shape[1]))
+    out = torch.cat(outs)[plan["row_of_token"]]
+    lse = torch.cat(lses)[plan["row_of_token"]]
 
-    q_own, k_own, v_own = (_gather(x, plan["own_idx"]) for x in (qc, kc, vc))
-    causal_own = torch.ones(layout.max_suffix_len, layout.max_suffix_len, dtype=torch.bool,
-                            device=q.device).tril()
-    o_own, lse_own = _attend(q_own, k_own, v_own, causal_own[None], softmax_scale)
-
-    def to_packed(x, where):
-        return x.reshape(-1, *x.shape[2:])[plan[where]]
-
-    o_pre, lse_pre = to_packed(o_pre, "in_prefix"), to_packed(lse_pre, "in_prefix")
-    o_cross, lse_cross = to_packed(o_cross, "in_group"), to_packed(lse_cross, "in_group")
-    o_own, lse_own = to_packed(o_own, "in_own"), to_packed(lse_own, "in_own")
-
-    lse_suffix = torch.logaddexp(lse_cross, lse_own)
-    o_suffix = (o_cross * torch.exp(lse_cross - lse_suffix)[..., None]
-                + o_own * torch.exp(lse_own - lse_suffix)[..., None])
-    is_prefix = plan["is_prefix"]
-    out = torch.where(is_prefix[:, None, None], o_pre, o_suffix)
-    lse = torch.where(is_prefix[:, None], lse_pre, lse_suffix)
-    return out.to(q.dtype), lse
+    if plan["cross"]:
+        cross_outs, cross_lses = [], []
+        for prefix_start, prefix_end, group_end in plan["cross"]:
+            queries, keys = slice(prefix_end, group_end), slice(prefix_start, prefix_end)
+            cross_out, cross_lse = attention_with_lse(_heads_first(qc[queries])[None], _heads_first(kc[keys])[None],
+                                                      _heads_first(vc[keys])[None], False, softmax_scale)
+            cross_outs.append(_heads_first(cross_out[0]))
+            cross_lses.append(cross_lse[0].transpose(0, 1))
+        # The groups' completion tokens, in packed order, are exactly completion_positions().
+        positions = layout.completion_positions()
+        cross_out, cross_lse = torch.cat(cross_outs), torch.cat(cross_lses)
+        own_out, own_lse = out[positions], lse[positions]
+        merged_lse = torch.logaddexp(cross_lse, own_lse)
+        merged_out = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
+                      + own_out * torch.exp(own_lse - merged_lse)[..., None])
+        out = out.index_copy(0, positions, merged_out)
+        lse = lse.index_copy(0, positions, merged_lse)
+    return out.to(q.dtype), (lse if need_lse else None)

@@ -18,7 +18,7 @@ from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.reference import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
 from prefix_grouper.attention import triton_backend  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
-    key_tile_rows, query_tile_rows, triton_prefix_attention,
+    dkdv_chunk_rows, key_tile_rows, query_tile_rows, triton_prefix_attention,
 )
 from prefix_grouper.runtime import triton_unavailable_reason  # noqa: E402
 
@@ -133,13 +133,62 @@ def test_tile_schedules_cover_the_layout_once():
         is_suffix = layout.token_completion[q_start].item() >= 0
         assert shared_start == layout.prefix_starts[group].item()
         assert shared_len == (layout.prefix_lens[group].item() if is_suffix else 0)
-    key_rows = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
-    assert sorted(r for k_start, k_end, _ in key_rows
-                  for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
     mask = prefix_sharing_mask(layout)
-    for k_start, k_end, q_end in key_rows:
-        # The query range [k_start, q_end) is exactly who sees the tile's first key.
-        assert mask[:, k_start].nonzero().flatten().tolist() == list(range(k_start, q_end))
+    for chunk_rows in (tile, 2 * tile, 64 * tile):  # every range split, some, none
+        programs, split = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile,
+                                        chunk_rows)
+        chunks_per_tile = {}
+        for k_start, k_end, chunk_start, chunk_end, slot in programs:
+            assert k_start <= chunk_start < chunk_end <= chunk_start + chunk_rows
+            chunks_per_tile.setdefault((k_start, k_end), []).append((chunk_start, chunk_end, slot))
+        assert sorted(r for k_start, k_end in chunks_per_tile
+                      for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
+        for (k_start, _), chunks in chunks_per_tile.items():
+            # The chunks tile exactly who sees the tile's first key, [k_start, q_end).
+            seen_by = mask[:, k_start].nonzero().flatten().tolist()
+            assert sorted(r for start, end, _ in chunks for r in range(start, end)) == seen_by
+            assert (len(chunks) == 1) == (chunks[0][2] == -1)
+        # Each split tile's partial slots are its own chunks' slots, numbered once.
+        assert sorted((k_start, k_end, first, count) for k_start, k_end, first, count in split) == sorted(
+            (k_start, k_end, min(c[2] for c in chunks), len(chunks))
+            for (k_start, k_end), chunks in chunks_per_tile.items() if len(chunks) > 1)
+        assert sorted(slot for *_, slot in programs if slot >= 0) == list(range(sum(s.num_slots for s in split)))
+
+
+# The issue's GQA shapes (bf16, D=128 and 64: key tiles of 128 rows) on a 132-SM Hopper GPU.
+ISSUE_SHAPES = {  # name: (P, S, G, kv heads)
+    "P4096 S512 G8 16/16 heads": (4096, 512, 8, 16),
+    "Qwen2.5-1.5B 12/2 heads P4096 S256 G8": (4096, 256, 8, 2),
+    "Qwen2.5-0.5B 14/2 heads P4096 S256 G8": (4096, 256, 8, 2),
+}
+
+
+@pytest.mark.parametrize("name", ISSUE_SHAPES)
+def test_dkdv_launch_fills_hopper(name):
+    """At least two dK/dV programs per SM (before the split: 96 at 12/2 heads), and no
+    program walks more than a fair share of the queries."""
+    prefix, suffix, groups, kv_heads = ISSUE_SHAPES[name]
+    tile, sms = 128, 132
+    lens = ([prefix], [[suffix] * groups])
+    chunk_rows = dkdv_chunk_rows(*lens, tile, kv_heads, 2 * sms)
+    programs, _ = key_tile_rows(*lens, tile, chunk_rows)
+    assert len(programs) * kv_heads >= 2 * sms * 0.9, (len(programs), chunk_rows)
+    query_rows = [end - start for _, _, start, end, _ in programs]
+    assert max(query_rows) <= chunk_rows and max(query_rows) <= 2 * sum(query_rows) / len(query_rows) * kv_heads
+
+
+def test_backward_bitwise_repeatable():
+    """Split dK/dV partials are summed in a fixed order: two runs agree bit for bit."""
+    layout = _layout(LONG)
+    q, k, v = _inputs(layout, 4, 2, 16, seed=9)
+    gen = torch.Generator(device=DEVICE).manual_seed(10)
+    out_weight = torch.randn(*q.shape, generator=gen, device=DEVICE)
+
+    def run():
+        return _grads(lambda *x: triton_prefix_attention(*x, layout, 0.25), q, k, v, out_weight, None)
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
 
 
 def test_custom_op_registration():

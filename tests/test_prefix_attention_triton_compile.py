@@ -15,11 +15,11 @@ COMPILE_KERNELS = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from prefix_grouper.attention.triton_bwd import (delta_kernel, prefix_attention_dkdv_kernel,
-                                                 prefix_attention_dq_kernel)
+from prefix_grouper.attention.triton_bwd import (delta_kernel, dkdv_reduce_kernel,
+                                                 prefix_attention_dkdv_kernel, prefix_attention_dq_kernel)
 from prefix_grouper.attention.triton_fwd import prefix_attention_fwd_kernel
 
-FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr"}
+FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr", "dk_partial_ptr", "dv_partial_ptr"}
 FP32_SCALARS = {"softmax_scale", "qk_scale_log2"}
 
 
@@ -46,6 +46,7 @@ for kernel, constants in [
     (prefix_attention_fwd_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
     (prefix_attention_dq_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
     (prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
+    (dkdv_reduce_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_N=128)),
     (delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
 ]:
     while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotuners/heuristics

@@ -35,14 +35,19 @@ import torch
 from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, split_by_group
 from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
-from .triton_common import KeyTile, QueryTile, padded_head_dim
+from .triton_common import (
+    KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, KeyTile, QueryTile, SplitKeyTile,
+    padded_head_dim,
+)
 from .triton_fwd import launch_forward
 
-__all__ = ["key_tile_rows", "query_tile_rows", "triton_prefix_attention"]
+__all__ = ["dkdv_chunk_rows", "key_tile_rows", "query_tile_rows", "triton_prefix_attention"]
 
 # Schedule tile under the interpreter: small enough for fast CPU tests, yet two inner
 # blocks of 16, so diagonals still span several key (or query) blocks as on the GPU.
 _INTERPRETER_TILE = 32
+# SMs of an H100/H200.
+HOPPER_SMS = 132
 
 
 def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -96,9 +101,10 @@ def query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[
     return _heaviest_first(per_group)
 
 
-def key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
-                  tile: int) -> list[KeyTile]:
-    """The :class:`KeyTile` of every key tile of ``tile`` rows, in launch order."""
+def _key_tile_query_ranges(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                           tile: int) -> list[list[tuple[int, int, int]]]:
+    """Per group, ``(k_start, k_end, q_end)`` of each key tile of ``tile`` rows: the queries
+    ``[k_start, q_end)`` see the tile's first key, the later keys a subset of them."""
     per_group = []
     for prefix_start, prefix_len, suffixes, group_end in _group_segments(prefix_lens,
                                                                          suffix_lens_per_group):
@@ -106,12 +112,44 @@ def key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Se
         # group, which together fill [key, group_end); suffix keys only by their suffix.
         segments = [(prefix_start, prefix_len, group_end)]
         segments += [(start, length, start + length) for start, length in suffixes]
-        tiles = []
-        for seg_start, seg_len, q_end in segments:
-            for k_start in range(seg_start, seg_start + seg_len, tile):
-                tiles.append((q_end - k_start, KeyTile(k_start=k_start, k_end=seg_start + seg_len, q_end=q_end)))
-        per_group.append(tiles)
-    return _heaviest_first(per_group)
+        per_group.append([(k_start, seg_start + seg_len, q_end) for seg_start, seg_len, q_end in segments
+                          for k_start in range(seg_start, seg_start + seg_len, tile)])
+    return per_group
+
+
+def dkdv_chunk_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                    tile: int, num_kv_heads: int, min_programs: int) -> int:
+    """Query rows per dK/dV program: a multiple of ``tile`` such that splitting every key
+    tile's query range into chunks of that many rows gives the launch about
+    ``min_programs`` programs over ``num_kv_heads`` heads, or more (never fewer than one
+    program per key tile and head)."""
+    total_rows = sum(q_end - k_start for tiles in _key_tile_query_ranges(prefix_lens, suffix_lens_per_group, tile)
+                     for k_start, _, q_end in tiles)
+    wanted_chunks = -(-min_programs // num_kv_heads)
+    return max(tile, -(-total_rows // (wanted_chunks * tile)) * tile)
+
+
+def key_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]],
+                  tile: int, chunk_rows: int) -> tuple[list[KeyTile], list[SplitKeyTile]]:
+    """The dK/dV programs, a :class:`KeyTile` per ``chunk_rows`` queries of each key tile of
+    ``tile`` rows in launch order, and the :class:`SplitKeyTile` of every key tile that got
+    more than one chunk (partial slots numbered from 0)."""
+    per_group, split, num_slots = [], [], 0
+    for tiles in _key_tile_query_ranges(prefix_lens, suffix_lens_per_group, tile):
+        programs = []
+        for k_start, k_end, q_end in tiles:
+            chunk_starts = range(k_start, q_end, chunk_rows)
+            if len(chunk_starts) == 1:
+                programs.append((q_end - k_start, KeyTile(k_start, k_end, k_start, q_end, partial_slot=-1)))
+                continue
+            split.append(SplitKeyTile(k_start, k_end, first_slot=num_slots, num_slots=len(chunk_starts)))
+            for chunk_start in chunk_starts:
+                chunk_end = min(chunk_start + chunk_rows, q_end)
+                programs.append((chunk_end - chunk_start,
+                                 KeyTile(k_start, k_end, chunk_start, chunk_end, partial_slot=num_slots)))
+                num_slots += 1
+        per_group.append(programs)
+    return _heaviest_first(per_group), split
 
 
 def _checked_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[int, ...]], int]:
@@ -123,27 +161,58 @@ def _checked_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], list[
     return prefix_lens, split_by_group(suffix_lens, group_sizes), total_tokens
 
 
-def _schedules(host_lengths: torch.Tensor, q: torch.Tensor, need: tuple[str, ...] = ("q", "kv")):
-    """``(q_tiles, kv_tiles, q_tile, kv_tile)`` of the layout given by its host lengths, for
-    q's head dim, dtype and device; a schedule not in ``need`` comes back as None.
-
-    Each schedule is built and uploaded once per layout, tiling and device, then memoized.
-    """
-    q_tile, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
+def _layout_lengths(host_lengths: torch.Tensor, q: torch.Tensor):
+    """``(prefix_lens, suffix_lens_per_group)`` of the layout, checked against q's tokens."""
     prefix_lens, suffix_lens_per_group, total_tokens = cached_per_layout(
         host_lengths, ("triton_lengths",), lambda: _checked_lengths(host_lengths))
     if total_tokens != q.shape[0]:
         raise ValueError(f"the layout packs T={total_tokens} tokens but q has {q.shape[0]}")
-    out = []
-    for kind, tile, rows in (("q", q_tile, query_tile_rows), ("kv", kv_tile, key_tile_rows)):
-        if kind not in need:
-            out.append(None)
-            continue
-        out.append(cached_per_layout(
-            host_lengths, ("triton_schedule", kind, tile, q.device),
-            lambda: torch.tensor(rows(prefix_lens, suffix_lens_per_group, tile), dtype=torch.int32,
-                                 device=q.device)))
-    return out[0], out[1], q_tile, kv_tile
+    return prefix_lens, suffix_lens_per_group
+
+
+def _schedule_tensor(rows: list[tuple], columns: int, device: torch.device) -> torch.Tensor:
+    """``[len(rows), columns]`` int32 on ``device`` (also when there are no rows)."""
+    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), columns)
+
+
+def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(q_tiles, q_tile)`` for q's head dim, dtype and device, built once per layout."""
+    q_tile, _ = _tile_sizes(q.shape[-1], q.dtype)
+    prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
+    q_tiles = cached_per_layout(
+        host_lengths, ("triton_schedule", "q", q_tile, q.device),
+        lambda: _schedule_tensor(query_tile_rows(prefix_lens, suffix_lens_per_group, q_tile),
+                                 QUERY_TILE_COLUMNS.value, q.device))
+    return q_tiles, q_tile
+
+
+def _min_dkdv_programs(device: torch.device) -> int:
+    """Two dK/dV programs per SM, so a slow chunk overlaps others. Under the interpreter the
+    schedule is the one of the 132-SM Hopper GPUs the kernels are tuned for, so CPU tests
+    run the same splits."""
+    if triton_interpreted():
+        return 2 * HOPPER_SMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _key_schedule(host_lengths: torch.Tensor, q: torch.Tensor,
+                  num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(kv_tiles, split_kv_tiles, num_partial_slots, kv_tile)`` for q's head dim, dtype and
+    device and ``num_kv_heads``, built once per layout."""
+    _, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
+    prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
+
+    def build():
+        chunk_rows = dkdv_chunk_rows(prefix_lens, suffix_lens_per_group, kv_tile, num_kv_heads,
+                                     _min_dkdv_programs(q.device))
+        programs, split = key_tile_rows(prefix_lens, suffix_lens_per_group, kv_tile, chunk_rows)
+        return (_schedule_tensor(programs, KEY_TILE_COLUMNS.value, q.device),
+                _schedule_tensor(split, SPLIT_KEY_TILE_COLUMNS.value, q.device),
+                sum(row.num_slots for row in split))
+
+    kv_tiles, split_kv_tiles, num_slots = cached_per_layout(
+        host_lengths, ("triton_schedule", "kv", kv_tile, num_kv_heads, q.device), build)
+    return kv_tiles, split_kv_tiles, num_slots, kv_tile
 
 
 def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +227,7 @@ def _prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
-    q_tiles, _, q_tile, _ = _schedules(host_lengths, q, need=("q",))
+    q_tiles, q_tile = _query_schedule(host_lengths, q)
     with device_guard(q):
         return launch_forward(q, k, v, q_tiles, q_tile, softmax_scale)
 
@@ -176,10 +245,11 @@ def _prefix_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])``; dlse ``[T, Hq]`` may be None."""
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
-    q_tiles, kv_tiles, q_tile, kv_tile = _schedules(host_lengths, q)
+    q_tiles, q_tile = _query_schedule(host_lengths, q)
+    kv_tiles, split_kv_tiles, num_partial_slots, kv_tile = _key_schedule(host_lengths, q, k.shape[1])
     with device_guard(q):
-        return launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles,
-                               q_tile, kv_tile, softmax_scale)
+        return launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles, split_kv_tiles,
+                               num_partial_slots, q_tile, kv_tile, softmax_scale)
 
 
 @_prefix_attention_bwd.register_fake

@@ -4,15 +4,19 @@
 ``d lse / d s_j = p_j``), then ``dS = P * (dP - delta)`` in both gradient kernels.
 
 * dQ: one program per (query tile, query head), the forward's schedule and key runs.
-* dK/dV: one program per (key tile, KV head), looping over the query heads that share
-  the KV head. A key-tile row of the schedule holds ``k_start, k_end, q_end``; the
-  queries that see the tile form the single packed range ``[k_start, q_end)``:
+* dK/dV: one program per (key-tile chunk, KV head), looping over the query heads that
+  share the KV head. The queries that see a key tile form the single packed range
+  ``[k_start, q_end)``:
   a prefix key tile's range runs from the tile to the end of its group, so it covers the
   causal prefix queries and then every suffix query of the group (the suffixes are
   packed right behind their prefix); a suffix key tile's range ends with its suffix.
   Queries are walked as the diagonal (causal mask, also exact for suffix queries, whose
   packed index exceeds every prefix key), full unmasked blocks, and a bounded last
-  block. dK/dV accumulate in registers: no atomics, deterministic.
+  block. A long range (a prefix tile sees all G*S suffix queries) is split into chunks,
+  one program each (a :class:`~.triton_common.KeyTile` row per chunk), so GQA's few KV
+  heads still fill the GPU; a split tile's programs write fp32 partials to their own
+  scratch slots and ``dkdv_reduce_kernel`` sums them in slot order. No atomics anywhere:
+  the backward is bitwise repeatable.
 
 lse and delta are kept head-major (``[Hq, T]``) here so a block of query rows reads its
 statistics contiguously.
@@ -25,7 +29,8 @@ import triton.language as tl
 
 from .triton_common import (
     BOUND_MASK, CAUSAL_MASK, LOG2E, NO_MASK, autotune_inner_block, dot_precision, key_block_scores,
-    launchable, load_key_tile, load_row_pair, load_tile, padded_head_dim, query_tile_prologue, walk_key_runs,
+    launchable, load_key_tile, load_row_pair, load_split_key_tile, load_tile, padded_head_dim,
+    query_tile_prologue, walk_key_runs,
 )
 
 DELTA_BLOCK_TOKENS = 64
@@ -128,8 +133,38 @@ def dkdv_query_block(
 
 
 @triton.jit
+def key_tile_rows_and_dims(k_start, k_end, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """``(keys [BLOCK_N], key_ok, key_offsets [BLOCK_N, 1] int64, dims [HEAD_DIM_PAD], dim_ok)``."""
+    keys = k_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    return keys, keys < k_end, keys[:, None].to(tl.int64), dims, dims < HEAD_DIM
+
+
+@triton.jit
+def partial_tile_offsets(slot, kv_head, num_kv_heads, dims,
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_N, HEAD_DIM_PAD]`` offsets of one slot's tile in a contiguous
+    ``[num_slots, Hkv, BLOCK_N, HEAD_DIM]`` partial buffer."""
+    tile_base = (slot * num_kv_heads + kv_head.to(tl.int64)) * BLOCK_N
+    return (tile_base + tl.arange(0, BLOCK_N))[:, None] * HEAD_DIM + dims[None, :]
+
+
+@triton.jit
+def store_key_grads(dk_ptr, dv_ptr, dk, dv, kv_head, key_offsets, dims, store_mask,
+                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, softmax_scale):
+    """Write a key tile's finished fp32 dK (still unscaled) and dV in the outputs' dtype."""
+    kv_head64 = kv_head.to(tl.int64)
+    tl.store(dk_ptr + kv_head64 * stride_dkh + key_offsets * stride_dkt + dims[None, :],
+             (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptr + kv_head64 * stride_dvh + key_offsets * stride_dvt + dims[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
 def prefix_attention_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_tiles_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_partial_ptr, dv_partial_ptr,
+    kv_tiles_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     num_tokens, num_kv_heads, heads_per_kv, softmax_scale, qk_scale_log2,
@@ -139,13 +174,10 @@ def prefix_attention_dkdv_kernel(
     pid = tl.program_id(0)
     tile = pid // num_kv_heads
     kv_head = pid % num_kv_heads
-    k_start, k_end, q_end = load_key_tile(kv_tiles_ptr, tile)
+    k_start, k_end, chunk_start, chunk_end, partial_slot = load_key_tile(kv_tiles_ptr, tile)
 
-    keys = k_start + tl.arange(0, BLOCK_N)
-    key_ok = keys < k_end
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < HEAD_DIM
-    key_offsets = keys[:, None].to(tl.int64)
+    keys, key_ok, key_offsets, dims, dim_ok = key_tile_rows_and_dims(k_start, k_end, HEAD_DIM,
+                                                                      HEAD_DIM_PAD, BLOCK_N)
     kv_head64 = kv_head.to(tl.int64)
     k = load_tile(k_ptr + kv_head64 * stride_kh + key_offsets * stride_kt + dims[None, :],
                   key_ok, dim_ok, True, CHECK_DIMS)
@@ -154,8 +186,10 @@ def prefix_attention_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    diag_end = tl.minimum(k_start + BLOCK_N, q_end)
-    full_end = diag_end + ((q_end - diag_end) // BLOCK_M) * BLOCK_M
+    # Only queries below k_start + BLOCK_N can precede a key of the tile: in the chunk
+    # that starts at the tile (the others start past it, so their causal run is empty).
+    diag_end = tl.maximum(chunk_start, tl.minimum(k_start + BLOCK_N, chunk_end))
+    full_end = diag_end + ((chunk_end - diag_end) // BLOCK_M) * BLOCK_M
     for head_in_group in range(heads_per_kv):
         head = kv_head * heads_per_kv + head_in_group
         head64 = head.to(tl.int64)
@@ -163,27 +197,54 @@ def prefix_attention_dkdv_kernel(
         dout_head = dout_ptr + head64 * stride_doh
         lse_head = lse_ptr + head64 * num_tokens
         delta_head = delta_ptr + head64 * num_tokens
-        for query_start in range(k_start, diag_end, BLOCK_M):
+        for query_start in range(chunk_start, diag_end, BLOCK_M):
             dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
-                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                stride_qt, stride_dot, query_start, chunk_end, dims, dim_ok, qk_scale_log2,
                 CAUSAL_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
         for query_start in range(diag_end, full_end, BLOCK_M):
             dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
-                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                stride_qt, stride_dot, query_start, chunk_end, dims, dim_ok, qk_scale_log2,
                 NO_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
-        for query_start in range(full_end, q_end, BLOCK_M):
+        for query_start in range(full_end, chunk_end, BLOCK_M):
             dk, dv = dkdv_query_block(
                 dk, dv, k, v, keys, q_head, dout_head, lse_head, delta_head,
-                stride_qt, stride_dot, query_start, q_end, dims, dim_ok, qk_scale_log2,
+                stride_qt, stride_dot, query_start, chunk_end, dims, dim_ok, qk_scale_log2,
                 BOUND_MASK, CHECK_DIMS, BLOCK_M, DOT_PRECISION)
 
     store_mask = key_ok[:, None] & dim_ok[None, :]
-    tl.store(dk_ptr + kv_head64 * stride_dkh + key_offsets * stride_dkt + dims[None, :],
-             (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(dv_ptr + kv_head64 * stride_dvh + key_offsets * stride_dvt + dims[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+    if partial_slot < 0:
+        store_key_grads(dk_ptr, dv_ptr, dk, dv, kv_head, key_offsets, dims, store_mask,
+                        stride_dkt, stride_dkh, stride_dvt, stride_dvh, softmax_scale)
+    else:
+        offsets = partial_tile_offsets(partial_slot, kv_head, num_kv_heads, dims, HEAD_DIM, BLOCK_N)
+        tl.store(dk_partial_ptr + offsets, dk, mask=store_mask)
+        tl.store(dv_partial_ptr + offsets, dv, mask=store_mask)
+
+
+@triton.jit
+def dkdv_reduce_kernel(
+    dk_ptr, dv_ptr, dk_partial_ptr, dv_partial_ptr, split_tiles_ptr,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_kv_heads, softmax_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK/dV of a split key tile: its partials summed in slot order (bitwise repeatable)."""
+    pid = tl.program_id(0)
+    tile = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    k_start, k_end, first_slot, num_slots = load_split_key_tile(split_tiles_ptr, tile)
+    _, key_ok, key_offsets, dims, dim_ok = key_tile_rows_and_dims(k_start, k_end, HEAD_DIM,
+                                                                      HEAD_DIM_PAD, BLOCK_N)
+    store_mask = key_ok[:, None] & dim_ok[None, :]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    for slot in range(first_slot, first_slot + num_slots):
+        offsets = partial_tile_offsets(slot, kv_head, num_kv_heads, dims, HEAD_DIM, BLOCK_N)
+        dk += tl.load(dk_partial_ptr + offsets, mask=store_mask, other=0.0)
+        dv += tl.load(dv_partial_ptr + offsets, mask=store_mask, other=0.0)
+    store_key_grads(dk_ptr, dv_ptr, dk, dv, kv_head, key_offsets, dims, store_mask,
+                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, softmax_scale)
 
 
 _prefix_attention_dq_tuned = autotune_inner_block(prefix_attention_dq_kernel, "BLOCK_N", "BLOCK_M")
@@ -193,8 +254,8 @@ _prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel
 def launch_backward(
     dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    q_tiles: torch.Tensor, kv_tiles: torch.Tensor, q_tile_size: int, kv_tile_size: int,
-    softmax_scale: float,
+    q_tiles: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor, num_partial_slots: int,
+    q_tile_size: int, kv_tile_size: int, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of shared-prefix attention.
 
@@ -202,7 +263,10 @@ def launch_backward(
         dout, out, q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         dlse, lse: ``[T, Hq]`` float32 (dlse None when lse got no gradient).
         q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32, tiles of ``q_tile_size`` query rows.
-        kv_tiles: ``[num_kv_tiles, KEY_TILE_COLUMNS]`` int32, tiles of ``kv_tile_size`` key rows.
+        kv_tiles: ``[num_kv_programs, KEY_TILE_COLUMNS]`` int32, tiles of ``kv_tile_size`` key
+            rows, each against one chunk of its queries.
+        split_kv_tiles: ``[num_split_tiles, SPLIT_KEY_TILE_COLUMNS]`` int32, the key tiles whose
+            ``num_partial_slots`` partial dK/dV the reduction kernel sums.
 
     Returns contiguous ``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])`` in q.dtype.
     """
@@ -227,6 +291,9 @@ def launch_backward(
     dq = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=v.dtype, device=q.device)
+    dk_partial, dv_partial = (
+        torch.empty((num_partial_slots, num_kv_heads, kv_tile_size, head_dim), dtype=torch.float32,
+                    device=q.device) for _ in range(2))
     dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N")
     dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M")
 
@@ -239,11 +306,17 @@ def launch_backward(
         BLOCK_M=q_tile_size, DOT_PRECISION=precision, **dq_fixed,
     )
     dkdv_kernel[(kv_tiles.shape[0] * num_kv_heads,)](
-        q, k, v, dout, lse_by_head, delta, dk, dv, kv_tiles,
+        q, k, v, dout, lse_by_head, delta, dk, dv, dk_partial, dv_partial, kv_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         num_tokens, num_kv_heads, num_q_heads // num_kv_heads, softmax_scale, qk_scale_log2,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
         BLOCK_N=kv_tile_size, DOT_PRECISION=precision, **dkdv_fixed,
     )
+    if split_kv_tiles.shape[0]:
+        dkdv_reduce_kernel[(split_kv_tiles.shape[0] * num_kv_heads,)](
+            dk, dv, dk_partial, dv_partial, split_kv_tiles,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), num_kv_heads, softmax_scale,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=kv_tile_size,
+        )
     return dq, dk, dv

@@ -34,11 +34,21 @@ LN2 = tl.constexpr(0.6931471805599453)
 # One int32 row per tile in each schedule. The Python builder fills the named tuples, the
 # kernels read the columns below: both follow the field order here.
 QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "shared_start", "shared_len"])
-KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "q_end"])
+# One dK/dV program: the keys of a tile against one chunk [chunk_start, chunk_end) of the
+# queries that see them. ``partial_slot`` is -1 when the chunk is the tile's whole query
+# range (the program writes dK/dV), else the slot of the fp32 scratch it writes, summed by
+# the reduction kernel in the order of its SplitKeyTile row.
+KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end", "partial_slot"])
+# A key tile whose queries were split: its partials fill slots [first_slot, first_slot + num_slots).
+SplitKeyTile = namedtuple("SplitKeyTile", ["k_start", "k_end", "first_slot", "num_slots"])
 QUERY_TILE_COLUMNS = tl.constexpr(len(QueryTile._fields))
 KEY_TILE_COLUMNS = tl.constexpr(len(KeyTile._fields))
+SPLIT_KEY_TILE_COLUMNS = tl.constexpr(len(SplitKeyTile._fields))
 Q_START, SEG_START, SEG_END, SHARED_START, SHARED_LEN = (tl.constexpr(i) for i in range(len(QueryTile._fields)))
-K_START, K_END, Q_END = (tl.constexpr(i) for i in range(len(KeyTile._fields)))
+K_START, K_END, CHUNK_START, CHUNK_END, PARTIAL_SLOT = (tl.constexpr(i) for i in range(len(KeyTile._fields)))
+# load_key_tile reads k_start, k_end of both row formats at the same columns.
+assert SplitKeyTile._fields[:2] == KeyTile._fields[:2]
+FIRST_SLOT, NUM_SLOTS = (tl.constexpr(i) for i in range(2, len(SplitKeyTile._fields)))
 
 # Inner block of every kernel under the interpreter (no autotuning there): with the
 # interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
@@ -102,9 +112,18 @@ def load_query_tile(q_tiles_ptr, tile):
 
 @triton.jit
 def load_key_tile(kv_tiles_ptr, tile):
-    """``(k_start, k_end, q_end)`` of a key-schedule row."""
+    """``(k_start, k_end, chunk_start, chunk_end, partial_slot)`` of a key-schedule row."""
     meta = kv_tiles_ptr + tile * KEY_TILE_COLUMNS
-    return tl.load(meta + K_START), tl.load(meta + K_END), tl.load(meta + Q_END)
+    return (tl.load(meta + K_START), tl.load(meta + K_END), tl.load(meta + CHUNK_START),
+            tl.load(meta + CHUNK_END), tl.load(meta + PARTIAL_SLOT))
+
+
+@triton.jit
+def load_split_key_tile(split_tiles_ptr, tile):
+    """``(k_start, k_end, first_slot, num_slots)`` of a reduction-schedule row."""
+    meta = split_tiles_ptr + tile * SPLIT_KEY_TILE_COLUMNS
+    return (tl.load(meta + K_START), tl.load(meta + K_END), tl.load(meta + FIRST_SLOT),
+            tl.load(meta + NUM_SLOTS))
 
 
 @triton.jit

@@ -16,15 +16,17 @@ its own. A TorchDynamo compilation during the timed region is flagged
 
 Reports fwd and fwd+bwd median ms, peak extra memory (GPU) and useful TFLOP/s (only the
 FLOPs of the shared-prefix pattern; fwd+bwd counted as 3.5x fwd). Writes CSV + PNG named
-after the device under runs/bench_attention/ (or benchmarks/results/ with --update-results):
+after the device under runs/bench_attention/ (or benchmarks/results/ with --update-results);
+``python -m benchmarks.run --suite attention`` runs the same:
 
     python -m benchmarks.bench_attention                       # every config of this device
+    python -m benchmarks.bench_attention --quick               # the device's smallest config
     python -m benchmarks.bench_attention --configs "P256 S128 G4 GQA" --approaches flex torch
 """
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,8 +39,8 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import available_backends
 from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
-from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, shared_prefix_flops,
-                     slug, versions, write_csv)
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, chosen_configs,
+                     device_of, measure_ms, ratio_lines, repeats_of, run_suite, shared_prefix_flops)
 
 
 def ragged_completions(num_groups, group_size, low, high, seed):
@@ -57,11 +59,16 @@ GPU_CONFIGS = [  # name, prefix lens, completion lens per group, Hq, Hkv, D
       [512, 64, 128, 256, 300, 400, 500, 450], [80, 160, 240, 320, 400, 480, 64, 128]], 28, 4, 128),
     ("ragged GQA 8x2048 G16", [2048] * 8, ragged_completions(8, 16, 128, 1024, seed=1), 28, 4, 128),
     ("ragged GQA 8000+6000 G8", [8000, 6000], ragged_completions(2, 8, 256, 2048, seed=2), 28, 4, 128),
+    # The attention of the model suite's two Qwen2.5 shapes (bench_model.py).
+    ("Qwen2.5-1.5B attn P4096 S256 G8", [4096], [[256] * 8], 12, 2, 128),
+    ("Qwen2.5-0.5B attn P4096 S256 G8", [4096], [[256] * 8], 14, 2, 64),
 ]
-CPU_CONFIGS = [
-    ("P512 S64 G8", [512], [[64] * 8], 8, 8, 64),
+CPU_CONFIGS = [  # smallest first: --quick runs only the first
     ("P256 S128 G4 GQA", [256], [[128] * 4], 8, 2, 64),
+    ("P512 S64 G8", [512], [[64] * 8], 8, 8, 64),
 ]
+SMOKE_CONFIGS = [("smoke P64 S16 G2 GQA", [64], [[16] * 2], 4, 2, 16)]
+BASELINES = ("unpacked", "flex")
 
 
 @dataclass
@@ -92,7 +99,12 @@ def run_split(q, k, v, layout):
     return torch.cat([prefix_out[0].transpose(0, 1), suffix_out.transpose(1, 2).reshape(g * s, hq, -1)])
 
 
-def make_flex(layout):
+def flex_for_layout(layout):
+    """``(block_mask, compiled flex_attention)`` for the layout's prefix-sharing pattern, after
+    a compiler reset: every layout compiles flex_attention's one code object twice (no_grad,
+    grad), and without a reset the layouts of one run together pass Dynamo's recompile limit
+    (8), after which flex_attention would silently run its unfused eager path. fullgraph=True
+    turns any such fallback into an error."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     group, segment, pos = layout.token_group, layout.token_segment, layout.position_ids
@@ -103,13 +115,14 @@ def make_flex(layout):
                 & (is_prefix[kv_idx] | (segment[q_idx] == segment[kv_idx])))
 
     t = layout.total_tokens
-    # Every config compiles flex_attention's one code object twice (no_grad, grad): without a
-    # reset, the configs together pass Dynamo's recompile limit (8) and later configs would
-    # silently run the unfused eager path. fullgraph=True turns any such fallback into an error.
     torch.compiler.reset()
     # Compiled: the eager mask builder materializes [T, T] (67 GiB at ~90k tokens).
     block_mask = torch.compile(create_block_mask)(prefix_sharing, None, None, t, t, device=layout.device)
-    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return block_mask, torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+def make_flex(layout):
+    block_mask, compiled = flex_for_layout(layout)
 
     def run(q, k, v):
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
@@ -171,20 +184,21 @@ def compilations() -> int:
     return counters["frames"]["total"]
 
 
-def warm_then_time(fn, device):
+def warm_then_time(fn, device, repeats):
     """``(first output, warm-up s, median ms, recompiled)``: the first call of ``fn`` compiles
-    or autotunes, then ``fn`` is timed; ``recompiled`` says Dynamo compiled during timing."""
+    or autotunes, then ``fn`` is timed (``repeats``: :func:`repeats_of`'s pair); ``recompiled``
+    says Dynamo compiled during timing."""
     start = time.perf_counter()
     first = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - start
     before = compilations()
-    ms = measure_ms(fn, device)
+    ms = measure_ms(fn, device, *repeats)
     return first, warmup_s, ms, compilations() != before
 
 
-def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
+def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeats):
     layout = GroupLayout.from_lengths(prefix, suffix, device=device)
     t = layout.total_tokens
     gen = torch.Generator(device=device).manual_seed(0)
@@ -203,7 +217,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
             with torch.no_grad():
                 return provider.run(*inputs)
 
-        out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device)
+        out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device, repeats)
         err = (completion_view(approach, out, layout).float() - ours).abs().max().item()
         fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = float("nan")
         recompiled_fwd_bwd = False
@@ -213,7 +227,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
             def fwd_bwd():
                 provider.run(*leaves).backward(grad_out)
 
-            _, fwd_bwd_warmup_s, fwd_bwd_ms, recompiled_fwd_bwd = warm_then_time(fwd_bwd, device)
+            _, fwd_bwd_warmup_s, fwd_bwd_ms, recompiled_fwd_bwd = warm_then_time(fwd_bwd, device, repeats)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -222,8 +236,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
                 torch.cuda.synchronize()
                 peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
         rows.append({
-            "config": name, "approach": approach, "device": device_name(device),
-            "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
+            "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
             "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": err <= agreement,
             "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}",
             "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
@@ -231,7 +244,6 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
             "peak_extra_gib": f"{peak_gib:.3f}",
             "useful_tflops_fwd": f"{flops / fwd_ms / 1e9:.2f}",
             "useful_tflops_fwd_bwd": f"{3.5 * flops / fwd_bwd_ms / 1e9:.2f}",
-            "versions": versions(),
         })
         if err > agreement:
             print(f"WARNING: {approach} differs from prefix_attention by {err:.2e} on {name}")
@@ -242,41 +254,49 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted=None):
     return rows
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
+    add_size_arguments(parser)
     parser.add_argument("--configs", nargs="*", help="names of configs to run (default: all of this device)")
     parser.add_argument("--approaches", nargs="*", help="names of approaches to run (default: all available)")
     add_output_arguments(parser, "bench_attention")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    return parser
+
+
+def run(args) -> list[dict]:
+    """One row per config and approach for :func:`build_parser`'s options."""
+    device = device_of(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    configs = GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     if args.configs:
         unknown = set(args.configs) - {c[0] for c in configs}
         if unknown:
-            parser.error(f"--configs: unknown {sorted(unknown)}; this device has {[c[0] for c in configs]}")
+            raise ValueError(f"--configs: unknown {sorted(unknown)}; this run has {[c[0] for c in configs]}")
         configs = [c for c in configs if c[0] in args.configs]
     rows = []
-    for config in tqdm(configs, desc="configs"):
-        rows.extend(bench_config(*config, device, dtype, args.approaches))
+    for config in tqdm(configs, desc="attention configs"):
+        rows.extend(bench_config(*config, device, dtype, args.approaches, repeats_of(args)))
     if not rows:
-        parser.error(f"--approaches: none of {args.approaches} runs on {device}")
-    stem = os.path.join(output_dir(args), f"attention_{slug(device_name(device))}")
-    write_csv(rows, stem + ".csv")
-    print(f"\n{device_name(device)}; {versions()}; {dtype}")
-    print(f"{'config':<22}{'approach':<10}{'warm-up s':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
-          f"{'TF/s fwd':>10}{'TF/s f+b':>10}{'diff':>11}")
+        raise ValueError(f"--approaches: none of {args.approaches} runs on {device}")
+    return rows
+
+
+def summary(rows) -> list[str]:
+    """The table, then fwd+bwd (or, without a backward, fwd) ratios against the baselines."""
+    lines = [f"{'config':<32}{'approach':<10}{'warm-up s':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
+             f"{'TF/s fwd':>10}{'TF/s f+b':>10}{'diff':>11}"]
     for r in rows:
-        print(f"{r['config']:<22}{r['approach']:<10}{r['fwd_warmup_s'] + '+' + r['fwd_bwd_warmup_s']:>11}"
-              f"{r['fwd_ms']:>10}{r['fwd_bwd_ms']:>12}{r['peak_extra_gib']:>10}{r['useful_tflops_fwd']:>10}"
-              f"{r['useful_tflops_fwd_bwd']:>10}{r['max_abs_diff_vs_ours']:>11}"
-              f"{'  RECOMPILED' if r['recompiled_during_timing'] else ''}")
-    plot(rows, stem + ".png", device)
-    print(f"wrote {stem}.csv and {stem}.png")
+        lines.append(f"{r['config']:<32}{r['approach']:<10}{r['fwd_warmup_s'] + '+' + r['fwd_bwd_warmup_s']:>11}"
+                     f"{r['fwd_ms']:>10}{r['fwd_bwd_ms']:>12}{r['peak_extra_gib']:>10}{r['useful_tflops_fwd']:>10}"
+                     f"{r['useful_tflops_fwd_bwd']:>10}{r['max_abs_diff_vs_ours']:>11}"
+                     f"{'  RECOMPILED' if r['recompiled_during_timing'] else ''}")
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        lines += ratio_lines(rows, config="config", approach="approach", metric=metric, baselines=BASELINES)
+    return lines
 
 
-def plot(rows, path, device):
+def plot(rows, path, where):
     """fwd+bwd times per config and approach (forward-only approaches: their forward time)."""
     series = {}
     for r in rows:
@@ -284,7 +304,11 @@ def plot(rows, path, device):
         series.setdefault(label, {})[r["config"]] = float(r["fwd_bwd_ms"] if r["fwd_bwd_ms"] != "nan"
                                                           else r["fwd_ms"])
     bar_chart(series, path, ylabel="ms (median, log)", log_scale=True,
-              title=f"shared-prefix attention, fwd+bwd: {device_name(device)}")
+              title=f"shared-prefix attention, fwd+bwd: {where}")
+
+
+def main():
+    run_suite("attention", sys.modules[__name__], build_parser().parse_args())
 
 
 if __name__ == "__main__":

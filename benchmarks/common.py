@@ -1,9 +1,14 @@
-"""Shared benchmark plumbing: timing, FLOP counts, output folders, equivalence verdicts, plots."""
+"""Shared benchmark plumbing: sizes, timing, memory, FLOP counts, output folders, provenance,
+equivalence verdicts, CSV/PNG output and ratio summaries."""
 from __future__ import annotations
 
+import ctypes
+import datetime
+import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -11,6 +16,12 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")  # committed figures, refreshed on request
 RUNS_DIR = os.path.join(REPO_ROOT, "runs")  # ignored by git: ordinary runs never dirty the work tree
+
+# Qwen2Config sizes of the models the GPU suites build with random weights (nothing is downloaded).
+QWEN2_5_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN2_5_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -34,20 +45,81 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA-synchronized; do_bench on GPU)."""
-    if device.type == "cuda":
+def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, whole_steps: bool = False) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup``.
+
+    On GPU, kernels are timed by do_bench (its own warm-up and repeat counts, 100 ms of
+    calls); ``whole_steps=True`` times calls of 100 ms or more (a model's training step),
+    where do_bench would take the median of a single call, by the synchronized wall clock.
+    """
+    if device.type == "cuda" and not whole_steps:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def peak_extra_mib(fn, device: torch.device) -> float:
+    """Memory ``fn()`` allocates at its peak beyond what was allocated before it:
+    torch.cuda.max_memory_allocated on GPU; on CPU the process's peak resident size (VmHWM)
+    above its resident size before the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    def status_kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    # Hand freed heap pages back first: glibc keeps them resident, so a step reusing them
+    # would not raise the peak. Then reset VmHWM to the current resident size.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kib("VmRSS")
+    fn()
+    return (status_kib("VmHWM") - base) / 2**10
+
+
+def add_size_arguments(parser) -> None:
+    """``--quick`` (the device's smallest shapes, fewer repeats) and ``--smoke`` (tiny shapes,
+    one timed call: exercises the code path, measures nothing worth quoting)."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="this device's smallest shapes, fewer repeats")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny shapes and one timed call: checks the code path, measures nothing worth quoting")
+
+
+def chosen_configs(args, device: torch.device, *, gpu: list, cpu: list, smoke: list) -> list:
+    """The configs that :func:`add_size_arguments`' options select: ``smoke`` with --smoke, the
+    device's first (smallest) with --quick, else all of the device's."""
+    if args.smoke:
+        return smoke
+    configs = gpu if device.type == "cuda" else cpu
+    return configs[:1] if args.quick else configs
+
+
+def repeats_of(args) -> tuple[int, int]:
+    """``(warm-up calls, timed calls)`` for :func:`measure_ms` under :func:`add_size_arguments`' options."""
+    return (0, 1) if args.smoke else (1, 3) if args.quick else (2, 5)
 
 
 def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
@@ -84,6 +156,58 @@ def add_output_arguments(parser, run_name: str) -> None:
 def output_dir(args) -> str:
     """The folder chosen by :func:`add_output_arguments`'s options."""
     return RESULTS_DIR if args.update_results else args.out
+
+
+def git_commit() -> str:
+    """The checked-out commit, ``-dirty`` when tracked files differ from it, or ``unknown``
+    outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(device: torch.device) -> dict:
+    """The columns every benchmark row starts with: where, with what and when it was measured."""
+    return {"device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+            "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def ratio_lines(rows: list[dict], *, config: str, approach: str, metric: str, baselines: tuple[str, ...]) -> list[str]:
+    """``"<config>: <approach> 2.31x vs <baseline>"`` for every approach and baseline measured on
+    the same config (``baseline time / approach time``: above 1 is faster than the baseline)."""
+    lines = []
+    for name in dict.fromkeys(r[config] for r in rows):
+        times = {r[approach]: float(r[metric]) for r in rows if r[config] == name}
+        for baseline in baselines:
+            if not math.isfinite(times.get(baseline, math.nan)):
+                continue
+            for other, ms in times.items():
+                if other != baseline and math.isfinite(ms):
+                    lines.append(f"{name}: {other} {times[baseline] / ms:.2f}x vs {baseline} ({metric})")
+    return lines
+
+
+def run_suite(suite: str, module, args) -> list[dict]:
+    """Run one suite module (``build_parser``'s ``args``) and write its results into the folder
+    of :func:`add_output_arguments`' options: ``<suite>_<device>.csv``, every row stamped with
+    :func:`provenance`; ``module.plot(rows, png_path, device name)``'s PNG; and the lines of
+    ``module.summary(rows)``, printed. Returns the rows as ``module.run`` made them."""
+    rows = module.run(args)
+    stamp = provenance(device_of(args))
+    stem = os.path.join(output_dir(args), f"{suite}_{slug(stamp['device'])}")
+    write_csv([{"suite": suite, **stamp, **row} for row in rows], stem + ".csv")
+    module.plot(rows, stem + ".png", stamp["device"])
+    print(f"\n{suite}: {stamp['device']}; {stamp['versions']}; commit {stamp['git_commit']}")
+    for line in module.summary(rows):
+        print(f"  {line}")
+    print(f"wrote {stem}.csv and {stem}.png", flush=True)
+    return rows
 
 
 def report_equivalence(what: str, max_err: float, tolerance: float, precision: str) -> None:

@@ -131,11 +131,14 @@ DIAGNOSIS_PROMPT = Prompt("dvc>", Diagnosis("B", "cd"))
     ("B|cv", [1, 1, 1 / 2, 1]),            # a present distractor is faithful but not a key finding
     ("B|ca", [1, 1 / 2, 1 / 2, 1]),        # "a" is not in the prompt
     ("A|cd", [0, 1, 1, 1]),                # wrong disease
-    ("B|cc", [1, 1, 1 / 2, 0]),            # repeated citation breaks the format
-    ("B|", [1, 0, 0, 0]),                  # nothing cited
-    ("B", [1, 0, 0, 0]),
-    ("Bcd", [1, 0, 0, 0]),                 # no separator: nothing is cited
-    ("B|c>", [1, 1 / 2, 1 / 2, 0]),        # a non-finding after the separator
+    # format: a third per well-formed part (letter first, the only "|" second, distinct findings cited)
+    ("B|cc", [1, 1, 1 / 2, 2 / 3]),        # repeated citation breaks the evidence part
+    ("B|", [1, 0, 0, 2 / 3]),              # nothing cited
+    ("B", [1, 0, 0, 1 / 3]),
+    ("Bcd", [1, 0, 0, 1 / 3]),             # no separator: nothing is cited
+    ("B|c>", [1, 1 / 2, 1 / 2, 2 / 3]),    # a non-finding after the separator
+    ("x|cd", [0, 1, 1, 2 / 3]),            # no disease letter first
+    ("B|c|d", [1, 2 / 3, 1, 1 / 3]),       # a second separator: cited "c|d" is not all findings
     ("", [0, 0, 0, 0]),
     ("||||", [0, 0, 0, 0]),                # garbage
 ])

@@ -36,7 +36,10 @@ class DiagnosisTask(Task):
     - ``faithfulness``: fraction of the cited characters (after the first "|") that are findings
       present in the prompt; 0 when nothing is cited;
     - ``comprehensiveness``: fraction of the prompt's key findings of the true disease that are cited;
-    - ``format``: the completion is one disease letter, "|", then one or more distinct findings.
+    - ``format``: a third for each well-formed part: a disease letter first, the only "|" second, and
+      an evidence part (after the first "|") of one or more distinct findings. Partial credit
+      gives the channel a gradient from a random-init policy, of which only 1 answer in 200
+      is well formed as a whole.
     The channels are read separately so each one rewards its own skill even when another fails.
     """
     name = "diagnosis"
@@ -91,9 +94,10 @@ class DiagnosisTask(Task):
         accuracy = float(completion[:1] == target.disease)
         faithfulness = sum(c in present for c in cited) / len(cited) if cited else 0.0
         comprehensiveness = len(set(target.key_findings) & set(cited)) / len(target.key_findings)
-        well_formed = (completion[:1] in self.rule_book and completion[1:2] == SEPARATOR and cited != ""
-                       and all(c in self.findings for c in cited) and len(set(cited)) == len(cited))
-        return [accuracy, faithfulness, comprehensiveness, float(well_formed)]
+        well_formed_parts = (completion[:1] in self.rule_book,
+                             completion[1:2] == SEPARATOR and completion.count(SEPARATOR) == 1,
+                             cited != "" and all(c in self.findings for c in cited) and len(set(cited)) == len(cited))
+        return [accuracy, faithfulness, comprehensiveness, sum(well_formed_parts) / len(well_formed_parts)]
 
     def reference_answer(self, prompt: Prompt) -> str:
         return prompt.target.disease + SEPARATOR + prompt.target.key_findings

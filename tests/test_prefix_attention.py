@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import random_layout
 from prefix_grouper import GroupLayout, available_backends, prefix_attention
-from prefix_grouper.attention import prefix_sharing_mask
+from prefix_grouper.attention import prefix_sharing_mask, torch_backend
 from prefix_grouper.unpacked import unpacked_prefix_attention
 
 
@@ -57,6 +57,60 @@ def test_torch_matches_reference_fp64(seed, hq, hkv, with_lse):
             continue
         assert a.shape == e.shape, name
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["cpu-fused", "chunked"])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("prefix_lens,suffix_lens", [
+    ([97], [[7]]),                                # G = 1
+    ([1, 97, 7], [[0, 97, 1], [7], [0, 0, 1]]),   # empty completions, three length buckets
+    ([7, 1], [[97, 97, 0, 7], [1, 7]]),
+], ids=["G1", "ragged-empty", "ragged"])
+def test_torch_matches_reference_fp64_ragged(prefix_lens, suffix_lens, hq, hkv, engine, monkeypatch, generator):
+    """Every part and the LSE merge, out and lse with their gradients, on both attention
+    engines (the chunked one, which non-CPU devices run, forced here on CPU)."""
+    if engine == "chunked":
+        monkeypatch.setattr(torch_backend, "attention_with_lse", torch_backend.chunked_attention_with_lse)
+    layout = GroupLayout.from_lengths(prefix_lens, suffix_lens)
+    q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, generator)
+    expected = outputs_and_grads(q, k, v, layout, "reference")
+    actual = outputs_and_grads(q, k, v, layout, "torch")
+    for name, a, e in zip(NAMES, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def dense_attention_with_lse(q, k, v, causal, scale):
+    """Ground truth for the engines: q ``[R, Hq, L, D]``, k/v ``[R, Hkv, L, D]``."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = scale * q @ k.transpose(-1, -2)
+    if causal:
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.exp(scores - lse[..., None]) @ v, lse
+
+
+@pytest.mark.parametrize("score_block_bytes", [2080, 2**26], ids=["row-and-query-chunks", "one-chunk"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "dense"])
+@pytest.mark.parametrize("engine", ["attention_with_lse", "chunked_attention_with_lse"])
+def test_attention_engines_match_dense(engine, causal, score_block_bytes, monkeypatch, generator):
+    # 2080 bytes = 5 fp64 query rows of 4 heads x 13 keys: one batch row per chunk, query
+    # chunks of 5, 5 and 3, so chunk borders cut the causal diagonal.
+    monkeypatch.setattr(torch_backend, "SCORE_BLOCK_BYTES", score_block_bytes)
+    q = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    w_out, w_lse = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64), torch.randn(
+        3, 4, 13, generator=generator, dtype=torch.float64)
+
+    def outputs_and_grads_of(attention):
+        out, lse = attention(q, k, v, causal, 0.3)
+        return [out, lse, *torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), (q, k, v))]
+
+    actual = outputs_and_grads_of(getattr(torch_backend, engine))
+    expected = outputs_and_grads_of(dense_attention_with_lse)
+    for name, a, e in zip(NAMES, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)  # fp64: rounding only
 
 
 @pytest.mark.parametrize("with_lse", [True, False], ids=["lse-path", "fused-path"])
@@ -276,15 +330,18 @@ def poisoned_rows_and_keys(layout, token):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["completion", "prefix"])
-@pytest.mark.parametrize("backend,with_lse", [("reference", True), ("torch", True), ("torch", False),
-                                               ("triton", True)],
-                         ids=["reference", "torch-lse", "torch-fused", "triton"])
-def test_non_finite_kv_stays_in_its_segment(backend, with_lse, where, value, generator):
+@pytest.mark.parametrize("backend,with_lse,chunked", [("reference", True, False), ("torch", True, False),
+                                                       ("torch", False, False), ("torch", True, True),
+                                                       ("triton", True, False)],
+                         ids=["reference", "torch-lse", "torch-fused", "torch-chunked", "triton"])
+def test_non_finite_kv_stays_in_its_segment(backend, with_lse, chunked, where, value, generator, monkeypatch):
     # Group 0's second completion (packed 7..9) is poisoned, or group 1's prefix (11..13);
     # the sibling completions, the other group and padding rows of the padded batches must
     # not see it. Ragged lengths make every padded batch pad.
     layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
     token = 8 if where == "completion" else 12
+    if chunked:  # the engine of non-CPU devices, forced on CPU
+        monkeypatch.setattr(torch_backend, "attention_with_lse", torch_backend.chunked_attention_with_lse)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32 under the interpreter
     q, k, v = make_qkv(layout, 4, 2, 8, dtype, generator, requires_grad=False)
     clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,

@@ -135,34 +135,35 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
 
 def _plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part, the prompt/completion slices of the dense part,
-    and where every packed token's causal-part row lies."""
-    segments, cross = [], []  # (packed start, length); (prompt start, prompt end, completions end)
+    """Length buckets of the causal part, the packed pieces of the dense part, and where
+    every packed token's causal-part row lies."""
+    segments, pieces = [], []  # (packed start, length) of non-empty segments; [P_b, completion tokens of b]...
     start = 0
     for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
-        prefix_start = start
         segments.append((start, prefix_len))
         start += prefix_len
         for suffix_len in suffix_lens:
             if suffix_len:
                 segments.append((start, suffix_len))
             start += suffix_len
-        if start > prefix_start + prefix_len:
-            cross.append((prefix_start, prefix_start + prefix_len, start))
+        pieces += [prefix_len, sum(suffix_lens)]
+
+    def bucket(segment):
+        return (segment[1] - 1).bit_length()
 
     device, zero_row = layout.device, layout.total_tokens
-    buckets, row_of_token, base = [], torch.empty(layout.total_tokens, dtype=torch.long, device=device), 0
-    by_bucket = sorted(segments, key=lambda segment: (segment[1] - 1).bit_length())
-    for _, members in groupby(by_bucket, key=lambda segment: (segment[1] - 1).bit_length()):
+    indices, shapes = [], []
+    for _, members in groupby(sorted(segments, key=bucket), key=bucket):
         starts, lens = (torch.tensor(column, dtype=torch.long, device=device) for column in zip(*members))
-        width = int(lens.max())
-        columns = torch.arange(width, device=device)
-        valid = columns[None, :] < lens[:, None]
-        index = torch.where(valid, starts[:, None] + columns[None, :], zero_row)
-        row_of_token[index[valid]] = base + torch.arange(index.numel(), device=device).view_as(index)[valid]
-        buckets.append(index)
-        base += index.numel()
-    return {"buckets": buckets, "row_of_token": row_of_token, "cross": cross}
+        columns = torch.arange(int(lens.max()), device=device)
+        indices.append(torch.where(columns[None, :] < lens[:, None], starts[:, None] + columns[None, :], zero_row))
+        shapes.append(tuple(indices[-1].shape))
+    self_index = torch.cat([index.flatten() for index in indices])
+    row_of_token = torch.empty(layout.total_tokens, dtype=torch.long, device=device)
+    is_token = self_index != zero_row
+    row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
+    return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token,
+            "pieces": pieces + [1]}  # the zero row closes the packed axis
 
 
 def _with_zero_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -194,29 +195,37 @@ def torch_prefix_attention(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (_with_zero_row(x, compute) for x in (q, k, v))
 
+    # One gather per tensor (its backward one scatter), cut into the buckets' [n, W] batches.
+    bucket_sizes = [n * width for n, width in plan["bucket_shapes"]]
+    gathered = [x[plan["self_index"]].split(bucket_sizes) for x in (qc, kc, vc)]
     outs, lses = [], []
-    for index in plan["buckets"]:
-        out, lse = attention_with_lse(*(_heads_first(x[index]) for x in (qc, kc, vc)), True, softmax_scale)
+    for i, (n, width) in enumerate(plan["bucket_shapes"]):
+        out, lse = attention_with_lse(*(_heads_first(x[i].view(n, width, *x[i].shape[1:])) for x in gathered),
+                                      True, softmax_scale)
         outs.append(_heads_first(out).reshape(-1, *q.shape[1:]))
         lses.append(lse.transpose(1, 2).reshape(-1, q.shape[1]))
     out = torch.cat(outs)[plan["row_of_token"]]
     lse = torch.cat(lses)[plan["row_of_token"]]
+    if layout.num_completion_tokens == 0:
+        return out.to(q.dtype), (lse if need_lse else None)
 
-    if plan["cross"]:
-        cross_outs, cross_lses = [], []
-        for prefix_start, prefix_end, group_end in plan["cross"]:
-            queries, keys = slice(prefix_end, group_end), slice(prefix_start, prefix_end)
-            cross_out, cross_lse = attention_with_lse(_heads_first(qc[queries])[None], _heads_first(kc[keys])[None],
-                                                      _heads_first(vc[keys])[None], False, softmax_scale)
+    # Split, not slices: the backward of B slices would write B zero-filled copies of x.
+    pieces = [x.split(plan["pieces"]) for x in (qc, kc, vc)]
+    cross_outs, cross_lses = [], []
+    for group in range(layout.num_groups):
+        queries, prompt_keys, prompt_values = pieces[0][2 * group + 1], pieces[1][2 * group], pieces[2][2 * group]
+        if queries.shape[0]:
+            cross_out, cross_lse = attention_with_lse(*(_heads_first(x)[None] for x in (queries, prompt_keys, prompt_values)),
+                                                      False, softmax_scale)
             cross_outs.append(_heads_first(cross_out[0]))
             cross_lses.append(cross_lse[0].transpose(0, 1))
-        # The groups' completion tokens, in packed order, are exactly completion_positions().
-        positions = layout.completion_positions()
-        cross_out, cross_lse = torch.cat(cross_outs), torch.cat(cross_lses)
-        own_out, own_lse = out[positions], lse[positions]
-        merged_lse = torch.logaddexp(cross_lse, own_lse)
-        merged_out = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
-                      + own_out * torch.exp(own_lse - merged_lse)[..., None])
-        out = out.index_copy(0, positions, merged_out)
-        lse = lse.index_copy(0, positions, merged_lse)
+    # The groups' completion tokens, in packed order, are exactly completion_positions().
+    positions = layout.completion_positions()
+    cross_out, cross_lse = torch.cat(cross_outs), torch.cat(cross_lses)
+    own_out, own_lse = out[positions], lse[positions]
+    merged_lse = torch.logaddexp(cross_lse, own_lse)
+    merged_out = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
+                  + own_out * torch.exp(own_lse - merged_lse)[..., None])
+    out = out.index_copy(0, positions, merged_out)
+    lse = lse.index_copy(0, positions, merged_lse)
     return out.to(q.dtype), (lse if need_lse else None)

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
 from prefix_grouper.attention.reference import prefix_sharing_mask, reference_prefix_attention  # noqa: E402
 from prefix_grouper.attention import triton_backend  # noqa: E402
+from prefix_grouper.attention.triton_common import HeadPacking, head_packing  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
     dkdv_chunk_rows, key_tile_rows, query_tile_rows, triton_prefix_attention,
 )
@@ -87,6 +88,7 @@ def _max_errors(layout, q, k, v, scale, use_out=True, use_lse=True):
     (RAGGED, 3, 1, 24),   # MQA, head dim padded to 32 inside the kernels
     (LONG, 4, 2, 16),
     (SINGLE, 1, 1, 80),   # padded to 128
+    (LONG, 7, 1, 16),     # 7 heads packed per program: 4-token tiles, 4 idle score rows
     pytest.param(GPU_SIZED, 4, 2, 64, marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="too slow for the interpreter")),
 ])
@@ -177,9 +179,19 @@ def test_dkdv_launch_fills_hopper(name):
     assert max(query_rows) <= chunk_rows and max(query_rows) <= 2 * sum(query_rows) / len(query_rows) * kv_heads
 
 
+def test_head_packing():
+    # Qwen2.5-1.5B (12/2 heads) and 0.5B (14/2): a KV head's query heads share 128 score rows.
+    assert head_packing(128, 6) == HeadPacking(block_m=128, heads_per_program=6, tile_tokens=21)
+    assert head_packing(128, 7) == HeadPacking(block_m=128, heads_per_program=7, tile_tokens=18)
+    assert head_packing(128, 1) == HeadPacking(block_m=128, heads_per_program=1, tile_tokens=128)
+    # More heads than rows: the largest divisor that fits, packs never straddle KV heads.
+    assert head_packing(32, 96) == HeadPacking(block_m=32, heads_per_program=32, tile_tokens=1)
+    assert head_packing(32, 66) == HeadPacking(block_m=32, heads_per_program=22, tile_tokens=1)
+
+
 def test_backward_bitwise_repeatable():
     """Split dK/dV partials are summed in a fixed order: two runs agree bit for bit."""
-    layout = _layout(LONG)
+    layout = _layout(RAGGED)  # its largest group's prefix tile is split in two
     q, k, v = _inputs(layout, 4, 2, 16, seed=9)
     gen = torch.Generator(device=DEVICE).manual_seed(10)
     out_weight = torch.randn(*q.shape, generator=gen, device=DEVICE)

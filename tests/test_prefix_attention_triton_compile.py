@@ -2,7 +2,8 @@
 
 CI runs the kernels through the interpreter, which accepts code the GPU compiler rejects
 (type changes across loop iterations, layouts tl.dot cannot take); compiling the bf16
-head-dim-128 specialization of every kernel catches those. Runs in a subprocess because
+head-dim-128 specialization of every kernel catches those, and the matmul kernels must
+use Hopper's wgmma. Runs in a subprocess because
 compiling needs triton imported without TRITON_INTERPRET.
 """
 import pytest
@@ -42,9 +43,12 @@ def signature(kernel, constants):
 
 
 tile = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, CHECK_DIMS=False, DOT_PRECISION="tf32")
+mha = dict(tile, BLOCK_M=128, TILE_TOKENS=128, HEADS_PER_PROGRAM=1, BLOCK_N=64)
+gqa_6 = dict(tile, BLOCK_M=128, TILE_TOKENS=21, HEADS_PER_PROGRAM=6, BLOCK_N=64)  # 12/2 heads
 for kernel, constants in [
-    (prefix_attention_fwd_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
-    (prefix_attention_dq_kernel, dict(tile, BLOCK_M=128, BLOCK_N=64)),
+    (prefix_attention_fwd_kernel, mha),
+    (prefix_attention_fwd_kernel, gqa_6),
+    (prefix_attention_dq_kernel, gqa_6),
     (prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
     (dkdv_reduce_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_N=128)),
     (delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
@@ -53,7 +57,11 @@ for kernel, constants in [
         kernel = kernel.fn
     constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature(kernel, constants), constexprs=constants)
-    assert "ld.global" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"], kernel
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert "ld.global" in ptx, kernel
+    if kernel.fn.__name__ not in ("delta_kernel", "dkdv_reduce_kernel"):  # those have no matmul
+        # Hopper's asynchronous warpgroup MMA, not the Ampere mma.sync path.
+        assert "wgmma.mma_async" in ptx, (kernel, constants)
 print("compiled")
 """
 

@@ -6,11 +6,16 @@ so no call ever synchronizes with the device:
 
 * query tiles ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32 rows, the fields of
   :class:`~.triton_common.QueryTile` (``q_start, seg_start, seg_end, shared_start,
-  shared_len``): BLOCK_M rows of one segment; ``shared_*`` is the group's prefix for a
-  suffix tile and empty for a prefix tile (forward and dQ);
-* key tiles ``[num_kv_tiles, KEY_TILE_COLUMNS]`` int32 rows, the fields of
-  :class:`~.triton_common.KeyTile` (``k_start, k_end, q_end``): BLOCK_N keys of one
-  segment and the end of the packed query range that sees them (dK/dV).
+  shared_len``): ``tile_tokens`` tokens of one segment, taken by one program per pack of
+  query heads (:class:`~.triton_common.HeadPacking`); ``shared_*`` is the group's prefix
+  for a suffix tile and empty for a prefix tile (forward and dQ);
+* dK/dV programs ``[num_programs, KEY_TILE_COLUMNS]`` int32 rows, the fields of
+  :class:`~.triton_common.KeyTile` (``k_start, k_end, chunk_start, chunk_end,
+  partial_slot``): BLOCK_N keys of one segment against one chunk of the packed queries
+  that see them, and the split key tiles ``[num_split, SPLIT_KEY_TILE_COLUMNS]``
+  (:class:`~.triton_common.SplitKeyTile`) whose partials the reduction kernel sums.
+  The chunk length (:func:`dkdv_chunk_rows`) gives the launch at least two programs per
+  SM even with GQA's few KV heads.
 
 An empty completion owns no rows, hence no tiles. Groups are listed heaviest first and
 a group's tiles stay adjacent, heaviest first, so the programs running together mostly
@@ -36,8 +41,8 @@ from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, split_
 from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
 from .triton_common import (
-    KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, KeyTile, QueryTile, SplitKeyTile,
-    padded_head_dim,
+    KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, KeyTile, QueryTile,
+    SplitKeyTile, head_packing, padded_head_dim,
 )
 from .triton_fwd import launch_forward
 
@@ -51,8 +56,9 @@ HOPPER_SMS = 132
 
 
 def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """``(query tile, key tile)`` rows of the schedules; kernels autotune only the inner
-    block, a divisor of the tile.
+    """``(query rows per program, key tile)``: the forward and dQ programs' BLOCK_M score rows
+    (query tile tokens times packed heads) and the dK/dV programs' keys; kernels autotune
+    only the inner block, a divisor of these.
 
     Wide rows (fp32, large head dims) get shorter tiles so a tile's Q, accumulators and
     the K/V pipeline stages fit in registers and shared memory.
@@ -175,15 +181,18 @@ def _schedule_tensor(rows: list[tuple], columns: int, device: torch.device) -> t
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), columns)
 
 
-def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(q_tiles, q_tile)`` for q's head dim, dtype and device, built once per layout."""
-    q_tile, _ = _tile_sizes(q.shape[-1], q.dtype)
+def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor,
+                    num_kv_heads: int) -> tuple[torch.Tensor, HeadPacking]:
+    """``(q_tiles, packing)`` for q's head dim, dtype and device and ``num_kv_heads``; the
+    schedule is built once per layout and tile."""
+    block_m, _ = _tile_sizes(q.shape[-1], q.dtype)
+    packing = head_packing(block_m, q.shape[1] // num_kv_heads)
     prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
     q_tiles = cached_per_layout(
-        host_lengths, ("triton_schedule", "q", q_tile, q.device),
-        lambda: _schedule_tensor(query_tile_rows(prefix_lens, suffix_lens_per_group, q_tile),
+        host_lengths, ("triton_schedule", "q", packing.tile_tokens, q.device),
+        lambda: _schedule_tensor(query_tile_rows(prefix_lens, suffix_lens_per_group, packing.tile_tokens),
                                  QUERY_TILE_COLUMNS.value, q.device))
-    return q_tiles, q_tile
+    return q_tiles, packing
 
 
 def _min_dkdv_programs(device: torch.device) -> int:
@@ -227,9 +236,9 @@ def _prefix_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
-    q_tiles, q_tile = _query_schedule(host_lengths, q)
+    q_tiles, packing = _query_schedule(host_lengths, q, k.shape[1])
     with device_guard(q):
-        return launch_forward(q, k, v, q_tiles, q_tile, softmax_scale)
+        return launch_forward(q, k, v, q_tiles, packing, softmax_scale)
 
 
 @_prefix_attention_fwd.register_fake
@@ -245,11 +254,11 @@ def _prefix_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D])``; dlse ``[T, Hq]`` may be None."""
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
-    q_tiles, q_tile = _query_schedule(host_lengths, q)
+    q_tiles, packing = _query_schedule(host_lengths, q, k.shape[1])
     kv_tiles, split_kv_tiles, num_partial_slots, kv_tile = _key_schedule(host_lengths, q, k.shape[1])
     with device_guard(q):
         return launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles, split_kv_tiles,
-                               num_partial_slots, q_tile, kv_tile, softmax_scale)
+                               num_partial_slots, packing, kv_tile, softmax_scale)
 
 
 @_prefix_attention_bwd.register_fake

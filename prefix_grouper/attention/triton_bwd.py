@@ -3,7 +3,8 @@
 ``delta = rowsum(dO * O) - dLSE`` (the lse output's gradient enters here, because
 ``d lse / d s_j = p_j``), then ``dS = P * (dP - delta)`` in both gradient kernels.
 
-* dQ: one program per (query tile, query head), the forward's schedule and key runs.
+* dQ: one program per (query tile, pack of query heads), the forward's schedule, head
+  packing and key runs.
 * dK/dV: one program per (key-tile chunk, KV head), looping over the query heads that
   share the KV head. The queries that see a key tile form the single packed range
   ``[k_start, q_end)``:
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    BOUND_MASK, CAUSAL_MASK, LOG2E, NO_MASK, autotune_inner_block, dot_precision, key_block_scores,
+    BOUND_MASK, CAUSAL_MASK, LOG2E, NO_MASK, HeadPacking, autotune_inner_block, dot_precision, key_block_scores,
     launchable, load_key_tile, load_row_pair, load_split_key_tile, load_tile, padded_head_dim,
     query_tile_prologue, walk_key_runs,
 )
@@ -83,22 +84,23 @@ def prefix_attention_dq_kernel(
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     num_tokens, num_q_heads, heads_per_kv, softmax_scale, qk_scale_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_TOKENS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx = query_tile_prologue(
+    tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx = query_tile_prologue(
         q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        num_q_heads, heads_per_kv, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD, CHECK_DIMS, BLOCK_M)
-    head64 = head.to(tl.int64)
-    dout = load_tile(dout_ptr + head64 * stride_doh + row_offsets * stride_dot + dims[None, :],
+        num_q_heads, heads_per_kv, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD, CHECK_DIMS, BLOCK_M,
+        TILE_TOKENS, HEADS_PER_PROGRAM)
+    dout = load_tile(dout_ptr + heads[:, None] * stride_doh + row_offsets * stride_dot + dims[None, :],
                      row_ok, dim_ok, True, CHECK_DIMS)
-    stat_offsets = head64 * num_tokens + rows
+    stat_offsets = heads * num_tokens + rows
     lse_log2 = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
     dq = walk_key_runs(tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), dq_key_block,
                        (scores_ctx, dout, lse_log2, delta), tile_row,
-                       CHECK_DIMS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                       CHECK_DIMS, TILE_TOKENS, BLOCK_N, DOT_PRECISION)
 
-    dq_ptrs = dq_ptr + head64 * stride_dqh + row_offsets * stride_dqt + dims[None, :]
+    dq_ptrs = dq_ptr + heads[:, None] * stride_dqh + row_offsets * stride_dqt + dims[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(dq_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -247,7 +249,8 @@ def dkdv_reduce_kernel(
                     stride_dkt, stride_dkh, stride_dvt, stride_dvh, softmax_scale)
 
 
-_prefix_attention_dq_tuned = autotune_inner_block(prefix_attention_dq_kernel, "BLOCK_N", "BLOCK_M")
+_prefix_attention_dq_tuned = autotune_inner_block(prefix_attention_dq_kernel, "BLOCK_N", "BLOCK_M",
+                                                  extra_keys=("TILE_TOKENS",))
 _prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel, "BLOCK_M", "BLOCK_N")
 
 
@@ -255,14 +258,15 @@ def launch_backward(
     dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     q_tiles: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor, num_partial_slots: int,
-    q_tile_size: int, kv_tile_size: int, softmax_scale: float,
+    packing: HeadPacking, kv_tile_size: int, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of shared-prefix attention.
 
     Args:
         dout, out, q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         dlse, lse: ``[T, Hq]`` float32 (dlse None when lse got no gradient).
-        q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32, tiles of ``q_tile_size`` query rows.
+        q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32, tiles of ``packing.tile_tokens``
+            query tokens, each for ``packing.heads_per_program`` heads at a time.
         kv_tiles: ``[num_kv_programs, KEY_TILE_COLUMNS]`` int32, tiles of ``kv_tile_size`` key
             rows, each against one chunk of its queries.
         split_kv_tiles: ``[num_split_tiles, SPLIT_KEY_TILE_COLUMNS]`` int32, the key tiles whose
@@ -297,13 +301,14 @@ def launch_backward(
     dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N")
     dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M")
 
-    dq_kernel[(q_tiles.shape[0] * num_q_heads,)](
+    dq_kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, dout, lse_by_head, delta, dq, q_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         num_tokens, num_q_heads, num_q_heads // num_kv_heads, softmax_scale, qk_scale_log2,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
-        BLOCK_M=q_tile_size, DOT_PRECISION=precision, **dq_fixed,
+        BLOCK_M=packing.block_m, TILE_TOKENS=packing.tile_tokens,
+        HEADS_PER_PROGRAM=packing.heads_per_program, DOT_PRECISION=precision, **dq_fixed,
     )
     dkdv_kernel[(kv_tiles.shape[0] * num_kv_heads,)](
         q, k, v, dout, lse_by_head, delta, dk, dv, dk_partial, dv_partial, kv_tiles,

@@ -1,18 +1,22 @@
 """What the forward and backward Triton kernels share: the tile schedules' row format,
 tile loaders, the key-run walk of a query tile, dot precision and autotuning.
 
-A query tile owns rows ``[q_start, q_start + BLOCK_M)`` of a single segment, clipped at
-``seg_end``; ``shared_*`` is the group's prefix for a suffix tile and empty for a prefix
-tile. The forward and dQ kernels walk its keys with :func:`walk_key_runs`, in runs that
-never load anything the tile cannot see:
+A query tile owns tokens ``[q_start, q_start + TILE_TOKENS)`` of a single segment, clipped
+at ``seg_end``; ``shared_*`` is the group's prefix for a suffix tile and empty for a prefix
+tile. The forward and dQ programs own one query tile for ``HEADS_PER_PROGRAM`` query heads
+of one KV head (GQA packing, so each K/V block is loaded once for all of them): their
+``BLOCK_M`` score rows are head-major, row ``r`` is head ``r // TILE_TOKENS`` of the pack
+and token ``q_start + r % TILE_TOKENS`` (rows past ``HEADS_PER_PROGRAM * TILE_TOKENS``
+are idle). They walk the tile's keys with :func:`walk_key_runs`, in runs that never load
+anything the tile cannot see:
 
 1. ``[shared_start, shared_start + shared_len)``: the whole prefix, no mask except the
    key bound on its last, partial block;
-2. ``[seg_start, q_start)``: own-segment keys strictly before the tile, no mask;
-3. ``[q_start, min(q_start + BLOCK_M, seg_end))``: the diagonal, causal mask.
-
-Run 2 is aligned because tiles start at multiples of BLOCK_M from the segment start and
-BLOCK_N divides BLOCK_M.
+2. ``[seg_start, aligned_end)``: own-segment keys before the tile, whole BLOCK_N blocks
+   from the segment start, no mask;
+3. ``[aligned_end, min(q_start + TILE_TOKENS, seg_end))``: the diagonal, causal mask
+   (``aligned_end`` is ``q_start`` when TILE_TOKENS is a multiple of BLOCK_N, as without
+   packing; otherwise the block holding ``q_start``).
 """
 from __future__ import annotations
 
@@ -50,10 +54,26 @@ K_START, K_END, CHUNK_START, CHUNK_END, PARTIAL_SLOT = (tl.constexpr(i) for i in
 assert SplitKeyTile._fields[:2] == KeyTile._fields[:2]
 FIRST_SLOT, NUM_SLOTS = (tl.constexpr(i) for i in range(2, len(SplitKeyTile._fields)))
 
+# How the forward and dQ programs fill their BLOCK_M score rows: ``heads_per_program``
+# query heads of one KV head times ``tile_tokens`` tokens (the query schedule's tile).
+HeadPacking = namedtuple("HeadPacking", ["block_m", "heads_per_program", "tile_tokens"])
+
+
+def head_packing(block_m: int, heads_per_kv: int) -> HeadPacking:
+    """Pack as many of a KV head's ``heads_per_kv`` query heads as ``block_m`` rows hold (a
+    divisor of ``heads_per_kv``, so packs never straddle KV heads)."""
+    heads = max(h for h in range(1, min(heads_per_kv, block_m) + 1) if heads_per_kv % h == 0)
+    return HeadPacking(block_m, heads, block_m // heads)
+
+
 # Inner block of every kernel under the interpreter (no autotuning there): with the
 # interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
 INTERPRETER_INNER_BLOCK = 16
-_INNER_BLOCK_SIZES = (16, 32, 64)
+# GPU autotuning space: with 128-row tiles, the 128x64 and 128x128 shapes, 8 warps (two
+# warpgroups) and 3-4 stages of Hopper's fast kernels, beside the smaller Ampere ones.
+_INNER_BLOCK_SIZES = (16, 32, 64, 128)
+_NUM_WARPS = (4, 8)
+_NUM_STAGES = (2, 3, 4)
 
 
 def _torch_allows_tf32() -> bool:
@@ -78,19 +98,18 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def autotune_inner_block(kernel, inner: str, tile: str):
+def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, ...] = ()):
     """``kernel`` autotuned over its inner block ``inner``, a divisor of the schedule's tile
-    (kernel argument ``tile``), per head dim and tile size (and, as triton always does,
-    per tensor dtype)."""
+    (kernel argument ``tile``), per head dim, tile size and ``extra_keys`` arguments (and,
+    as triton always does, per tensor dtype)."""
     def keep_dividing(configs, named_args, **kwargs):
-        # A tile that is not a whole number of inner blocks would let the unmasked runs
-        # leave the segment.
+        # An inner block longer than the tile, or not dividing it, only adds masked work.
         size = kwargs.get(tile, named_args.get(tile))
         return [c for c in configs if c.kwargs[inner] <= size and size % c.kwargs[inner] == 0]
 
     configs = [triton.Config({inner: size}, num_warps=warps, num_stages=stages)
-               for size in _INNER_BLOCK_SIZES for warps in (4, 8) for stages in (2, 3)]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", tile],
+               for size in _INNER_BLOCK_SIZES for warps in _NUM_WARPS for stages in _NUM_STAGES]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", tile, *extra_keys],
                            prune_configs_by={"early_config_prune": keep_dividing})(kernel)
 
 
@@ -160,30 +179,34 @@ def query_tile_prologue(
     q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     num_q_heads, heads_per_kv, qk_scale_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_TOKENS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """The program's query tile and head, and what :func:`key_block_scores` needs of them.
+    """The program's query tile and heads, and what :func:`key_block_scores` needs of them.
 
-    Returns ``(tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx)``:
-    ``tile_row`` the :class:`QueryTile` values, ``rows`` ``[BLOCK_M]`` packed indices.
+    Returns ``(tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx)``:
+    ``tile_row`` the :class:`QueryTile` values; per score row (``[BLOCK_M]``) ``heads``
+    its query head (int64) and ``rows`` its packed token index.
     """
-    # Heads vary fastest so the query heads sharing a KV head run side by side (L2 reuse).
+    # Head packs vary fastest so the packs sharing a KV head run side by side (L2 reuse).
+    packs_per_tile = num_q_heads // HEADS_PER_PROGRAM
     pid = tl.program_id(0)
-    tile = pid // num_q_heads
-    head = pid % num_q_heads
-    kv_head = head // heads_per_kv
+    tile = pid // packs_per_tile
+    first_head = (pid % packs_per_tile) * HEADS_PER_PROGRAM
+    kv_head = first_head // heads_per_kv
     tile_row = load_query_tile(q_tiles_ptr, tile)
-    rows = tile_row[Q_START] + tl.arange(0, BLOCK_M)
-    row_ok = rows < tile_row[SEG_END]
+    slots = tl.arange(0, BLOCK_M)
+    heads = (first_head + slots // TILE_TOKENS).to(tl.int64)
+    rows = tile_row[Q_START] + slots % TILE_TOKENS
+    row_ok = (rows < tile_row[SEG_END]) & (slots < HEADS_PER_PROGRAM * TILE_TOKENS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
     row_offsets = rows[:, None].to(tl.int64)
-    q = load_tile(q_ptr + head.to(tl.int64) * stride_qh + row_offsets * stride_qt + dims[None, :],
+    q = load_tile(q_ptr + heads[:, None] * stride_qh + row_offsets * stride_qt + dims[None, :],
                   row_ok, dim_ok, True, CHECK_DIMS)
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
     scores_ctx = (q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2)
-    return tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx
+    return tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx
 
 
 @triton.jit
@@ -211,7 +234,7 @@ def key_block_scores(
 @triton.jit
 def walk_key_runs(
     state, fold_key_block, ctx, tile_row,
-    CHECK_DIMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHECK_DIMS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold every key block a query tile sees into ``state``, run by run (module docstring).
@@ -222,16 +245,17 @@ def walk_key_runs(
     q_start, seg_start, seg_end, shared_start, shared_len = tile_row
     shared_end = shared_start + shared_len
     shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
+    aligned_end = seg_start + ((q_start - seg_start) // BLOCK_N) * BLOCK_N
     for key_start in range(shared_start, shared_full_end, BLOCK_N):
         state = fold_key_block(state, ctx, key_start, shared_end, NO_MASK, CHECK_DIMS, BLOCK_N,
                                DOT_PRECISION)
     for key_start in range(shared_full_end, shared_end, BLOCK_N):
         state = fold_key_block(state, ctx, key_start, shared_end, BOUND_MASK, CHECK_DIMS, BLOCK_N,
                                DOT_PRECISION)
-    for key_start in range(seg_start, q_start, BLOCK_N):
+    for key_start in range(seg_start, aligned_end, BLOCK_N):
         state = fold_key_block(state, ctx, key_start, seg_end, NO_MASK, CHECK_DIMS, BLOCK_N,
                                DOT_PRECISION)
-    for key_start in range(q_start, tl.minimum(q_start + BLOCK_M, seg_end), BLOCK_N):
+    for key_start in range(aligned_end, tl.minimum(q_start + TILE_TOKENS, seg_end), BLOCK_N):
         state = fold_key_block(state, ctx, key_start, seg_end, CAUSAL_MASK, CHECK_DIMS, BLOCK_N,
                                DOT_PRECISION)
     return state

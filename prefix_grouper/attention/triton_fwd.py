@@ -1,8 +1,8 @@
 """Forward Triton kernel of shared-prefix attention.
 
 One launch covers the whole packed batch. Every program owns one query tile (a
-:class:`~.triton_common.QueryTile` row of the schedule built in ``triton_backend``) and one
-query head, and folds the key runs of :func:`~.triton_common.walk_key_runs` into an online
+:class:`~.triton_common.QueryTile` row of the schedule built in ``triton_backend``) for a
+pack of query heads sharing one KV head, and folds the key runs of :func:`~.triton_common.walk_key_runs` into an online
 softmax in the log2 domain.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    LN2, LOG2E, autotune_inner_block, dot_precision, key_block_scores, launchable, padded_head_dim,
+    LN2, LOG2E, HeadPacking, autotune_inner_block, dot_precision, key_block_scores, launchable, padded_head_dim,
     query_tile_prologue, walk_key_runs,
 )
 
@@ -42,37 +42,41 @@ def prefix_attention_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_q_heads, heads_per_kv, qk_scale_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_TOKENS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile_row, head, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx = query_tile_prologue(
+    tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx = query_tile_prologue(
         q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        num_q_heads, heads_per_kv, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD, CHECK_DIMS, BLOCK_M)
+        num_q_heads, heads_per_kv, qk_scale_log2, HEAD_DIM, HEAD_DIM_PAD, CHECK_DIMS, BLOCK_M,
+        TILE_TOKENS, HEADS_PER_PROGRAM)
     state = (tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32),
              tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
              tl.zeros([BLOCK_M], dtype=tl.float32))
     acc, row_max, row_sum = walk_key_runs(state, attend_key_block, scores_ctx, tile_row,
-                                          CHECK_DIMS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                                          CHECK_DIMS, TILE_TOKENS, BLOCK_N, DOT_PRECISION)
 
     out = acc / row_sum[:, None]
-    out_ptrs = out_ptr + head.to(tl.int64) * stride_oh + row_offsets * stride_ot + dims[None, :]
+    out_ptrs = out_ptr + heads[:, None] * stride_oh + row_offsets * stride_ot + dims[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     lse = (row_max + tl.log2(row_sum)) * LN2
-    tl.store(lse_ptr + rows.to(tl.int64) * num_q_heads + head, lse, mask=row_ok)
+    tl.store(lse_ptr + rows.to(tl.int64) * num_q_heads + heads, lse, mask=row_ok)
 
 
-_prefix_attention_fwd_tuned = autotune_inner_block(prefix_attention_fwd_kernel, "BLOCK_N", "BLOCK_M")
+_prefix_attention_fwd_tuned = autotune_inner_block(prefix_attention_fwd_kernel, "BLOCK_N", "BLOCK_M",
+                                                   extra_keys=("TILE_TOKENS",))
 
 
 def launch_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tiles: torch.Tensor,
-    q_tile_size: int, softmax_scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tiles: torch.Tensor, packing: HeadPacking,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32 schedule built for tiles of
-            ``q_tile_size`` rows.
+            ``packing.tile_tokens`` tokens.
+        packing: the programs' score rows, query heads per program and tokens per tile.
 
     Returns ``(out [T, Hq, D] q.dtype, lse [T, Hq] float32)``, both contiguous.
     """
@@ -81,12 +85,13 @@ def launch_forward(
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
     kernel, fixed = launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N")
-    kernel[(q_tiles.shape[0] * num_q_heads,)](
+    kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, out, lse, q_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         num_q_heads, num_q_heads // k.shape[1], softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
-        BLOCK_M=q_tile_size, DOT_PRECISION=dot_precision(q.dtype), **fixed,
+        BLOCK_M=packing.block_m, TILE_TOKENS=packing.tile_tokens,
+        HEADS_PER_PROGRAM=packing.heads_per_program, DOT_PRECISION=dot_precision(q.dtype), **fixed,
     )
     return out, lse

@@ -9,16 +9,18 @@ plus a sort when the ids are shuffled, then the kernel); "kernel" is the normali
 alone on ids compacted beforehand. Ids come "contiguous" (a prompt's completions adjacent,
 as verl and TRL lay them out) or "shuffled".
 
-Writes benchmarks/results/advantages_<device>.csv and .png. Triton on CPU runs under the
-interpreter, which says nothing about speed: it is skipped there unless --backends names it.
+Writes advantages_<device>.csv and .png under runs/bench_advantages/ (or --out /
+--update-results); ``python -m benchmarks.run --suite advantages`` runs the same. Triton on
+CPU runs under the interpreter, which says nothing about speed: it is skipped there unless
+--backends names it.
 
-    python -m benchmarks.bench_advantages --quick --max-rows 1e5 --threads 1  # CPU, < 2 minutes
-    python -m benchmarks.bench_advantages                           # GPU: 1e3 .. 1e7 rows
+    python -m benchmarks.bench_advantages --quick --threads 1    # CPU: up to 1e5 rows, < 2 minutes
+    python -m benchmarks.bench_advantages                        # GPU: 1e3 .. 1e7 rows
 """
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -28,26 +30,28 @@ from prefix_grouper.advantages.dispatch import normalize_in_groups
 from prefix_grouper.advantages.options import NormalizeOptions
 from prefix_grouper.advantages.segments import Segments
 
-from .common import RESULTS_DIR, device_name, matplotlib_pyplot, measure_ms, save_figure, slug, versions, write_csv
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, device_of, matplotlib_pyplot,
+                     measure_ms, repeats_of, run_suite, save_figure)
 
 # grpo_advantages' defaults, so that both scopes time the same normalization.
 KERNEL_OPTIONS = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)
 BYTES_PER_ROW = 4 + 8 + 4  # float32 reward read, int64 id read, float32 advantage written
+QUICK_CPU_MAX_ROWS = 1e5
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_arguments(parser)
+    add_size_arguments(parser)
     parser.add_argument("--min-rows", type=float, default=1e3)
-    parser.add_argument("--max-rows", type=float, default=1e7)
-    parser.add_argument("--group-sizes", default="4,16,64", help="comma-separated rows per group")
+    parser.add_argument("--max-rows", type=float, default=None,
+                        help=f"default 1e7 (--quick on CPU: {QUICK_CPU_MAX_ROWS:.0e}; --smoke: --min-rows)")
+    parser.add_argument("--group-sizes", default="4,16,64",
+                        help="comma-separated rows per group (--quick: 4,64; --smoke: 4)")
     parser.add_argument("--backends", default=None,
                         help="comma-separated; default: every available one (no Triton on CPU)")
-    parser.add_argument("--quick", action="store_true", help="group sizes 4 and 64 only, fewer repeats")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (1 gives steady timings on a shared or small VM)")
-    parser.add_argument("--out-dir", default=RESULTS_DIR)
-    return parser.parse_args()
+    add_output_arguments(parser, "bench_advantages")
+    return parser
 
 
 def row_counts(low: float, high: float) -> list[int]:
@@ -67,25 +71,22 @@ def make_batch(rows: int, group_size: int, ids_order: str, device: torch.device)
     return rewards, ids
 
 
-def main():
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def run(args) -> list[dict]:
+    """One row per (rows, group size, ids order, backend, scope) for :func:`build_parser`'s options."""
+    device = device_of(args)
     if args.backends:
         backends = args.backends.split(",")
     else:
         backends = [b for b in available_backends(device) if not (b == "triton" and device.type == "cpu")]
-    group_sizes = [4, 64] if args.quick else [int(g) for g in args.group_sizes.split(",")]
-    repeats = 5 if args.quick else 9
-    rows_list = row_counts(args.min_rows, args.max_rows)
-    name = device_name(device)
-    header = f"{name}; {versions()}"
+    group_sizes = [4] if args.smoke else [4, 64] if args.quick else [int(g) for g in args.group_sizes.split(",")]
+    max_rows = args.max_rows or (args.min_rows if args.smoke else
+                                 QUICK_CPU_MAX_ROWS if args.quick and device.type == "cpu" else 1e7)
+    warmup, repeats = repeats_of(args)
 
     def timed(fn):
-        return measure_ms(fn, device, warmup=1, repeats=repeats)
+        return measure_ms(fn, device, warmup, repeats)
 
-    configs = [(rows, g, order, backend) for rows in rows_list for g in group_sizes
+    configs = [(rows, g, order, backend) for rows in row_counts(args.min_rows, max_rows) for g in group_sizes
                for order in ("contiguous", "shuffled") for backend in backends if g <= rows]
     copy_gbps = {}
     results = []
@@ -104,26 +105,28 @@ def main():
         for scope, fn in scopes.items():
             ms = timed(fn)
             gbps = ideal_bytes / ms / 1e6
-            results.append(dict(device=name, versions=versions(), backend=backend, scope=scope, ids=order,
-                                rows=rows, group_size=group_size, ms=round(ms, 5), gbps=round(gbps, 3),
-                                copy_gbps=round(copy_gbps[rows], 3),
+            results.append(dict(backend=backend, scope=scope, ids=order, rows=rows, group_size=group_size,
+                                ms=round(ms, 5), gbps=round(gbps, 3), copy_gbps=round(copy_gbps[rows], 3),
                                 fraction_of_copy=round(gbps / copy_gbps[rows], 4)))
+    return results
 
-    stem = os.path.join(args.out_dir, f"advantages_{slug(name)}")
-    write_csv(results, stem + ".csv")
-    plot(results, copy_gbps, header, stem + ".png")
 
-    print(f"\n{header}")
-    print(f"{'backend':8} {'scope':10} {'ids':10} {'rows':>9} {'G':>3} {'ms':>9} {'GB/s':>8} "
-          f"{'copy GB/s':>9} {'of copy':>7}")
+def summary(results) -> list[str]:
+    lines = [f"{'backend':8} {'scope':10} {'ids':10} {'rows':>9} {'G':>3} {'ms':>9} {'GB/s':>8} "
+             f"{'copy GB/s':>9} {'of copy':>7}"]
     for r in results:
-        print(f"{r['backend']:8} {r['scope']:10} {r['ids']:10} {r['rows']:9d} {r['group_size']:3d} {r['ms']:9.4f} "
-              f"{r['gbps']:8.2f} {r['copy_gbps']:9.2f} {r['fraction_of_copy']:7.1%}")
-    print(f"wrote {stem}.csv and {stem}.png")
+        lines.append(f"{r['backend']:8} {r['scope']:10} {r['ids']:10} {r['rows']:9d} {r['group_size']:3d} "
+                     f"{r['ms']:9.4f} {r['gbps']:8.2f} {r['copy_gbps']:9.2f} {r['fraction_of_copy']:7.1%}")
+    return lines
 
 
-def plot(results, copy_gbps, title, path):
+def main():
+    run_suite("advantages", sys.modules[__name__], build_parser().parse_args())
+
+
+def plot(results, path, where):
     plt = matplotlib_pyplot()
+    copy_gbps = {r["rows"]: r["copy_gbps"] for r in results}
 
     scopes = sorted({r["scope"] for r in results})
     fig, axes = plt.subplots(1, len(scopes), figsize=(6.5 * len(scopes), 4.8), sharey=True, squeeze=False)
@@ -144,7 +147,7 @@ def plot(results, copy_gbps, title, path):
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("GB/s (16 N bytes / time)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"GRPO advantages: {title}", fontsize=9)
+    fig.suptitle(f"GRPO advantages: {where}", fontsize=9)
     save_figure(fig, path)
 
 

@@ -17,23 +17,25 @@ reset through /proc/self/clear_refs after glibc's malloc_trim) above its residen
     python -m benchmarks.bench_log_probs --device cpu          # C=512 V=8192 H=256, seconds
     python -m benchmarks.bench_log_probs                       # GPU: C 2048..32768, V=151936, bf16
 
-Writes log_probs_<device>.csv and .png into --out (default runs/bench_log_probs/).
+Writes log_probs_<device>.csv, .png and _memory.png into --out (default runs/bench_log_probs/);
+``python -m benchmarks.run --suite log_probs`` runs the same.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
+import sys
 
 import torch
 
 from prefix_grouper import fused_linear_log_probs
 
-from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
-                     output_dir, slug, versions, write_csv)
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, chosen_configs,
+                     device_of, measure_ms, peak_extra_mib, ratio_lines, repeats_of, run_suite)
 
-GPU_VOCAB, GPU_CONFIGS = 151936, [(rows, width) for width in (1536, 3584) for rows in (2048, 8192, 32768)]
-CPU_VOCAB, CPU_CONFIGS, CPU_CHUNK_SIZE = 8192, [(512, 256)], 128
+# (rows C, hidden H, vocab V)
+GPU_CONFIGS = [(rows, width, 151936) for width in (1536, 3584) for rows in (2048, 8192, 32768)]
+CPU_CONFIGS, CPU_CHUNK_SIZE = [(512, 256, 8192)], 128
+SMOKE_CONFIGS, SMOKE_CHUNK_SIZE = [(64, 32, 512)], 16
 ENTROPY_WEIGHT = 0.01
 
 
@@ -73,31 +75,7 @@ def approaches(device: torch.device, with_entropy: bool, chunk_size: int | None)
     return table
 
 
-def peak_extra_mib(fn, device: torch.device) -> float:
-    """Memory ``fn()`` allocates at its peak beyond what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-    def status_kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-    # Hand freed heap pages back first: glibc keeps them resident, so a step reusing them
-    # would not raise the peak. Then reset VmHWM to the current resident size.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status_kib("VmRSS")
-    fn()
-    return (status_kib("VmHWM") - base) / 2**10
-
-
-def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, names):
+def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, names, repeats):
     gen = torch.Generator().manual_seed(rows + width)
     # Scaled like a trained head: logits of a few units, not sqrt(H).
     hidden = (torch.randn(rows, width, generator=gen) / width**0.5).to(device, dtype).requires_grad_()
@@ -125,7 +103,7 @@ def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, name
             # NaN when plain did not run (not selected, or out of memory): nothing to compare with.
             max_err = float("nan") if baseline is None else max(
                 (got - want).abs().max().item() for got, want in zip(outputs, baseline) if got is not None)
-            ms = measure_ms(lambda: step(fn), device)
+            ms = measure_ms(lambda: step(fn), device, *repeats)
             mib = peak_extra_mib(lambda: step(fn), device)
         except torch.OutOfMemoryError:
             ms = mib = max_err = float("nan")
@@ -138,43 +116,57 @@ def run_config(rows, width, vocab, dtype, device, with_entropy, chunk_size, name
     return results
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_arguments(parser)
+    add_size_arguments(parser)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are not representative)")
     parser.add_argument("--configs", nargs="*", help='"C,H" pairs (default: every config of this device)')
-    parser.add_argument("--vocab", type=int, help=f"V (default {GPU_VOCAB} on GPU, {CPU_VOCAB} on CPU)")
+    parser.add_argument("--vocab", type=int, help="V (default: the config's, 151936 on GPU, 8192 on CPU)")
     parser.add_argument("--approaches", nargs="*", help="names to run (default: all available)")
     parser.add_argument("--entropy", action="store_true", help="add 0.01 * sum(entropy) to the loss")
     parser.add_argument("--chunk-size", type=int,
                         help=f"rows per chunk of the fused approaches (default: the library's 256 MiB budget on GPU; "
                              f"{CPU_CHUNK_SIZE} on CPU, where that budget would hold the small shape in one chunk)")
     add_output_arguments(parser, "bench_log_probs")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args) -> list[dict]:
+    """One row per config and approach for :func:`build_parser`'s options."""
     device = device_of(args)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-    vocab = args.vocab or (GPU_VOCAB if on_gpu else CPU_VOCAB)
-    configs = ([tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs
-               else GPU_CONFIGS if on_gpu else CPU_CONFIGS)
-    chunk_size = args.chunk_size or (None if on_gpu else CPU_CHUNK_SIZE)
-    name = device_name(device)
-    print(f"{name}; {versions()}; {dtype}", flush=True)
-    rows = [r for rows_, width in configs
-            for r in run_config(rows_, width, vocab, dtype, device, args.entropy, chunk_size, args.approaches)]
-    out = output_dir(args)
-    stem = os.path.join(out, f"log_probs_{slug(name)}")
-    write_csv(rows, stem + ".csv")
-    title = f"fused linear log-probs, fwd+bwd, {str(dtype).split('.')[-1]}, {name}"
+    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    if args.configs:
+        vocab = configs[0][2]
+        configs = [(*(int(x) for x in c.split(",")), vocab) for c in args.configs]
+    chunk_size = args.chunk_size or (SMOKE_CHUNK_SIZE if args.smoke else None if on_gpu else CPU_CHUNK_SIZE)
+    return [r for rows, width, vocab in configs
+            for r in run_config(rows, width, args.vocab or vocab, dtype, device, args.entropy, chunk_size,
+                                args.approaches, repeats_of(args))]
+
+
+def summary(rows) -> list[str]:
+    return ratio_lines(rows, config="config", approach="approach", metric="fwd_bwd_ms", baselines=("plain",))
+
+
+def plot(rows, path, where):
+    """fwd+bwd time into ``path``, peak extra memory into ``<path>_memory.png``."""
+    title = f"fused linear log-probs, fwd+bwd, {rows[0]['dtype']}, {where}"
     series_ms, series_mib = {}, {}
     for r in rows:
         series_ms.setdefault(r["approach"], {})[r["config"]] = r["fwd_bwd_ms"]
         series_mib.setdefault(r["approach"], {})[r["config"]] = r["peak_extra_mib"]
-    spread = len(configs) > 1  # C from 2048 to 32768 on GPU: a log axis keeps every config readable
-    bar_chart(series_ms, stem + ".png", ylabel="fwd+bwd ms", title=title, log_scale=spread)
-    bar_chart(series_mib, stem + "_memory.png", ylabel="peak extra MiB", title=title, log_scale=spread)
-    print(f"wrote {stem}.csv, .png, _memory.png", flush=True)
+    spread = len({r["config"] for r in rows}) > 1  # C from 2048 to 32768 on GPU: a log axis keeps all readable
+    bar_chart(series_ms, path, ylabel="fwd+bwd ms", title=title, log_scale=spread)
+    bar_chart(series_mib, path.removesuffix(".png") + "_memory.png", ylabel="peak extra MiB", title=title,
+              log_scale=spread)
+
+
+def main():
+    run_suite("log_probs", sys.modules[__name__], build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
     unpacked_tokens, packed_tokens = layout.unpacked_tokens(), layout.total_tokens
     completion_tokens = sum(len(c) for c in completions)
 
-    def row(approach, diff=math.nan, ms=math.nan, mib=math.nan, note=""):
+    def row(approach, diff=math.nan, grad_diff=math.nan, ms=math.nan, mib=math.nan, note=""):
         if note:
             print(f"{name}, {approach}: {note}", flush=True)
         return {
@@ -147,13 +147,14 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
             "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
             "unpacked_tokens": unpacked_tokens, "packed_tokens": packed_tokens,
             "completion_tokens": completion_tokens, "ideal_token_ratio": f"{unpacked_tokens / packed_tokens:.2f}",
-            "max_abs_logprob_diff_vs_unpacked": f"{diff:.2e}", "step_ms": f"{ms:.1f}",
+            "max_abs_logprob_diff_vs_unpacked": f"{diff:.2e}", "logprob_tolerance": f"{TOLERANCES[dtype]:.0e}",
+            "max_rel_grad_diff_vs_unpacked": f"{grad_diff:.2e}", "step_ms": f"{ms:.1f}",
             "tokens_per_s": f"{unpacked_tokens / ms * 1e3:.0f}", "peak_extra_mib": f"{mib:.0f}", "note": note,
         }
 
     rows = [] if flex_missing is None else [row("flex", note=f"not run: FlexAttention has no backward here "
                                                                f"({flex_missing})")]
-    reference = None
+    reference = reference_grads = None
     for approach, (owner, log_probs) in approaches.items():
         def step():
             owner.zero_grad(set_to_none=True)
@@ -162,14 +163,21 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
             return values.detach(), mask
 
         values, mask = step()
-        reference = values if reference is None else reference
+        grads = [p.grad.detach().clone() for p in owner.parameters()]
+        if reference is None:
+            reference, reference_grads = values, grads
         diff = (values - reference)[mask].abs().max().item()
+        # Relative to each parameter's largest unpacked gradient entry: parameters' gradients
+        # differ in scale by orders of magnitude.
+        grad_diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                        for a, b in zip(grads, reference_grads))
         if diff > TOLERANCES[dtype]:
-            rows.append(row(approach, diff, note=f"not timed: log-probs differ from unpacked by {diff:.2e} > "
-                                                 f"{TOLERANCES[dtype]:.0e}"))
+            rows.append(row(approach, diff, grad_diff, note=f"not timed: log-probs differ from unpacked by "
+                                                            f"{diff:.2e} > {TOLERANCES[dtype]:.0e}"))
         else:
-            rows.append(row(approach, diff, measure_ms(step, device, *repeats, whole_steps=True),
+            rows.append(row(approach, diff, grad_diff, measure_ms(step, device, *repeats, whole_steps=True),
                             peak_extra_mib(step, device)))
+        del grads
         owner.zero_grad(set_to_none=True)
     return rows
 

@@ -13,28 +13,24 @@ on CPU, Qwen2.5-0.5B and 1.5B shapes (bfloat16) on CUDA.
     python -m benchmarks.bench_trl --configs "tiny P1024 S64 G8 x2" --threads 1
 
 Writes ``trl_<device>.csv`` and ``.png`` under ``runs/bench_trl/`` (or ``--out`` /
-``--update-results``).
+``--update-results``); ``python -m benchmarks.run --suite trl`` runs the same.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import tempfile
 import warnings
 
 import torch
 
-from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
-                     output_dir, slug, versions, write_csv)
+from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
+                     bar_chart, chosen_configs, device_of, measure_ms, repeats_of, run_suite)
 
 # name, Qwen2Config sizes, prompt length, max completion length, group size, groups per micro-batch
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
-QWEN2_5_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-QWEN2_5_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
-CPU_CONFIGS = [
+CPU_CONFIGS = [  # smallest first: --quick runs only the first
     ("tiny P512 S64 G8 x2", TINY, 512, 64, 8, 2),
     ("tiny P1024 S64 G8 x2", TINY, 1024, 64, 8, 2),
 ]
@@ -44,6 +40,7 @@ GPU_CONFIGS = [
     ("1.5B P2048 S256 G8 x2", QWEN2_5_1_5B, 2048, 256, 8, 2),
     ("1.5B P4096 S512 G8 x1", QWEN2_5_1_5B, 4096, 512, 8, 1),
 ]
+SMOKE_CONFIGS = [("smoke tiny P32 S8 G2 x1", TINY, 32, 8, 2, 1)]
 PAD, EOS = 0, 1
 
 
@@ -97,7 +94,7 @@ def make_trainer(trainer_class, sizes, rows, completion_len, group_size, device,
     return trainer
 
 
-def time_step(trainer, input_ids, attention_mask, completion_len, device):
+def time_step(trainer, input_ids, attention_mask, completion_len, device, repeats):
     """``(median ms, peak GiB on CUDA or nan, old-policy log-probs [N, S])`` of one step."""
     model, k = trainer.model, completion_len
     inputs = {"prompt_ids": input_ids[:, :-k], "prompt_mask": attention_mask[:, :-k],
@@ -116,12 +113,12 @@ def time_step(trainer, input_ids, attention_mask, completion_len, device):
     old_log_probs = step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ms = measure_ms(step, device, warmup=1, repeats=3)
+    ms = measure_ms(step, device, *repeats, whole_steps=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return ms, peak, old_log_probs
 
 
-def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups, device, dtype):
+def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups, device, dtype, repeats):
     import trl
 
     from prefix_grouper.integrations.trl import GRPOTrainer
@@ -133,13 +130,13 @@ def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups
         for label, trainer_class in (("trl", trl.GRPOTrainer), ("prefix_grouper", GRPOTrainer)):
             trainer = make_trainer(trainer_class, sizes, input_ids.shape[0], completion_len, group_size, device,
                                    dtype, folder)
-            results[label] = time_step(trainer, input_ids, attention_mask, completion_len, device)
+            results[label] = time_step(trainer, input_ids, attention_mask, completion_len, device, repeats)
             del trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     mask = attention_mask[:, -completion_len:].bool()
     max_diff = (results["trl"][2] - results["prefix_grouper"][2]).abs()[mask].max().item()
-    return {"config": name, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+    return {"config": name, "dtype": str(dtype).removeprefix("torch."),
             "rows": input_ids.shape[0], "tokens_trl": int(attention_mask.sum()),
             "trl_ms": f"{results['trl'][0]:.1f}", "prefix_grouper_ms": f"{results['prefix_grouper'][0]:.1f}",
             "speedup": f"{results['trl'][0] / results['prefix_grouper'][0]:.2f}",
@@ -147,33 +144,44 @@ def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups
             "max_abs_diff_old_log_probs": f"{max_diff:.1e}"}
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arguments(parser)
+    add_size_arguments(parser)
     parser.add_argument("--configs", nargs="*", choices=[c[0] for c in CPU_CONFIGS + GPU_CONFIGS],
                         help="names of configs to run (default: all of this device's)")
     add_output_arguments(parser, "bench_trl")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args) -> list[dict]:
+    """One row per config (both trainers) for :func:`build_parser`'s options."""
     device = device_of(args)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    configs = [c for c in (GPU_CONFIGS if on_gpu else CPU_CONFIGS) if not args.configs or c[0] in args.configs]
-    if not configs:
-        parser.error(f"--configs: none of {args.configs} is a {device.type} config")
+    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    if args.configs:
+        configs = [c for c in (GPU_CONFIGS if on_gpu else CPU_CONFIGS) if c[0] in args.configs]
+        if not configs:
+            raise ValueError(f"--configs: none of {args.configs} is a {device.type} config")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per trainer
-    rows = [bench_config(*config, device, dtype) for config in configs]
-    print(f"{device_name(device)}; {versions()}; {dtype}")
-    for r in rows:
-        print(f"{r['config']}: TRL {r['trl_ms']} ms, grouped {r['prefix_grouper_ms']} ms ({r['speedup']}x); peak "
-              f"GiB {r['trl_peak_gib']} / {r['prefix_grouper_peak_gib']}; old log-probs max |diff| "
-              f"{r['max_abs_diff_old_log_probs']}")
-    stem = os.path.join(output_dir(args), f"trl_{slug(device_name(device))}")
-    write_csv(rows, stem + ".csv")
+    return [bench_config(*config, device, dtype, repeats_of(args)) for config in configs]
+
+
+def summary(rows) -> list[str]:
+    return [f"{r['config']}: TRL {r['trl_ms']} ms, grouped {r['prefix_grouper_ms']} ms ({r['speedup']}x vs TRL); "
+            f"peak GiB {r['trl_peak_gib']} / {r['prefix_grouper_peak_gib']}; old log-probs max |diff| "
+            f"{r['max_abs_diff_old_log_probs']}" for r in rows]
+
+
+def plot(rows, path, where):
     bar_chart({"trl.GRPOTrainer": {r["config"]: float(r["trl_ms"]) for r in rows},
                "prefix_grouper GRPOTrainer": {r["config"]: float(r["prefix_grouper_ms"]) for r in rows}},
-              stem + ".png", ylabel="ms per step (median)",
-              title=f"TRL GRPO step (old-policy fwd + loss fwd/bwd): {device_name(device)}")
-    print(f"wrote {stem}.csv and {stem}.png")
+              path, ylabel="ms per step (median)", title=f"TRL GRPO step (old-policy fwd + loss fwd/bwd): {where}")
+
+
+def main():
+    run_suite("trl", sys.modules[__name__], build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import math
 import os
 import platform
@@ -158,9 +159,10 @@ def output_dir(args) -> str:
     return RESULTS_DIR if args.update_results else args.out
 
 
+@functools.cache
 def git_commit() -> str:
-    """The checked-out commit, ``-dirty`` when tracked files differ from it, or ``unknown``
-    outside a git checkout."""
+    """The commit checked out when this process first asked (the code it imported), ``-dirty``
+    when tracked files differed from it, or ``unknown`` outside a git checkout."""
     def git(*args):
         return subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True, check=True).stdout
 

@@ -4,9 +4,10 @@
    "auto") on the packed layout and causal SDPA on the unpacked layout (every
    ``[prefix; completion]`` its own padded row), checks in float64 that completion outputs
    and q/k/v gradients agree, then times both (forward and forward+backward).
-2. A whole model: a randomly initialized Qwen2-shaped transformers model computes the
-   completion log-probs of a GRPO batch, unpacked (padded rows through SDPA) and packed
-   (``attn_implementation="prefix_grouper"``); checks they agree and times forward+backward.
+2. A whole model: the model suite (``benchmarks.bench_model``) at this device's shapes: a
+   randomly initialized Qwen2-shaped transformers model computes the completion log-probs
+   of a GRPO batch, unpacked (padded rows through SDPA) and packed (``completion_log_probs``,
+   and FlexAttention where it has a backward); checks they agree and times forward+backward.
 
 Prints PASS or FAIL for every equivalence check (and exits with status 1 on a FAIL).
 Writes CSVs and PNGs under runs/demo/ (ignored by git), or refreshes the committed ones
@@ -25,9 +26,9 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import resolve_backend
 from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_prefix_attention, unpacked_rows
 
+from . import bench_model
 from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, report_equivalence,
-                     shared_prefix_flops, slug, versions, write_csv)
-from .model_demo import model_demo
+                     run_suite, shared_prefix_flops, slug, versions, write_csv)
 
 
 def batches(device):
@@ -124,7 +125,12 @@ def main():
         })
     write_results(rows, device, out_dir)
     if not args.skip_model:
-        model_demo(device, out_dir)
+        model_args = bench_model.build_parser().parse_args(["--device", str(device), "--out", out_dir])
+        for row in run_suite("demo_model", bench_model, model_args):
+            if row["max_abs_logprob_diff_vs_unpacked"] != "nan":  # "nan": the approach did not run here
+                report_equivalence(f"whole model, {row['config']}, {row['approach']}, completion log-probs",
+                                   float(row["max_abs_logprob_diff_vs_unpacked"]), float(row["logprob_tolerance"]),
+                                   row["dtype"])
 
 
 def write_results(rows, device, out_dir):

@@ -1,0 +1,95 @@
+"""The benchmark runner's CPU path: every suite at its --smoke size writes a stamped CSV and a PNG."""
+import contextlib
+import csv
+import io
+import re
+
+import pytest
+
+from benchmarks import run
+
+PROVENANCE = ["suite", "device", "versions", "git_commit", "timestamp_utc"]
+# Columns each suite's rows must carry beyond the provenance (what the README and the summary read).
+SUITE_COLUMNS = {
+    "attention": ["config", "approach", "fwd_ms", "fwd_bwd_ms", "peak_extra_gib", "useful_tflops_fwd_bwd",
+                  "max_abs_diff_vs_ours", "agrees"],
+    "advantages": ["backend", "scope", "rows", "ms", "gbps", "fraction_of_copy"],
+    "model": ["config", "approach", "step_ms", "tokens_per_s", "peak_extra_mib", "ideal_token_ratio",
+              "max_abs_logprob_diff_vs_unpacked", "note"],
+    "training": ["config", "approach", "rollout_s", "update_s", "step_s", "tokens_packed_per_step",
+                 "tokens_unpacked_per_step"],
+    "log_probs": ["config", "approach", "fwd_bwd_ms", "peak_extra_mib", "max_abs_diff_vs_plain"],
+    "trl": ["config", "trl_ms", "prefix_grouper_ms", "speedup", "max_abs_diff_old_log_probs"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """``(folder, printed output)`` of one ``--suite all --smoke`` run on CPU (about 30 s in all)."""
+    folder = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = run.main(["--suite", "all", "--smoke", "--device", "cpu", "--out", str(folder)])
+    assert status == 0, printed.getvalue()
+    return folder, printed.getvalue()
+
+
+def read_rows(folder, suite):
+    (path,) = folder.glob(f"{suite}_*.csv")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_suite_is_tested():
+    assert set(SUITE_COLUMNS) == set(run.SUITES)
+
+
+@pytest.mark.parametrize("suite", list(SUITE_COLUMNS))
+def test_smoke_run_writes_stamped_csv_and_png(suite, smoke_run):
+    folder, printed = smoke_run
+    rows = read_rows(folder, suite)
+    assert rows
+    assert list(rows[0])[:len(PROVENANCE)] == PROVENANCE
+    missing = [c for c in SUITE_COLUMNS[suite] if c not in rows[0]]
+    assert not missing, f"{suite} CSV lacks {missing}"
+    for row in rows:
+        assert row["suite"] == suite and row["device"].startswith("CPU")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["timestamp_utc"])
+        assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", row["git_commit"])
+        assert "torch " in row["versions"]
+    (csv_path,) = folder.glob(f"{suite}_*.csv")
+    png = csv_path.with_suffix(".png")  # log_probs writes a second one, _memory.png
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {folder}/{suite}_" in printed
+
+
+def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
+    folder, printed = smoke_run
+    rows = {r["approach"]: r for r in read_rows(folder, "model")}
+    assert set(rows) == {"unpacked", "flex", "prefix_grouper", "prefix_grouper_fused"}
+    # FlexAttention has no CPU backward: the row names torch's own refusal and holds no time.
+    assert rows["flex"]["step_ms"] == "nan" and "backward" in rows["flex"]["note"]
+    for name in ("prefix_grouper", "prefix_grouper_fused"):
+        # float32, same weights: the layouts differ only in summation order (measured ~5e-7).
+        assert float(rows[name]["max_abs_logprob_diff_vs_unpacked"]) <= 1e-4
+        assert float(rows[name]["step_ms"]) > 0 and rows[name]["note"] == ""
+    # 1 prompt of 32 tokens, 2 completions of 8: unpacked 2 * 40 = 80 tokens, packed 48.
+    assert rows["unpacked"]["ideal_token_ratio"] == f"{80 / 48:.2f}"
+    assert re.search(r"smoke .*: prefix_grouper [0-9.]+x vs unpacked \(step_ms\)", printed)
+
+
+def test_a_failing_suite_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("suite broke")
+
+    monkeypatch.setattr(run.SUITES["log_probs"], "run", broken)
+    status = run.main(["--suite", "log_probs", "advantages", "--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert status == 1
+    assert "FAILED: log_probs" in capsys.readouterr().out
+    assert read_rows(tmp_path, "advantages")
+    assert not list(tmp_path.glob("log_probs_*"))
+
+
+def test_quick_and_smoke_exclude_each_other():
+    with pytest.raises(SystemExit):
+        run.main(["--suite", "all", "--quick", "--smoke"])

@@ -70,7 +70,7 @@ def test_torch_matches_reference_fp64_ragged(prefix_lens, suffix_lens, hq, hkv, 
     """Every part and the LSE merge, out and lse with their gradients, on both attention
     engines (the chunked one, which non-CPU devices run, forced here on CPU)."""
     if engine == "chunked":
-        monkeypatch.setattr(torch_backend, "attention_with_lse", torch_backend.chunked_attention_with_lse)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device: torch_backend.CHUNKED)
     layout = GroupLayout.from_lengths(prefix_lens, suffix_lens)
     q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, generator)
     expected = outputs_and_grads(q, k, v, layout, "reference")
@@ -90,25 +90,27 @@ def dense_attention_with_lse(q, k, v, causal, scale):
     return torch.exp(scores - lse[..., None]) @ v, lse
 
 
+@pytest.mark.parametrize("with_grad_lse", [True, False], ids=["grad-lse", "no-grad-lse"])
 @pytest.mark.parametrize("score_block_bytes", [2080, 2**26], ids=["row-and-query-chunks", "one-chunk"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "dense"])
-@pytest.mark.parametrize("engine", ["attention_with_lse", "chunked_attention_with_lse"])
-def test_attention_engines_match_dense(engine, causal, score_block_bytes, monkeypatch, generator):
+@pytest.mark.parametrize("engine", ["CPU_FLASH", "CHUNKED"])
+def test_attention_engines_match_dense(engine, causal, score_block_bytes, with_grad_lse, monkeypatch, generator):
     # 2080 bytes = 5 fp64 query rows of 4 heads x 13 keys: one batch row per chunk, query
-    # chunks of 5, 5 and 3, so chunk borders cut the causal diagonal.
+    # chunks of 5, 5 and 3, so chunk borders cut the causal diagonal (CHUNKED only).
     monkeypatch.setattr(torch_backend, "SCORE_BLOCK_BYTES", score_block_bytes)
+    engine = getattr(torch_backend, engine)
     q = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(3, 2, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    w_out, w_lse = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64), torch.randn(
-        3, 4, 13, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(3, 4, 13, generator=generator, dtype=torch.float64) if with_grad_lse else None
 
-    def outputs_and_grads_of(attention):
-        out, lse = attention(q, k, v, causal, 0.3)
-        return [out, lse, *torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), (q, k, v))]
-
-    actual = outputs_and_grads_of(getattr(torch_backend, engine))
-    expected = outputs_and_grads_of(dense_attention_with_lse)
+    out, lse = dense_attention_with_lse(q, k, v, causal, 0.3)
+    loss = (out * grad_out).sum() + (0 if grad_lse is None else (lse * grad_lse).sum())
+    expected = [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+    with torch.no_grad():
+        actual_out, actual_lse = engine.forward(q, k, v, causal, 0.3)
+        actual = [actual_out, actual_lse, *engine.backward(grad_out, q, k, v, out, lse, grad_lse, causal, 0.3)]
     for name, a, e in zip(NAMES, actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)  # fp64: rounding only
 
@@ -341,7 +343,7 @@ def test_non_finite_kv_stays_in_its_segment(backend, with_lse, chunked, where, v
     layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
     token = 8 if where == "completion" else 12
     if chunked:  # the engine of non-CPU devices, forced on CPU
-        monkeypatch.setattr(torch_backend, "attention_with_lse", torch_backend.chunked_attention_with_lse)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device: torch_backend.CHUNKED)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32 under the interpreter
     q, k, v = make_qkv(layout, 4, 2, 8, dtype, generator, requires_grad=False)
     clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,

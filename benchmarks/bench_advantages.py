@@ -31,7 +31,7 @@ from prefix_grouper.advantages.options import NormalizeOptions
 from prefix_grouper.advantages.segments import Segments
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, device_of, matplotlib_pyplot,
-                     measure_ms, repeats_of, run_suite, save_figure)
+                     measure_ms, repeats_of, run_suite, save_figure, table_lines)
 
 # grpo_advantages' defaults, so that both scopes time the same normalization.
 KERNEL_OPTIONS = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)
@@ -112,12 +112,10 @@ def run(args) -> list[dict]:
 
 
 def summary(results) -> list[str]:
-    lines = [f"{'backend':8} {'scope':10} {'ids':10} {'rows':>9} {'G':>3} {'ms':>9} {'GB/s':>8} "
-             f"{'copy GB/s':>9} {'of copy':>7}"]
-    for r in results:
-        lines.append(f"{r['backend']:8} {r['scope']:10} {r['ids']:10} {r['rows']:9d} {r['group_size']:3d} "
-                     f"{r['ms']:9.4f} {r['gbps']:8.2f} {r['copy_gbps']:9.2f} {r['fraction_of_copy']:7.1%}")
-    return lines
+    return table_lines(results, [
+        ("backend", -9, "backend"), ("scope", -11, "scope"), ("ids", -10, "ids"), ("rows", 10, "rows"),
+        ("G", 4, "group_size"), ("ms", 10, lambda r: f"{r['ms']:.4f}"), ("GB/s", 9, lambda r: f"{r['gbps']:.2f}"),
+        ("copy GB/s", 10, lambda r: f"{r['copy_gbps']:.2f}"), ("of copy", 8, lambda r: f"{r['fraction_of_copy']:.1%}")])
 
 
 def main():

@@ -39,8 +39,8 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import available_backends
 from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
-from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, chosen_configs,
-                     device_of, measure_ms, ratio_lines, repeats_of, run_suite, shared_prefix_flops)
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, measure_ms,
+                     ratio_lines, repeats_of, run_suite, shared_prefix_flops, suite_setup, table_lines)
 
 
 def ragged_completions(num_groups, group_size, low, high, seed):
@@ -266,9 +266,7 @@ def build_parser():
 
 def run(args) -> list[dict]:
     """One row per config and approach for :func:`build_parser`'s options."""
-    device = device_of(args)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     if args.configs:
         unknown = set(args.configs) - {c[0] for c in configs}
         if unknown:
@@ -284,13 +282,12 @@ def run(args) -> list[dict]:
 
 def summary(rows) -> list[str]:
     """The table, then fwd+bwd (or, without a backward, fwd) ratios against the baselines."""
-    lines = [f"{'config':<32}{'approach':<10}{'warm-up s':>11}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak GiB':>10}"
-             f"{'TF/s fwd':>10}{'TF/s f+b':>10}{'diff':>11}"]
-    for r in rows:
-        lines.append(f"{r['config']:<32}{r['approach']:<10}{r['fwd_warmup_s'] + '+' + r['fwd_bwd_warmup_s']:>11}"
-                     f"{r['fwd_ms']:>10}{r['fwd_bwd_ms']:>12}{r['peak_extra_gib']:>10}{r['useful_tflops_fwd']:>10}"
-                     f"{r['useful_tflops_fwd_bwd']:>10}{r['max_abs_diff_vs_ours']:>11}"
-                     f"{'  RECOMPILED' if r['recompiled_during_timing'] else ''}")
+    lines = table_lines(rows, [
+        ("config", -32, "config"), ("approach", -10, "approach"),
+        ("warm-up s", 11, lambda r: f"{r['fwd_warmup_s']}+{r['fwd_bwd_warmup_s']}"), ("fwd ms", 10, "fwd_ms"),
+        ("fwd+bwd ms", 12, "fwd_bwd_ms"), ("peak GiB", 10, "peak_extra_gib"), ("TF/s fwd", 10, "useful_tflops_fwd"),
+        ("TF/s f+b", 10, "useful_tflops_fwd_bwd"), ("diff", 11, "max_abs_diff_vs_ours"),
+        ("", 0, lambda r: "  RECOMPILED" if r["recompiled_during_timing"] else "")])
     for metric in ("fwd_ms", "fwd_bwd_ms"):
         lines += ratio_lines(rows, config="config", approach="approach", metric=metric, baselines=BASELINES)
     return lines

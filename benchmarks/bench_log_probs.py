@@ -29,8 +29,8 @@ import torch
 
 from prefix_grouper import fused_linear_log_probs
 
-from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, chosen_configs,
-                     device_of, measure_ms, peak_extra_mib, ratio_lines, repeats_of, run_suite)
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, measure_ms,
+                     peak_extra_mib, ratio_lines, repeats_of, run_suite, suite_setup)
 
 # (rows C, hidden H, vocab V)
 GPU_CONFIGS = [(rows, width, 151936) for width in (1536, 3584) for rows in (2048, 8192, 32768)]
@@ -135,10 +135,10 @@ def build_parser():
 
 def run(args) -> list[dict]:
     """One row per config and approach for :func:`build_parser`'s options."""
-    device = device_of(args)
+    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     on_gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
     if args.configs:
         vocab = configs[0][2]
         configs = [(*(int(x) for x in c.split(",")), vocab) for c in args.configs]

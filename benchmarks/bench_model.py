@@ -39,8 +39,8 @@ from prefix_grouper.unpacked import unpacked_completion_log_probs
 
 from .bench_attention import flex_for_layout
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
-                     bar_chart, chosen_configs, device_of, measure_ms, peak_extra_mib, ratio_lines, repeats_of,
-                     run_suite)
+                     bar_chart, measure_ms, peak_extra_mib, ratio_lines, repeats_of, run_suite, suite_setup,
+                     table_lines)
 
 TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=8192)
@@ -192,19 +192,16 @@ def build_parser():
 
 def run(args) -> list[dict]:
     """One row per config and approach for :func:`build_parser`'s options."""
-    device = device_of(args)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     return [row for config in configs for row in bench_config(*config, device, dtype, repeats_of(args))]
 
 
 def summary(rows) -> list[str]:
-    lines = [f"{'config':<30}{'approach':<22}{'step ms':>10}{'tokens/s':>10}{'peak MiB':>10}{'ideal':>7}"
-             f"{'logp diff':>11}  note"]
-    for r in rows:
-        lines.append(f"{r['config']:<30}{r['approach']:<22}{r['step_ms']:>10}{r['tokens_per_s']:>10}"
-                     f"{r['peak_extra_mib']:>10}{r['ideal_token_ratio'] + 'x':>7}"
-                     f"{r['max_abs_logprob_diff_vs_unpacked']:>11}  {r['note']}")
+    lines = table_lines(rows, [
+        ("config", -30, "config"), ("approach", -22, "approach"), ("step ms", 10, "step_ms"),
+        ("tokens/s", 10, "tokens_per_s"), ("peak MiB", 10, "peak_extra_mib"),
+        ("ideal", 7, lambda r: f"{r['ideal_token_ratio']}x"), ("logp diff", 11, "max_abs_logprob_diff_vs_unpacked"),
+        ("grad diff", 11, "max_rel_grad_diff_vs_unpacked"), ("  note", -6, lambda r: f"  {r['note']}")])
     return lines + ratio_lines(rows, config="config", approach="approach", metric="step_ms", baselines=BASELINES)
 
 

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
-                     bar_chart, chosen_configs, device_of, measure_ms, repeats_of, run_suite)
+                     bar_chart, measure_ms, repeats_of, run_suite, suite_setup)
 
 # name, Qwen2Config sizes, prompt length, max completion length, group size, groups per micro-batch
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -156,12 +156,9 @@ def build_parser():
 
 def run(args) -> list[dict]:
     """One row per config (both trainers) for :func:`build_parser`'s options."""
-    device = device_of(args)
-    on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    configs = chosen_configs(args, device, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     if args.configs:
-        configs = [c for c in (GPU_CONFIGS if on_gpu else CPU_CONFIGS) if c[0] in args.configs]
+        configs = [c for c in (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS) if c[0] in args.configs]
         if not configs:
             raise ValueError(f"--configs: none of {args.configs} is a {device.type} config")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per trainer

@@ -109,13 +109,17 @@ def add_size_arguments(parser) -> None:
                       help="tiny shapes and one timed call: checks the code path, measures nothing worth quoting")
 
 
-def chosen_configs(args, device: torch.device, *, gpu: list, cpu: list, smoke: list) -> list:
-    """The configs that :func:`add_size_arguments`' options select: ``smoke`` with --smoke, the
-    device's first (smallest) with --quick, else all of the device's."""
+def suite_setup(args, *, gpu: list, cpu: list, smoke: list) -> tuple[torch.device, torch.dtype, list]:
+    """``(device, dtype, configs)`` of a suite's options: the device of :func:`device_of`;
+    bfloat16 on GPU, float32 on CPU (where bf16 matmuls are not representative); the configs
+    :func:`add_size_arguments`' options select: ``smoke`` with --smoke, the device's first
+    (smallest) with --quick, else all of the device's."""
+    device = device_of(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
-        return smoke
+        return device, dtype, smoke
     configs = gpu if device.type == "cuda" else cpu
-    return configs[:1] if args.quick else configs
+    return device, dtype, configs[:1] if args.quick else configs
 
 
 def repeats_of(args) -> tuple[int, int]:
@@ -178,6 +182,18 @@ def provenance(device: torch.device) -> dict:
     """The columns every benchmark row starts with: where, with what and when it was measured."""
     return {"device": device_name(device), "versions": versions(), "git_commit": git_commit(),
             "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def table_lines(rows: list[dict], columns: list[tuple]) -> list[str]:
+    """A fixed-width text table: ``columns`` are ``(header, width, cell)``, ``cell`` a row's key
+    or a function of the row; a negative width aligns left."""
+    def fit(text, width):
+        return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
+
+    lines = ["".join(fit(header, width) for header, width, _ in columns)]
+    for row in rows:
+        lines.append("".join(fit(cell(row) if callable(cell) else row[cell], width) for _, width, cell in columns))
+    return lines
 
 
 def ratio_lines(rows: list[dict], *, config: str, approach: str, metric: str, baselines: tuple[str, ...]) -> list[str]:

@@ -179,6 +179,18 @@ def test_dkdv_launch_fills_hopper(name):
     assert max(query_rows) <= chunk_rows and max(query_rows) <= 2 * sum(query_rows) / len(query_rows) * kv_heads
 
 
+@pytest.mark.parametrize("chunk_rows", [48, 10**6])
+def test_dkdv_chunk_lengths(monkeypatch, chunk_rows):
+    """Under the interpreter the host splits every key tile into one-tile chunks; chunks
+    spanning the diagonal, whole and partial query blocks (48 rows: 1.5 tiles), and no
+    split at all, must be exact too."""
+    monkeypatch.setattr(triton_backend, "dkdv_chunk_rows", lambda *args: chunk_rows)
+    layout = _layout(LONG)
+    q, k, v = _inputs(layout, 2, 1, 16, seed=11)
+    errors = _max_errors(layout, q, k, v, scale=0.25)
+    assert max(errors) <= FP32_ATOL, dict(zip(("out", "lse", "dq", "dk", "dv"), errors))
+
+
 def test_head_packing():
     # Qwen2.5-1.5B (12/2 heads) and 0.5B (14/2): a KV head's query heads share 128 score rows.
     assert head_packing(128, 6) == HeadPacking(block_m=128, heads_per_program=6, tile_tokens=21)

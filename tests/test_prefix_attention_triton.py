@@ -19,7 +19,7 @@ from prefix_grouper.attention.reference import prefix_sharing_mask, reference_pr
 from prefix_grouper.attention import triton_backend  # noqa: E402
 from prefix_grouper.attention.triton_common import HeadPacking, head_packing  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
-    dkdv_chunk_rows, key_tile_rows, query_tile_rows, triton_prefix_attention,
+    HOPPER_SMS, dkdv_chunk_rows, key_tile_rows, query_tile_rows, triton_prefix_attention,
 )
 from prefix_grouper.runtime import triton_unavailable_reason  # noqa: E402
 
@@ -170,7 +170,7 @@ def test_dkdv_launch_fills_hopper(name):
     """At least two dK/dV programs per SM (before the split: 96 at 12/2 heads), and no
     program walks more than a fair share of the queries."""
     prefix, suffix, groups, kv_heads = ISSUE_SHAPES[name]
-    tile, sms = 128, 132
+    tile, sms = 128, HOPPER_SMS
     lens = ([prefix], [[suffix] * groups])
     chunk_rows = dkdv_chunk_rows(*lens, tile, kv_heads, 2 * sms)
     programs, _ = key_tile_rows(*lens, tile, chunk_rows)

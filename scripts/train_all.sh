@@ -11,8 +11,8 @@ bash scripts/setup.sh
 out=benchmarks/results/training
 python -m prefix_grouper.train --algo grpo --steps 200 --out "$out/grpo" "$@"
 python -m prefix_grouper.train --algo crpo --steps 200 --out "$out/crpo" "$@"
-# An environment step trains on every episode step (up to 10 per episode): 4 reset states
-# x 8 episodes already give up to 320 rows per step.
+# An environment step trains on every episode step (up to 8 per episode): 4 reset states
+# x 8 episodes already give up to 256 rows per step.
 python -m prefix_grouper.train --algo gigpo --steps 120 --prompts-per-step 4 --out "$out/gigpo" "$@"
 python -m prefix_grouper.train --algo grpo --task keydoor --steps 120 --prompts-per-step 4 --out "$out/grpo_keydoor" "$@"
 python -c 'import sys; from prefix_grouper.trainers import summary_table; print(summary_table(sys.argv[1:]))' \

@@ -189,7 +189,7 @@ def scripted_optimal_action(env: KeyDoorEnvironment, state: KeyDoorState) -> str
     return "o" if state.key is None else "p"
 
 
-@pytest.mark.parametrize("length", [4, 5])
+@pytest.mark.parametrize("length", [3, 4, 5])
 def test_keydoor_scripted_policy_solves_every_start(length):
     env = KeyDoorEnvironment(length=length, max_steps=2 * length - 2)
     starts = set()
@@ -209,7 +209,8 @@ def test_keydoor_scripted_policy_solves_every_start(length):
 
 
 def test_keydoor_observation():
-    assert KeyDoorEnvironment().observe(KeyDoorState(0, 2, False)) == "a.kd"
+    assert KeyDoorEnvironment().observe(KeyDoorState(1, 0, False)) == "kad"
+    assert KeyDoorEnvironment(length=4).observe(KeyDoorState(0, 2, False)) == "a.kd"
     env = KeyDoorEnvironment(length=5)
     assert env.observe(KeyDoorState(0, 2, False)) == "a.k.d"
     assert env.observe(KeyDoorState(2, 2, False)) == "..K.d"
@@ -261,8 +262,8 @@ def test_keydoor_errors():
         env.observe(KeyDoorState(4, 2, False))
     with pytest.raises(ValueError, match="max_steps must be an integer >= 8"):
         KeyDoorEnvironment(length=5, max_steps=7)
-    with pytest.raises(ValueError, match="max_steps must be an integer >= 6"):
-        KeyDoorEnvironment(max_steps=5)
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 4"):
+        KeyDoorEnvironment(max_steps=3)
     with pytest.raises(ValueError, match="invalid_penalty must be <= 0"):
         KeyDoorEnvironment(invalid_penalty=0.1)
     with pytest.raises(ValueError, match="length must be an integer >= 3"):

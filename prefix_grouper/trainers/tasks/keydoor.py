@@ -35,10 +35,12 @@ class KeyDoorEnvironment(Environment):
     max_new_tokens = 1
 
     # Defaults from probes (2-layer 64-wide Qwen2, plain GiGPO, one update per batch of 4 reset
-    # states x 8 episodes, lr 1e-3, 120 steps). With 3 cells (2 walkable, 2 starts) success went
-    # (first 20 steps: 0.5-10%) to 100% (last 20) in each of seeds 0, 1 and 2. With 4 cells (8 steps) the return
-    # rose from -0.58 to 0 in every run (invalid actions 72% -> 2%) but only 1 run of 3 found the
-    # door: the others settled on safe walking before a success was sampled; with 5 cells none did.
+    # states x 8 episodes, lr 1e-3, 120 steps). With 3 cells (2 walkable cells, 2 starts) the
+    # success rate went from 0.5-10% (first 20 steps) to 100% (last 20) in each of seeds 0, 1, 2.
+    # With 4 cells (8 steps) the return rose from -0.58 to 0 in every run (invalid actions 72% ->
+    # 2%) but only 1 run of 3 found the door: the others settled on safe walking before a success
+    # was sampled, and 'p' and 'o', invalid almost everywhere, were unlearned first; with 5 cells
+    # no run found the door.
     def __init__(self, *, length: int = 3, max_steps: int = 8, invalid_penalty: float = -0.1) -> None:
         # Two walkable cells at least, so the agent and the key can start apart.
         self.length = check_int(length, "length", 3)

@@ -11,12 +11,13 @@ Three exact parts merged by log-sum-exp, each an attention call that returns its
 3. the merge of (1) and (2) on the completion tokens:
    ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``.
 
-Each call runs through :func:`attention_with_lse`: on CPU the fused flash kernel
-(``aten._scaled_dot_product_flash_attention_for_cpu``, tiled, never holding a score
-matrix), elsewhere :func:`chunked_attention_with_lse` (query chunks whose score block is
-at most ``SCORE_BLOCK_BYTES``, recomputed in the backward). Both take GQA natively (no
-repeated K/V) and are differentiable in out and lse, so autograd through the merge is exact.
-Extra memory is O(T) plus tiles.
+Every call returns its LSE and runs on an :class:`AttentionEngine` (:func:`engine_for`):
+on CPU :data:`CPU_FLASH`, the fused flash kernel (tiled, never holding a score matrix);
+elsewhere :data:`CHUNKED`, query chunks of at most ``SCORE_BLOCK_BYTES`` of scores,
+recomputed in the backward. Both take GQA natively (K/V never repeated). The backward runs
+every part's kernel against the merged out and lse: with ``P = exp(S - merged lse)`` each
+part's softmax gradient is its share of the merged attention's exact gradient, so the merge
+has no backward of its own. Extra memory is O(T) plus tiles.
 
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
 zero probability, and ``0 * NaN = NaN``. So no call mixes segments that must not see each
@@ -35,10 +36,11 @@ import torch.nn.functional as F
 
 from ..layout import GroupLayout
 
-__all__ = ["SCORE_BLOCK_BYTES", "attention_with_lse", "chunked_attention_with_lse", "torch_prefix_attention"]
+__all__ = ["CHUNKED", "CPU_FLASH", "SCORE_BLOCK_BYTES", "AttentionEngine", "engine_for", "torch_prefix_attention"]
 
 SCORE_BLOCK_BYTES = 64 * 2**20
-"""Most bytes of scores :func:`chunked_attention_with_lse` holds at once (one query chunk)."""
+"""Most bytes of scores :data:`CHUNKED` holds at once (one query chunk; its backward holds
+the chunk's scores, probabilities and their gradient)."""
 
 
 class AttentionEngine(NamedTuple):

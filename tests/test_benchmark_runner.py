@@ -93,3 +93,30 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(tmp_path, monkeypa
 def test_quick_and_smoke_exclude_each_other():
     with pytest.raises(SystemExit):
         run.main(["--suite", "all", "--quick", "--smoke"])
+
+
+def test_flex_grouped_model_matches_the_unpacked_rows_forward():
+    """The FlexAttention-grouped model is timed only where FlexAttention has a backward (GPU):
+    its forward, which CPU has, is checked here so that a GPU run starts from working code."""
+    import torch
+    import transformers
+
+    from benchmarks.bench_attention import flex_for_layout
+    from benchmarks.bench_model import SMOKE, flex_completion_log_probs, flex_model
+    from prefix_grouper import GroupLayout
+    from prefix_grouper.unpacked import unpacked_completion_log_probs
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(max_position_embeddings=512, **SMOKE))
+    model.set_attn_implementation("sdpa")
+    layout = GroupLayout.from_lengths([32, 17], [[8, 3], [5]])
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(SMOKE["vocab_size"], (p,), generator=gen) for p in (32, 17)]
+    completions = [torch.randint(SMOKE["vocab_size"], (s,), generator=gen) for s in (8, 3, 5)]
+    with torch.no_grad():
+        want, mask = unpacked_completion_log_probs(model, layout, prompts, completions)
+        got, got_mask = flex_completion_log_probs(flex_model(model), layout, prompts, completions,
+                                                  flex_for_layout(layout))
+    assert torch.equal(got_mask, mask)
+    # float32, 2 layers: the layouts differ only in summation order (measured 0.0 here).
+    assert (got - want)[mask].abs().max().item() <= 1e-5

@@ -154,7 +154,7 @@ def engine_for(device: torch.device) -> AttentionEngine:
 
 
 def _plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part, the packed pieces of the dense part, and where
+    """Length buckets of the causal part, the (completion tokens, prompt) slices of the dense part, and where
     every packed token's causal-part row lies."""
     segments, cross = [], []  # (packed start, length) of non-empty segments; (completion tokens, prompt) slices
     start = 0

@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -264,20 +264,21 @@ def build_parser():
     return parser
 
 
-def run(args) -> list[dict]:
-    """One row per config and approach for :func:`build_parser`'s options."""
+def run(args) -> Iterator[dict]:
+    """One row per config and approach for :func:`build_parser`'s options, each as soon as measured."""
     device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
     if args.configs:
         unknown = set(args.configs) - {c[0] for c in configs}
         if unknown:
             raise ValueError(f"--configs: unknown {sorted(unknown)}; this run has {[c[0] for c in configs]}")
         configs = [c for c in configs if c[0] in args.configs]
-    rows = []
+    measured = 0
     for config in tqdm(configs, desc="attention configs"):
-        rows.extend(bench_config(*config, device, dtype, args.approaches, repeats_of(args)))
-    if not rows:
+        for row in bench_config(*config, device, dtype, args.approaches, repeats_of(args)):
+            measured += 1
+            yield row
+    if not measured:
         raise ValueError(f"--approaches: none of {args.approaches} runs on {device}")
-    return rows
 
 
 def summary(rows) -> list[str]:

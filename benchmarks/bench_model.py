@@ -30,6 +30,7 @@ import argparse
 import copy
 import math
 import sys
+from typing import Iterator
 
 import torch
 
@@ -111,12 +112,14 @@ def flex_completion_log_probs(model, layout, prompts, completions, flex):
     return layout.unpack_completions(token_log_probs(logits, input_ids[layout.completion_positions()]))
 
 
-def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repeats):
+def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repeats) -> Iterator[dict]:
+    """One row per approach on one config, each as soon as measured."""
     import transformers
 
     config = transformers.Qwen2Config(max_position_embeddings=8192, **sizes)
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).to(device, dtype)
+    with torch.device(device):  # initialized where it runs: a 1.5B model's CPU init alone takes tens of seconds
+        model = transformers.Qwen2ForCausalLM(config).to(dtype)
     model.set_attn_implementation("sdpa")
     # The method was renamed in transformers 5.2x.
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
@@ -152,8 +155,8 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
             "tokens_per_s": f"{unpacked_tokens / ms * 1e3:.0f}", "peak_extra_mib": f"{mib:.0f}", "note": note,
         }
 
-    rows = [] if flex_missing is None else [row("flex", note=f"not run: FlexAttention has no backward here "
-                                                               f"({flex_missing})")]
+    if flex_missing is not None:
+        yield row("flex", note=f"not run: FlexAttention has no backward here ({flex_missing})")
     reference = reference_grads = None
     for approach, (owner, log_probs) in approaches.items():
         def step():
@@ -172,14 +175,13 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
         grad_diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
                         for a, b in zip(grads, reference_grads))
         if diff > TOLERANCES[dtype]:
-            rows.append(row(approach, diff, grad_diff, note=f"not timed: log-probs differ from unpacked by "
-                                                            f"{diff:.2e} > {TOLERANCES[dtype]:.0e}"))
+            yield row(approach, diff, grad_diff, note=f"not timed: log-probs differ from unpacked by {diff:.2e} > "
+                                                      f"{TOLERANCES[dtype]:.0e}")
         else:
-            rows.append(row(approach, diff, grad_diff, measure_ms(step, device, *repeats, whole_steps=True),
-                            peak_extra_mib(step, device)))
+            yield row(approach, diff, grad_diff, measure_ms(step, device, *repeats, whole_steps=True),
+                      peak_extra_mib(step, device))
         del grads
         owner.zero_grad(set_to_none=True)
-    return rows
 
 
 def build_parser():
@@ -190,10 +192,11 @@ def build_parser():
     return parser
 
 
-def run(args) -> list[dict]:
-    """One row per config and approach for :func:`build_parser`'s options."""
+def run(args) -> Iterator[dict]:
+    """One row per config and approach for :func:`build_parser`'s options, each as soon as measured."""
     device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
-    return [row for config in configs for row in bench_config(*config, device, dtype, repeats_of(args))]
+    for config in configs:
+        yield from bench_config(*config, device, dtype, repeats_of(args))
 
 
 def summary(rows) -> list[str]:

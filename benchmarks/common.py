@@ -215,11 +215,18 @@ def run_suite(suite: str, module, args) -> list[dict]:
     """Run one suite module (``build_parser``'s ``args``) and write its results into the folder
     of :func:`add_output_arguments`' options: ``<suite>_<device>.csv``, every row stamped with
     :func:`provenance`; ``module.plot(rows, png_path, device name)``'s PNG; and the lines of
-    ``module.summary(rows)``, printed. Returns the rows as ``module.run`` made them."""
-    rows = module.run(args)
-    stamp = provenance(device_of(args))
-    stem = os.path.join(output_dir(args), f"{suite}_{slug(stamp['device'])}")
-    write_csv([{"suite": suite, **stamp, **row} for row in rows], stem + ".csv")
+    ``module.summary(rows)``, printed. Returns the rows as ``module.run`` made them.
+
+    The CSV is rewritten after every row ``module.run`` yields, so a suite stopped by a
+    timeout (scripts/gpu_check.sh) keeps the rows it measured."""
+    device = device_of(args)
+    stem = os.path.join(output_dir(args), f"{suite}_{slug(device_name(device))}")
+    rows, stamped = [], []
+    for row in module.run(args):
+        rows.append(row)
+        stamped.append({"suite": suite, **provenance(device), **row})
+        write_csv(stamped, stem + ".csv")
+    stamp = stamped[-1]
     module.plot(rows, stem + ".png", stamp["device"])
     print(f"\n{suite}: {stamp['device']}; {stamp['versions']}; commit {stamp['git_commit']}")
     for line in module.summary(rows):

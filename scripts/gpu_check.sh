@@ -4,18 +4,20 @@
 # `python -m benchmarks.run`, so that one device call measures everything.
 #
 # Budget: under 8 minutes. Every step has its own `timeout`, so a slow or hung step costs only
-# its own results (the runner writes each suite's CSV as soon as that suite ends). The costs
+# its own results, and not even those it measured: the runner rewrites a suite's CSV after
+# every row (the attention suite yields a shape's rows together, the model suite each
+# approach's row), so a suite stopped by its timeout keeps what it measured. The costs
 # below are estimates (this script has not run on a GPU yet); it prints each step's measured
 # seconds at the end, and the runner prints seconds per suite: put those here after a run.
 #   step                                                  expected   timeout (env override)
-#   build the extension (nvcc, sm_90a)                     ~60 s      BUILD_S=90
+#   build the extension (nvcc, sm_90a)                     ~50 s      BUILD_S=75
 #   GPU test files (bf16 kernels, fused heads, host sync)  ~45 s      TESTS_S=75
 #   attention suite (9 shapes incl. the two Qwen2.5 model-attention shapes; FlexAttention
-#     compiles once per shape)                             ~120 s     ATTENTION_S=160
+#     compiles once per shape)                             ~130 s     ATTENTION_S=170
 #   model suite (Qwen2.5-0.5B and 1.5B shapes, P4096 S256 G8, bf16, grad ckpt: unpacked,
 #     FlexAttention-grouped, prefix_grouper, fused)        ~80 s      MODEL_S=100
 #   advantages, log_probs, training, trl at --quick
-#     (first shape each, cheapest first)                   ~40 s      QUICK_SUITES_S=55
+#     (first shape each, cheapest first)                   ~40 s      QUICK_SUITES_S=60
 #   total of the timeouts: 480 s.
 # Results: runs/bench/<suite>_<device>.csv and .png; with $OUT set (the device tool), also
 # $OUT/bench.tar.gz (the device tool returns at most 8 files) and $OUT/gpu_check.log.
@@ -38,13 +40,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, record its time an
 }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-step build "${BUILD_S:-90}" env MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e .
+step build "${BUILD_S:-75}" env MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e .
 step "GPU tests" "${TESTS_S:-75}" python3 -m pytest -q -rs -p no:cacheprovider \
   tests/test_prefix_attention_triton.py tests/test_prefix_attention.py tests/test_fused_linear_log_probs.py \
   tests/test_advantages.py tests/test_transformers_integration.py
-step "attention suite" "${ATTENTION_S:-160}" python3 -m benchmarks.run --suite attention
+step "attention suite" "${ATTENTION_S:-170}" python3 -m benchmarks.run --suite attention
 step "model suite" "${MODEL_S:-100}" python3 -m benchmarks.run --suite model
-step "quick suites" "${QUICK_SUITES_S:-55}" python3 -m benchmarks.run --quick \
+step "quick suites" "${QUICK_SUITES_S:-60}" python3 -m benchmarks.run --quick \
   --suite advantages log_probs training trl
 
 echo "=== seconds per step"

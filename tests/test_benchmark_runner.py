@@ -78,16 +78,18 @@ def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
     assert re.search(r"smoke .*: prefix_grouper [0-9.]+x vs unpacked \(step_ms\)", printed)
 
 
-def test_a_failing_suite_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    def broken(args):
+def test_a_failing_suite_keeps_its_rows_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    def broken(args):  # measures one config, then dies (as a suite stopped by a timeout would)
+        yield {"config": "first", "approach": "plain", "fwd_bwd_ms": 1.0}
         raise RuntimeError("suite broke")
 
     monkeypatch.setattr(run.SUITES["log_probs"], "run", broken)
     status = run.main(["--suite", "log_probs", "advantages", "--smoke", "--device", "cpu", "--out", str(tmp_path)])
     assert status == 1
     assert "FAILED: log_probs" in capsys.readouterr().out
+    assert [r["config"] for r in read_rows(tmp_path, "log_probs")] == ["first"]
+    assert not list(tmp_path.glob("log_probs_*.png"))
     assert read_rows(tmp_path, "advantages")
-    assert not list(tmp_path.glob("log_probs_*"))
 
 
 def test_quick_and_smoke_exclude_each_other():

@@ -236,7 +236,8 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
                 torch.cuda.synchronize()
                 peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
         rows.append({
-            "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
+            "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""),
+            "hq": hq, "hkv": hkv, "d": d,
             "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": err <= agreement,
             "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}",
             "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",

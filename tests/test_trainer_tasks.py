@@ -209,8 +209,8 @@ def test_keydoor_scripted_policy_solves_every_start(length):
 
 
 def test_keydoor_observation():
-    assert KeyDoorEnvironment().observe(KeyDoorState(1, 0, False)) == "kad"
-    assert KeyDoorEnvironment(length=4).observe(KeyDoorState(0, 2, False)) == "a.kd"
+    assert KeyDoorEnvironment().observe(KeyDoorState(0, 2, False)) == "a.kd"
+    assert KeyDoorEnvironment(length=3).observe(KeyDoorState(1, 0, False)) == "kad"
     env = KeyDoorEnvironment(length=5)
     assert env.observe(KeyDoorState(0, 2, False)) == "a.k.d"
     assert env.observe(KeyDoorState(2, 2, False)) == "..K.d"
@@ -232,7 +232,7 @@ def test_keydoor_observation():
 def test_keydoor_invalid_action_is_penalized_and_keeps_the_state(state, action):
     env = KeyDoorEnvironment(length=5, invalid_penalty=-0.25)
     assert env.step(state, action) == (state, -0.25, False, True)
-    assert KeyDoorEnvironment(length=5).step(state, action)[1] == -0.1
+    assert KeyDoorEnvironment(length=5).step(state, action)[1] == -0.02
 
 
 def test_keydoor_states_are_hashable_and_recur():
@@ -262,8 +262,8 @@ def test_keydoor_errors():
         env.observe(KeyDoorState(4, 2, False))
     with pytest.raises(ValueError, match="max_steps must be an integer >= 8"):
         KeyDoorEnvironment(length=5, max_steps=7)
-    with pytest.raises(ValueError, match="max_steps must be an integer >= 4"):
-        KeyDoorEnvironment(max_steps=3)
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 6"):
+        KeyDoorEnvironment(max_steps=5)
     with pytest.raises(ValueError, match="invalid_penalty must be <= 0"):
         KeyDoorEnvironment(invalid_penalty=0.1)
     with pytest.raises(ValueError, match="length must be an integer >= 3"):

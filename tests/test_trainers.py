@@ -120,3 +120,21 @@ def test_verify_equivalence_on_other_models(model, tmp_path, capsys):
     assert main(["--algo", "gigpo", "--model", model, "--verify-equivalence", "--dtype", "float64",
                  "--group-size", "2", "--prompts-per-step", "2"]) == 0
     assert "-> PASS" in capsys.readouterr().out
+
+
+def test_sampling_ignores_the_checkpoints_generation_settings():
+    """A checkpoint's generation_config (repetition_penalty, min_new_tokens...) reshaped the
+    samples while the update assumed the plain temperature-scaled policy."""
+    from prefix_grouper.trainers.model import load_policy
+    from prefix_grouper.trainers.rollout import generate
+
+    policy = load_policy("tiny", "0123456789", dtype=torch.float32, device="cpu")
+    prompts = [policy.prompt_ids("12", "cpu")] * 16
+    torch.manual_seed(0)
+    plain = generate(policy, prompts, max_new_tokens=8, temperature=1.0)
+    policy.model.generation_config.repetition_penalty = 1e6
+    policy.model.generation_config.min_new_tokens = 8
+    torch.manual_seed(0)
+    again = generate(policy, prompts, max_new_tokens=8, temperature=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))
+    assert policy.model.generation_config.repetition_penalty == 1e6  # the model's own is restored

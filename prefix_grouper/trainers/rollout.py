@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from ..advantages import anchor_index_from_states
 from .model import Policy
@@ -62,13 +63,20 @@ def generate(policy: Policy, prompts: list[torch.Tensor], *, max_new_tokens: int
     for i, prompt in enumerate(prompts):  # left padding: every row's next token is at the end
         input_ids[i, width - len(prompt):] = prompt
         attention_mask[i, width - len(prompt):] = 1
-    with torch.no_grad():
-        # top_k=0, top_p=1: sample from the temperature-scaled policy itself, which is the
-        # distribution the log-probs of the update are computed under.
-        output = policy.model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                       temperature=temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
-                                       pad_token_id=tokenizer.pad_id)
+    # Sample from the temperature-scaled policy itself, the distribution the update's log-probs
+    # are computed under. generate() fills every field a config leaves unset from the model's
+    # own generation_config (a checkpoint's repetition_penalty, min_p, min_new_tokens...), so
+    # that one is swapped for a config holding only these settings during the call.
+    sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id)
+    model_config, policy.model.generation_config = policy.model.generation_config, sampling
+    try:
+        with torch.no_grad():
+            output = policy.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                           generation_config=sampling)
+    finally:
+        policy.model.generation_config = model_config
     completions = []
     for row in output[:, width:].tolist():
         end = row.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in row else len(row)

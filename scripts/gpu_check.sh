@@ -40,13 +40,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, record its time an
 }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# The device image has no trl (nor datasets, dill, multiprocess) and no liger-kernel, and cannot
+# download: a session carries them as wheels in .whl/ (see the device tool's README).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step build "${BUILD_S:-75}" env MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e .
 step "GPU tests" "${TESTS_S:-75}" python3 -m pytest -q -rs -p no:cacheprovider \
   tests/test_prefix_attention_triton.py tests/test_prefix_attention.py tests/test_fused_linear_log_probs.py \
   tests/test_advantages.py tests/test_transformers_integration.py
-step "attention suite" "${ATTENTION_S:-170}" python3 -m benchmarks.run --suite attention
-step "model suite" "${MODEL_S:-100}" python3 -m benchmarks.run --suite model
-step "quick suites" "${QUICK_SUITES_S:-60}" python3 -m benchmarks.run --quick \
+step "compute-sanitizer (CUDA advantage op)" "${SANITIZER_S:-40}" compute-sanitizer --tool memcheck \
+  --error-exitcode 1 python3 -c "
+import torch
+from prefix_grouper.advantages import grpo_advantages
+r = torch.randn(97, device='cuda', dtype=torch.float64)
+g = torch.arange(97, device='cuda') // 7
+print(grpo_advantages(r, g, backend='cuda').abs().sum().item())"
+step "attention suite" "${ATTENTION_S:-150}" python3 -m benchmarks.run --suite attention
+step "model suite" "${MODEL_S:-90}" python3 -m benchmarks.run --suite model
+step "quick suites" "${QUICK_SUITES_S:-50}" python3 -m benchmarks.run --quick \
   --suite advantages log_probs training trl
 
 echo "=== seconds per step"

@@ -228,7 +228,9 @@ def small():
 
 def test_error_wrong_rank(small):
     layout, q, k, v = small
-    with pytest.raises(ValueError, match=r"q must have shape \[T, heads, head_dim\]"):
+    with pytest.raises(ValueError, match=r"q must be token-first \[T, heads, head_dim\] or \[1, T, heads, "
+                                         r"head_dim\].*head-first \[1, heads, T, head_dim\] must be transposed"
+                                         r".*got q of shape \(4, 8\)"):
         prefix_attention(q[0], k, v, layout)
     with pytest.raises(ValueError, match=r"k must be \[1, T, heads, head_dim\]"):
         prefix_attention(q[None], k, v[None], layout)
@@ -238,8 +240,18 @@ def test_error_wrong_rank(small):
 
 def test_error_tokens_mismatch(small):
     layout, q, k, v = small
-    with pytest.raises(ValueError, match="q has 5 tokens but the layout packs T=6"):
+    with pytest.raises(ValueError, match=r"q has 5 tokens but the layout packs T=6: expected token-first "
+                                         r"\[T, heads, head_dim\].*got q of shape \(5, 4, 8\)"):
         prefix_attention(q[:5], k[:5], v[:5], layout)
+
+
+def test_error_head_first_layout_is_named(small):
+    """transformers hands attention functions [1, H, T, D]: the error says so and how to fix it."""
+    layout, q, k, v = small
+    with pytest.raises(ValueError, match=r"q has 4 tokens but the layout packs T=6: it looks head-first "
+                                         r"\(\[1, heads, T, head_dim\]\).*x.transpose\(1, 2\).*"
+                                         r"got q of shape \(1, 4, 6, 8\)"):
+        prefix_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), layout)
 
 
 def test_error_heads(small):

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..checks import check_bool, check_choice, check_positive_real
+from ..checks import check_bool, check_choice, check_int, check_positive_real
 from ..layout import GroupLayout
 from ..runtime import require_triton, triton_on_cuda, triton_unavailable_reason
 from .reference import reference_prefix_attention
@@ -66,25 +66,56 @@ def _check_softmax_scale(value) -> float:
     return scale
 
 
-def _validate(q, k, v, layout):
+def _check_softcap(value) -> float:
+    """``value`` as a cap that is finite and nonzero in float32, where the kernels divide by it."""
+    cap = check_positive_real(value, "softcap")
+    if not _FLOAT32.tiny <= cap <= _FLOAT32.max:
+        raise ValueError(f"softcap must be in [{_FLOAT32.tiny:.4g}, {_FLOAT32.max:.4g}] (finite and nonzero in "
+                         f"float32, where the kernels divide scores by it); got {cap!r}")
+    return cap
+
+
+def _check_sinks(sinks, q: torch.Tensor) -> None:
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape [Hq] = [{q.shape[1]}] or None, "
+                        f"got {type(sinks).__name__}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must have a floating-point dtype, got {sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape [Hq] = [{q.shape[1]}] (one logit per query head), "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}; move sinks to q's device")
+
+
+_LAYOUTS = ("token-first [T, heads, head_dim] or [1, T, heads, head_dim] (T = layout.total_tokens); "
+            "transformers' head-first [1, heads, T, head_dim] must be transposed first: x.transpose(1, 2)")
+
+
+def _check_token_first(name: str, x: torch.Tensor, total_tokens: int, batched: bool) -> None:
+    """``x`` (the leading batch dim of 4-D inputs already dropped) must be ``[T, heads, head_dim]``."""
+    given = tuple(x.shape) if not batched else (1, *x.shape)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be {_LAYOUTS}; got {name} of shape {given}")
+    if x.shape[0] != total_tokens:
+        head_first = x.shape[1] == total_tokens
+        hint = (f"it looks head-first ({'[1, heads, T, head_dim]' if batched else '[heads, T, head_dim]'}); "
+                if head_first else "")
+        raise ValueError(f"{name} has {x.shape[0]} tokens but the layout packs T={total_tokens}: {hint}"
+                         f"expected {_LAYOUTS}; got {name} of shape {given}")
+
+
+def _validate(q, k, v, layout, batched: bool):
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(
-                f"{name} must have shape [T, heads, head_dim] (or [1, T, heads, head_dim]), "
-                f"got {tuple(x.shape)}"
-            )
+        _check_token_first(name, x, layout.total_tokens, batched)
         if x.shape[1] == 0:
             raise ValueError(f"{name} must have at least one head, got shape {tuple(x.shape)}")
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.shape[0] != layout.total_tokens:
-            raise ValueError(
-                f"{name} has {x.shape[0]} tokens but the layout packs T={layout.total_tokens}"
-            )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -111,18 +142,26 @@ def prefix_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: GroupLayout,
+    *,
     softmax_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """Softmax attention under the shared-prefix mask of a packed GRPO batch.
 
     Query token q sees key token k iff both are in the same group, ``pos(k) <= pos(q)``,
-    and k is a prefix token or in q's own completion. Completion outputs (and gradients of
-    any loss on them) equal those of running every ``[prefix; completion]`` separately.
+    and k is a prefix token or in q's own completion (``pos`` = ``layout.position_ids``,
+    the position within the unpacked row). Completion outputs (and gradients of any loss
+    on them) equal those of running every ``[prefix; completion]`` separately, window,
+    softcap and sinks included.
 
     Args:
-        q: ``[T, Hq, D]`` or ``[1, T, Hq, D]``, T = ``layout.total_tokens``, ``Hq >= 1``.
+        q: ``[T, Hq, D]`` or ``[1, T, Hq, D]`` (token-first), T = ``layout.total_tokens``,
+            ``Hq >= 1``. transformers' attention functions receive head-first
+            ``[1, Hq, T, D]``: pass ``query.transpose(1, 2)``.
         k, v: ``[T, Hkv, D]`` or ``[1, T, Hkv, D]`` (the same form as q), ``Hkv >= 1``,
             ``Hq % Hkv == 0`` (GQA/MQA); ``1 <= D <= 256``. q, k, v share one dtype and
             device: float16, bfloat16 or float32 on every backend, float64 on the
@@ -131,10 +170,21 @@ def prefix_attention(
         layout: the batch's :class:`GroupLayout`, on q's device.
         softmax_scale: multiplier of ``q . k``, default ``1 / sqrt(D)``; a positive real
             whose float32 ``softmax_scale * log2(e)`` is finite and nonzero.
+        window: sliding window, an int ``>= 1``: k is visible from q only when also
+            ``pos(q) - window < pos(k)`` (transformers' ``sliding_window``; a completion's
+            first tokens see the end of their prompt). None, or a window at least the
+            longest row, masks nothing more.
+        softcap: a positive real: scores ``s = softmax_scale * q . k`` become
+            ``softcap * tanh(s / softcap)`` before the softmax (Gemma 2's
+            ``attn_logit_softcapping``).
+        sinks: ``[Hq]`` float tensor on q's device, differentiable: one logit per query
+            head that joins every row's softmax denominator and has no value (gpt-oss's
+            ``sinks``); it is neither scaled nor capped.
         backend: ``"auto"`` (triton on CUDA when available, else torch), ``"torch"``,
             ``"triton"``, or ``"reference"`` (dense fp32/fp64 ground truth, slow); see
             :func:`resolve_backend`.
-        return_lse: also return the log-sum-exp of the scaled scores.
+        return_lse: also return the log-sum-exp of the (capped) scores the row sees, the
+            sink included.
 
     Returns:
         out ``[T, Hq, D]`` (``[1, T, Hq, D]`` for 4-D inputs) in q's dtype and, when
@@ -143,8 +193,9 @@ def prefix_attention(
 
     NaN/inf in K or V stay contained on every backend: those of a completion token reach
     only that completion's rows (and the gradients of the keys those rows see), those of a
-    prefix token only its group's rows. Every other row's output and gradients are those
-    of a clean batch.
+    prefix token only its group's rows. Every other row's output and q/k/v gradients are
+    those of a clean batch, with any window, softcap or sinks. The gradient of ``sinks``
+    sums over every row, so a poisoned row reaches it.
     """
     check_bool(return_lse, "return_lse")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
@@ -152,24 +203,30 @@ def prefix_attention(
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
                 shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(
-                    f"with a leading batch dim, {name} must be [1, T, heads, head_dim], got {shape}"
-                )
+                raise ValueError(f"q is 4-D, so {name} must be [1, T, heads, head_dim] too ({_LAYOUTS}); "
+                                 f"got {name} of shape {shape}")
         q, k, v = q[0], k[0], v[0]
-    _validate(q, k, v, layout)
+    _validate(q, k, v, layout, batched)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     else:
         softmax_scale = _check_softmax_scale(softmax_scale)
+    if window is not None:
+        window = check_int(window, "window", 1)
+    if softcap is not None:
+        softcap = _check_softcap(softcap)
+    if sinks is not None:
+        _check_sinks(sinks, q)
+    features = {"window": window, "softcap": softcap, "sinks": sinks}
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
-        out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale)
+        out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale, **features)
     elif name == "torch":
-        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale, need_lse=return_lse)
+        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale, **features, need_lse=return_lse)
     else:
         from .triton_backend import triton_prefix_attention
 
-        out, lse = triton_prefix_attention(q, k, v, layout, softmax_scale)
+        out, lse = triton_prefix_attention(q, k, v, layout, softmax_scale, **features)
     if batched:
         out = out[None]
         lse = None if lse is None else lse[None]

@@ -255,7 +255,8 @@ class _PrefixAttention(torch.autograd.Function):
 
 
 def torch_prefix_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float, *,
+    window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
     need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shared-prefix attention in plain PyTorch.
@@ -267,6 +268,10 @@ def torch_prefix_attention(
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
     None when not ``need_lse``)``. Half-precision inputs are computed in float32.
     """
+    unsupported = [name for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
+                   if value is not None]
+    if unsupported:
+        raise NotImplementedError(f"backend='torch' does not implement {', '.join(unsupported)} yet")
     plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     out, lse = _PrefixAttention.apply(q.to(compute), k.to(compute), v.to(compute), plan, softmax_scale)

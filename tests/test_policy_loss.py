@@ -121,8 +121,13 @@ def short(x):
     (dict(beta=0.1, ref_log_probs=lambda b: short(b["ref"])), ValueError, "ref_log_probs must have the shape"),
     (dict(adv=lambda b: b["adv"][:3]), ValueError, "advantages must be"),
     (dict(logp=lambda b: b["logp"][0]), ValueError, "log_probs must be"),
-    (dict(loss_type="dapo", num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    (dict(loss_type="dapo", num_items_in_batch=-1), ValueError, "num_items_in_batch"),
+    (dict(loss_type="dapo", num_items_in_batch=float("inf")), ValueError, "num_items_in_batch"),
     (dict(loss_type="dr_grpo", max_completion_length=-1), ValueError, "max_completion_length"),
+    (dict(epsilon_low=-0.1), ValueError, r"epsilon_low must be in \[0, 1\]"),
+    (dict(epsilon_low=1.5), ValueError, r"epsilon_low must be in \[0, 1\]"),
+    (dict(epsilon_high=-0.1), ValueError, "epsilon_high must be >= 0"),
+    (dict(epsilon_high=float("nan")), ValueError, "epsilon_high"),
 ])
 def test_errors(generator, edit, error, match):
     values = dict(zip(("logp", "old", "adv", "mask", "ref"), batch(generator, False)))
@@ -135,3 +140,46 @@ def test_errors(generator, edit, error, match):
             kwargs[key] = value
     with pytest.raises(error, match=match):
         policy_loss(values["logp"], values["old"], values["adv"], values["mask"], **kwargs)
+
+
+@pytest.mark.parametrize("num_items", [0, 0.5, torch.tensor(0)])
+def test_dapo_clamps_num_items_in_batch_to_one_as_trl_does(generator, num_items):
+    logp, old, adv, mask, _ = batch(generator, False)
+    loss, _ = policy_loss(logp, old, adv, mask, loss_type="dapo", num_items_in_batch=num_items, epsilon_low=EPS_LOW,
+                          epsilon_high=EPS_HIGH)
+    expected = trl_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), None, 0.0, "dapo", None, 1)
+    assert abs(loss.item() - expected) <= 1e-12 * max(1.0, abs(expected))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("shape", [(3, 4), (0, 4), (3, 0), (0, 0)], ids=str)
+def test_a_batch_without_tokens_gives_zero_loss_and_zero_statistics(loss_type, shape):
+    logp = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    loss, stats = policy_loss(logp, logp.detach() + 0.5, torch.ones(shape[0], dtype=torch.float64),
+                              torch.zeros(shape, dtype=torch.bool), loss_type=loss_type, num_items_in_batch=0)
+    assert loss.item() == 0.0 and not math.isnan(loss.item())
+    loss.backward()
+    assert logp.grad is not None and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert all(value.item() == 0.0 for value in stats.values()), stats
+
+
+def test_half_precision_inputs_are_computed_in_float32(generator):
+    """A bf16 model's log-probs and float64 advantages: the loss is float32 and equals the
+    float32 computation (casting the advantages to bf16 would round them to 8 bits)."""
+    logp, old, adv, mask, _ = batch(generator, False)
+    adv = adv * 1.001  # not representable in bf16
+    loss, _ = policy_loss(logp.bfloat16(), old.bfloat16(), adv, mask, loss_type="bnpo")
+    want, _ = policy_loss(logp.bfloat16().float(), old.bfloat16().float(), adv.float(), mask, loss_type="bnpo")
+    assert loss.dtype == torch.float32
+    assert loss.item() == want.item()
+
+
+def test_micro_batch_shares_follow_each_loss_types_normalizer():
+    from prefix_grouper.trainers.loss import LOSS_NORMALIZERS, micro_batch_share
+
+    assert set(LOSS_NORMALIZERS) == set(LOSS_TYPES)
+    assert micro_batch_share("grpo", 2, 10, 8, 20) == micro_batch_share("dr_grpo", 2, 10, 8, 20) == 0.25
+    assert micro_batch_share("bnpo", 2, 10, 8, 20) == 0.5
+    assert micro_batch_share("dapo", 2, 10, 8, 20) == 1.0
+    with pytest.raises(ValueError, match="loss_type"):
+        micro_batch_share("sum", 2, 10, 8, 20)

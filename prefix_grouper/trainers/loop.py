@@ -20,7 +20,7 @@ from ..integrations.transformers import completion_log_probs
 from ..layout import GroupLayout
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed
-from .loss import policy_loss
+from .loss import micro_batch_share, policy_loss
 from .model import Policy
 from .rollout import Rollout, sample_episodes, sample_task
 from .tasks import Environment, Task
@@ -157,12 +157,12 @@ class Trainer:
         c, batches = self.config, prepared.batches
         tokens = [sum(len(x) for x in b.completion_ids) for b in batches]
         rows_total, tokens_total = self.dist.all_sum([float(batches[-1].stop), float(sum(tokens))], self.device)
-        advantages = prepared.advantages.to(self.device, self.policy.model.dtype)
+        # The loss runs in float32 (float64 for a float64 model) whatever the model's dtype,
+        # as TRL's does: policy_loss upcasts the log-probs, the advantages come in that dtype.
+        advantages = prepared.advantages.to(self.device, torch.promote_types(self.policy.model.dtype, torch.float32))
         sums = dict.fromkeys(("loss", "kl", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy"), 0.0)
         for i, batch in enumerate(batches):
-            rows = batch.stop - batch.start
-            share = {"grpo": rows / rows_total, "dr_grpo": rows / rows_total, "bnpo": tokens[i] / tokens_total,
-                     "dapo": 1.0}[c.loss_type]
+            share = micro_batch_share(c.loss_type, batch.stop - batch.start, tokens[i], rows_total, tokens_total)
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync():
                 log_probs, mask = self.log_probs(self.model, batch, use_prefix_grouper)

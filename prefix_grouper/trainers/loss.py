@@ -1,15 +1,36 @@
 """The clipped policy-gradient loss of GRPO-style trainers, with TRL's aggregations."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ..checks import check_choice, check_finite_real, check_positive_real
+from ..checks import check_choice, check_finite_real, check_positive_real, check_real
 
-__all__ = ["LOSS_TYPES", "policy_loss"]
+__all__ = ["LOSS_NORMALIZERS", "LOSS_TYPES", "micro_batch_share", "policy_loss"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# What each loss type divides the masked sum of per-token losses by, the one table of them:
+# "rows", a mean over the batch's sequences (grpo: of each sequence's token mean; dr_grpo: of
+# each sequence's sum over a constant length); "tokens", the batch's active tokens (bnpo);
+# "given", a constant for the whole global batch, num_items_in_batch (dapo). policy_loss
+# aggregates by it, and micro_batch_share weights the parts of a split batch by it.
+LOSS_NORMALIZERS = {"grpo": "rows", "bnpo": "tokens", "dr_grpo": "rows", "dapo": "given"}
+LOSS_TYPES = tuple(LOSS_NORMALIZERS)
+
+
+def micro_batch_share(loss_type: str, rows: float, tokens: float, rows_total: float, tokens_total: float) -> float:
+    """Weight of one micro-batch's :func:`policy_loss` (``rows`` sequences with ``tokens``
+    active tokens, of ``rows_total`` and ``tokens_total`` in the whole batch) such that the
+    weighted sum over micro-batches is the loss of the whole batch. dapo's is 1: every part
+    already divides by the whole batch's ``num_items_in_batch``."""
+    check_choice(loss_type, "loss_type", LOSS_TYPES)
+    normalizer = LOSS_NORMALIZERS[loss_type]
+    if normalizer == "rows":
+        return rows / max(rows_total, 1.0)
+    if normalizer == "tokens":
+        return tokens / max(tokens_total, 1.0)
+    return 1.0
 
 
 def _check_per_token(x: Any, name: str, shape: torch.Size, device: torch.device) -> None:
@@ -36,7 +57,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip loss with asymmetric clipping and a k3 KL penalty, aggregated as TRL does.
+    """PPO-clip loss with asymmetric clipping and a k3 KL penalty, aggregated as TRL 1.16 does.
 
     Per token, with ``rho = exp(log_probs - old_log_probs)``::
 
@@ -55,8 +76,16 @@ def policy_loss(
         ref_log_probs: ``[N, S]`` under the reference policy; required when beta > 0.
         beta: weight of the KL penalty (>= 0).
         max_completion_length: dr_grpo's constant; default S.
-        num_items_in_batch: dapo's denominator, the active tokens of the global batch;
-            default this batch's active tokens.
+        num_items_in_batch: dapo's denominator, the active tokens of the global batch
+            (>= 0; like TRL, values below 1 count as 1); default this batch's active tokens.
+        epsilon_low, epsilon_high: the clip range ``[1 - epsilon_low, 1 + epsilon_high]``;
+            both >= 0 and ``epsilon_low <= 1`` (a ratio is never negative).
+
+    The loss is computed in float32 (float64 for float64 log-probs): every input is upcast to
+    that dtype first, as TRL keeps the loss in float32 whatever the model's dtype.
+
+    A batch without active tokens (``mask`` all False, including N = 0 or S = 0) gives a loss
+    of exactly 0 on every loss type (with a zero gradient), and statistics of 0.
 
     Returns ``(loss, stats)``: a scalar loss and detached scalar statistics, token means
     over the mask:
@@ -90,6 +119,11 @@ def policy_loss(
     check_choice(loss_type, "loss_type", LOSS_TYPES)
     epsilon_low = check_finite_real(epsilon_low, "epsilon_low")
     epsilon_high = check_finite_real(epsilon_high, "epsilon_high")
+    if not 0 <= epsilon_low <= 1:
+        raise ValueError(f"epsilon_low must be in [0, 1] (the ratio's lower clip 1 - epsilon_low is >= 0), "
+                         f"got {epsilon_low}")
+    if epsilon_high < 0:
+        raise ValueError(f"epsilon_high must be >= 0 (the ratio's upper clip is 1 + epsilon_high), got {epsilon_high}")
     beta = check_finite_real(beta, "beta")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
@@ -98,7 +132,11 @@ def policy_loss(
     if ref_log_probs is not None:
         _check_per_token(ref_log_probs, "ref_log_probs", shape, device)
 
-    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    dtype = torch.promote_types(log_probs.dtype, torch.float32)
+    log_probs, old_log_probs = log_probs.to(dtype), old_log_probs.to(dtype)
+    if ref_log_probs is not None:
+        ref_log_probs = ref_log_probs.to(dtype)
+    adv = (advantages if advantages.dim() == 2 else advantages[:, None]).to(dtype)
     ratio = torch.exp(log_probs - old_log_probs)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
@@ -107,21 +145,25 @@ def policy_loss(
     if beta > 0:
         per_token = per_token + beta * kl
 
-    weights = mask.to(per_token.dtype)
+    weights = mask.to(dtype)
     active = weights.sum()
     masked_sum = (per_token * weights).sum()
+    rows = max(shape[0], 1)  # N = 0: an empty sum over no rows, 0 as documented, not 0/0
     if loss_type == "grpo":
-        loss = ((per_token * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
+        loss = ((per_token * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).sum() / rows
+    elif LOSS_NORMALIZERS[loss_type] == "tokens":
         loss = masked_sum / active.clamp(min=1.0)
     elif loss_type == "dr_grpo":
-        length = shape[1] if max_completion_length is None else check_positive_real(
+        length = max(shape[1], 1) if max_completion_length is None else check_positive_real(
             max_completion_length, "max_completion_length")
-        loss = masked_sum / (shape[0] * length)
+        loss = masked_sum / (rows * length)
+    elif num_items_in_batch is None:
+        loss = masked_sum / active.clamp(min=1.0)
     else:
-        denominator = active.clamp(min=1.0) if num_items_in_batch is None else check_positive_real(
-            num_items_in_batch, "num_items_in_batch")
-        loss = masked_sum / denominator
+        items = check_real(num_items_in_batch, "num_items_in_batch", low=0.0)
+        if math.isinf(items):
+            raise ValueError(f"num_items_in_batch must be a finite count of tokens, got {items}")
+        loss = masked_sum / max(items, 1.0)  # TRL clamps it to 1: a batch of no tokens gives 0
 
     def token_mean(x: torch.Tensor) -> torch.Tensor:
         return ((x.to(weights.dtype) * weights).sum() / active.clamp(min=1.0)).detach()

@@ -167,8 +167,9 @@ class PrefixGrouper:
         self.group_info = GroupInfo(entries)
         self._build_masks(torch.device(device) if device is not None else torch.device("cpu"), padding_mode)
         self._layouts: dict[torch.device, tuple[GroupLayout, torch.Tensor]] = {}
-        # concat_input() followed by split_output() with no forward() in between means the
-        # model's attention never saw the groups: its suffixes attended to each other.
+        # concat_input() followed by split_output() of a float output (logits, hidden states)
+        # with no forward() in between: the model's attention never saw the groups, its
+        # suffixes attended to each other.
         self._inputs_concatenated = False
         self._attention_calls = 0
         if "transformers.modeling_utils" in sys.modules:
@@ -311,7 +312,7 @@ class PrefixGrouper:
                 or include_prefix_last < 0:
             raise ValueError(f"include_prefix_last must be an int >= 0, got {include_prefix_last!r}")
         self._check_rows(output, "output", tuple(self.x_shape))
-        if self._inputs_concatenated and self._attention_calls == 0:
+        if self._inputs_concatenated and self._attention_calls == 0 and output.is_floating_point():
             raise RuntimeError(
                 "split_output() after concat_input() but no attention layer ran PrefixGrouper.forward: the model "
                 "ignored prefix_grouper= (e.g. an attention implementation that drops unknown keywords), its "

@@ -275,7 +275,8 @@ def test_strict_implementation_errors_name_the_missing_layout():
     with pytest.raises(ValueError, match="needs the batch's GroupLayout: call the model with prefix_layout"):
         model(input_ids=torch.zeros(1, 5, dtype=torch.long))
     layout = GroupLayout.from_lengths([3], [[2]])
-    with pytest.raises(ValueError, match="runs on one packed row"):
+    with pytest.raises(ValueError, match=r"head-first layout on one packed row: query \[1, heads, T, head_dim\].*"
+                                         r"got query \(2, 4, 5, 8\)"):
         model(input_ids=torch.zeros(2, 5, dtype=torch.long), prefix_layout=layout)
 
 

@@ -1,0 +1,180 @@
+"""Grouped log-probs and gradients equal each model family's own eager attention.
+
+For every family whose attention layers carry their own settings (a sliding window on
+some or all layers, a logit softcap, attention sinks), a tiny randomly initialized float32
+model scores ragged groups through ``completion_log_probs`` (one packed row, prefix
+attention) and, as the baseline, through an identical copy of the model with
+``attn_implementation="eager"`` on every ``[prompt; completion]`` row run alone: no
+padding, no mask, the family's own ``eager_attention_forward``. Prompts (up to 14 tokens)
+and completions (up to 10) are longer than the window (8), so a completion's first tokens
+see only the end of their prompt, and later ones none of it.
+
+Tolerance: both sides are float32 with the same weights; they differ only in summation
+order inside attention (a few ulp per op, ~1e-7 relative) grown through 3-4 layers and a
+61-way log-softmax. Measured on the reference backend: log-probs within 2e-6, gradients
+within 2e-6 of their parameter's largest entry. We allow 1e-5 absolute on log-probs and
+1e-5 relative to each parameter's largest gradient entry (after 1e-6 absolute, for
+near-zero gradients). Dropping one layer setting (window, softcap or sinks) moves
+log-probs by 1.4 to 3.2 (``test_dropping_a_layer_setting_is_caught``): the tests can fail.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from prefix_grouper import GroupLayout  # noqa: E402
+from prefix_grouper.attention import available_backends  # noqa: E402
+from prefix_grouper.integrations.transformers import attention as attention_module  # noqa: E402
+from prefix_grouper.integrations.transformers import completion_log_probs, install  # noqa: E402
+
+LOG_PROB_TOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
+WINDOW = 8
+PROMPT_LENS, COMPLETION_LENS = [11, 3, 14], [[5, 9], [4], [1, 10, 6]]
+VOCAB = 61
+# Weights 10x larger than the families' default init (0.02), so that attention scores are
+# O(1): softcaps, windows and sinks then change the log-probs well beyond the tolerance.
+SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2,
+             tie_word_embeddings=False)
+
+FAMILIES = {
+    "mistral": dict(sliding_window=WINDOW),
+    # Layers from max_window_layers on slide: layer 0 full, layers 1-2 sliding.
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=1.5, query_pre_attn_scalar=8,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "gemma3_text": dict(sliding_window=WINDOW, num_hidden_layers=4, query_pre_attn_scalar=8,
+                        layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    "gpt_oss": dict(sliding_window=WINDOW, num_local_experts=2, num_experts_per_tok=1, intermediate_size=32,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "llama": {},
+    "qwen3": {},
+}
+# What each family's layers pass besides the scale: the features under test.
+FEATURES = {"mistral": ("window",), "qwen2": ("window",), "gemma2": ("softcap", "window"),
+            "gemma3_text": ("window",), "gpt_oss": ("sinks", "window")}
+
+
+def build(family: str, attn_implementation: str = "eager", **overrides):
+    config = transformers.AutoConfig.for_model(family, **{**SHAPE, **FAMILIES[family], **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if family == "gpt_oss":
+        with torch.no_grad():  # sinks of a trained model are O(1), not the init's 0.2
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model.float().eval()
+
+
+def batch():
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (p,), generator=g) for p in PROMPT_LENS]
+    completions = [torch.randint(0, VOCAB, (s,), generator=g) for group in COMPLETION_LENS for s in group]
+    weights = torch.rand(len(completions), max(max(c) for c in COMPLETION_LENS), generator=g)
+    return GroupLayout.from_lengths(PROMPT_LENS, COMPLETION_LENS), prompts, completions, weights
+
+
+def eager_rows(model, layout, prompts, completions):
+    """Per-completion log-probs, every row ``[prompt; completion]`` through the model alone."""
+    rows = []
+    for j, completion in enumerate(completions):
+        prompt = prompts[int(layout.completion_group[j])]
+        logits = model(input_ids=torch.cat([prompt, completion])[None], use_cache=False).logits[0]
+        predicting = logits[len(prompt) - 1:len(prompt) + len(completion) - 1].float()
+        rows.append(torch.log_softmax(predicting, -1).gather(-1, completion[:, None])[:, 0])
+    return rows
+
+
+def loss_of_rows(rows, weights):
+    return sum((row * weights[j, :len(row)]).sum() for j, row in enumerate(rows))
+
+
+def grouped_and_eager(family, backend, *, with_grads=True, **overrides):
+    """(grouped rows, grouped grads, eager rows, eager grads, parameter names) of one batch."""
+    eager = build(family, **overrides)
+    grouped = copy.deepcopy(eager)
+    install(grouped)
+    layout, prompts, completions, weights = batch()
+    expected = eager_rows(eager, layout, prompts, completions)
+    log_probs, mask = completion_log_probs(grouped, layout, prompts, completions, backend=backend)
+    rows = [log_probs[j, :len(c)] for j, c in enumerate(completions)]
+    assert mask.sum().item() == layout.num_completion_tokens
+    if not with_grads:
+        return rows, [], expected, [], []
+    expected_grads = torch.autograd.grad(loss_of_rows(expected, weights), list(eager.parameters()))
+    grads = torch.autograd.grad(loss_of_rows(rows, weights), list(grouped.parameters()))
+    return rows, grads, expected, expected_grads, [name for name, _ in eager.named_parameters()]
+
+
+def max_errors(rows, grads, expected, expected_grads, names):
+    log_prob_error = max((a - e).abs().max().item() for a, e in zip(rows, expected))
+    grad_error, where = 0.0, None
+    for name, a, e in zip(names, grads, expected_grads):
+        excess = ((a - e).abs() - GRAD_ATOL).max().item() / max(e.abs().max().item(), 1e-30)
+        if excess > grad_error:
+            grad_error, where = excess, name
+    return log_prob_error, grad_error, where
+
+
+BACKENDS = [b for b in ("reference", "torch") if b in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_grouped_log_probs_and_grads_equal_the_familys_eager_attention(family, backend):
+    log_prob_error, grad_error, where = max_errors(*grouped_and_eager(family, backend))
+    assert log_prob_error <= LOG_PROB_TOL, f"{family}: log-prob error {log_prob_error:.3g}"
+    assert grad_error <= GRAD_RTOL, f"{family}: gradient error {grad_error:.3g} (relative) at {where}"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_triton_interpreter_honors_softcap_sinks_and_window(family):
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("Triton is not available")
+    log_prob_error, grad_error, where = max_errors(*grouped_and_eager(family, "triton"))
+    assert log_prob_error <= LOG_PROB_TOL, f"{family}: log-prob error {log_prob_error:.3g}"
+    assert grad_error <= GRAD_RTOL, f"{family}: gradient error {grad_error:.3g} (relative) at {where}"
+
+
+@pytest.mark.parametrize("family,feature", [(f, x) for f, features in FEATURES.items() for x in features])
+def test_dropping_a_layer_setting_is_caught(family, feature, monkeypatch):
+    """Each feature under test changes these log-probs far beyond the tolerance: the
+    integration before it passed each layer's settings through fails these tests."""
+    settings = attention_module._layer_settings
+    monkeypatch.setattr(attention_module, "_layer_settings",
+                        lambda module, kwargs: {**settings(module, kwargs), feature: None})
+    # The mask check would refuse the windowless run first; this test is about the numbers.
+    monkeypatch.setattr(attention_module.PackedCall, "check", lambda self, model: None)
+    log_prob_error, _, _ = max_errors(*grouped_and_eager(family, "reference", with_grads=False))
+    assert log_prob_error > 100 * LOG_PROB_TOL, f"{family} without its {feature}: {log_prob_error:.3g}"
+
+
+def test_sliding_layers_are_read_per_call():
+    """Gemma 2 alternates sliding and full layers: each layer's own window reaches the attention."""
+    model = build("gemma2")
+    install(model)
+    seen = []
+    original = attention_module.prefix_attention
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["window"], kwargs["softcap"]))
+        return original(*args, **kwargs)
+
+    layout, prompts, completions, _ = batch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module, "prefix_attention", recording)
+        completion_log_probs(model, layout, prompts, completions, backend="reference")
+    assert seen == [(WINDOW, 1.5), (None, 1.5), (WINDOW, 1.5)]
+
+
+def test_a_window_wider_than_every_row_equals_full_attention():
+    """sliding_window >= the longest row masks nothing: Mistral then equals Llama's numbers."""
+    rows, grads, expected, expected_grads, names = grouped_and_eager("mistral", "reference", sliding_window=64)
+    log_prob_error, grad_error, _ = max_errors(rows, grads, expected, expected_grads, names)
+    assert log_prob_error <= LOG_PROB_TOL and grad_error <= GRAD_RTOL
+    unwindowed = eager_rows(build("mistral", sliding_window=None), *batch()[:3])
+    assert max((a - e).abs().max().item() for a, e in zip(rows, unwindowed)) <= LOG_PROB_TOL

@@ -293,3 +293,170 @@ def wrap_attention_like_verl(name, monkeypatch):
         return pg.forward(attn_func, query, key, value, *args, **kwargs), None
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, name, wrapped)
+
+
+# ---------------------------------------------------------------------- differential: the paper's package
+PAPER_REQUIREMENT = "prefix-grouper==0.0.1.post1"
+
+PAPER_SCRIPT = r'''
+import math, sys
+import torch
+target, in_path, out_path = sys.argv[1:4]
+import prefix_grouper
+assert prefix_grouper.__file__.startswith(target), prefix_grouper.__file__  # the paper's package, not ours
+from prefix_grouper import PrefixGrouper
+from prefix_grouper.utils.register_transformers import register_attention
+
+def eager(q, k, v, mask, *args, scaling=None, **kwargs):
+    """A correct attention for the paper's protocol: mask [b, kv] marks valid keys; the
+    queries are the last q_len key positions (bottom-right causal)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    s = scale * q @ k.transpose(-1, -2)
+    q_len, kv_len = q.shape[2], k.shape[2]
+    causal = torch.arange(kv_len)[None] <= torch.arange(q_len)[:, None] + (kv_len - q_len)
+    visible = causal[None, None] & mask.bool()[:, None, None, :]
+    s = s.masked_fill(~visible, torch.finfo(s.dtype).min)
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+data = torch.load(in_path)
+out = {}
+for name, case in data["cases"].items():
+    pg = PrefixGrouper.from_ungrouped_masks(case["prefix_mask"], case["suffix_mask"], case["sizes"],
+                                            padding_mode=case["padding_mode"])
+    r = out[name] = {"group_info": [list(i) for i in pg.group_info], "padding_mask": pg.padding_mask}
+    r["ids"] = pg.concat_input(case["prefix"], case["prefix_mask"], case["suffix"], case["suffix_mask"])
+    feats = case["features"].clone().requires_grad_(True)
+    r["split0"] = pg.split_output(feats)
+    r["split1"] = pg.split_output(feats, include_prefix_last=1)
+    r["split_grad"] = torch.autograd.grad(r["split1"][2].mul(case["split_weight"]).sum(), feats)[0]
+    r["split0"] = tuple(x.detach() for x in r["split0"])
+    r["split1"] = tuple(x.detach() for x in r["split1"])
+    r["convert"] = {m: PrefixGrouper.convert_padding(case["suffix"], case["suffix_mask"], padding_mode=m)
+                    for m in ("left", "right")}
+    q, k, v = (case[x].clone().requires_grad_(True) for x in "qkv")
+    o = pg.forward(eager, q, k, v, scaling=case["scale"])
+    r["forward"] = o.detach()
+    r["forward_grads"] = torch.autograd.grad((o * case["out_weight"]).sum(), (q, k, v))
+
+if "model" in data:
+    import transformers
+    from transformers import AttentionInterface
+    m = data["model"]
+    AttentionInterface.register("paper_test_eager", lambda module, q, k, v, mask, *a, **kw: (eager(q, k, v, mask, **kw), None))
+    register_attention()
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**m["config"])).double()
+    model.load_state_dict(m["state_dict"])
+    model.set_attn_implementation("prefix_grouper_attention")
+    pg = PrefixGrouper.from_ungrouped_masks(prefix_mask=m["prefix_mask"], suffix_mask=m["suffix_mask"],
+                                            group_sizes=m["sizes"], padding_mode="right")
+    input_ids = pg.concat_input(m["prefix"], m["prefix_mask"], m["suffix"], m["suffix_mask"])
+    logits = model(input_ids=input_ids, attention_mask=pg.padding_mask, position_ids=m["position_ids"],
+                   prefix_grouper=pg, prefix_grouper_attn_func="paper_test_eager", use_cache=False).logits
+    _, _, suffix_out, suffix_mask = pg.split_output(logits, include_prefix_last=1)
+    targets = pg.convert_padding(m["suffix"], m["suffix_mask"], padding_mode="right")
+    suffix_out, suffix_mask = suffix_out[:, :-1], suffix_mask[:, 1:]
+    log_probs = suffix_out.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * suffix_mask
+    grads = torch.autograd.grad((log_probs * m["weight"]).sum(), list(model.parameters()))
+    out["model"] = {"log_probs": log_probs.detach(), "mask": suffix_mask, "grads": grads}
+torch.save(out, out_path)
+'''
+
+
+@pytest.fixture(scope="module")
+def paper_package(tmp_path_factory):
+    """Directory holding the paper's package, installed with pip --target (skips without it)."""
+    target = tmp_path_factory.mktemp("paper_package")
+    source = os.environ.get("PREFIX_GROUPER_PAPER_WHEEL", PAPER_REQUIREMENT)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                               source], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"pip install {source} timed out")
+    if done.returncode != 0 or not (target / "prefix_grouper" / "__init__.py").exists():
+        pytest.skip(f"cannot install the paper's package ({source}): {done.stderr.strip()[-300:]}")
+    return target
+
+
+def run_paper(target, tmp_path, data):
+    in_path, out_path, script = tmp_path / "in.pt", tmp_path / "out.pt", tmp_path / "paper.py"
+    torch.save(data, in_path)
+    script.write_text(PAPER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    done = subprocess.run([sys.executable, str(script), str(target), str(in_path), str(out_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def paper_case(groups, padding_mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    prefix, prefix_mask, suffix, suffix_mask = masks_for(groups, g)
+    pg = PrefixGrouper(groups, padding_mode=padding_mode)
+    B, L = pg.x_shape
+    n, ls = suffix.shape
+    qkv = {"q": torch.randn(B, 4, L, 8, dtype=torch.float64, generator=g)}
+    qkv.update({x: torch.randn(B, 2, L, 8, dtype=torch.float64, generator=g) for x in "kv"})
+    lp = max(x[0] for x in groups)
+    return dict(prefix=prefix, prefix_mask=prefix_mask, suffix=suffix, suffix_mask=suffix_mask,
+                sizes=[len(x) - 1 for x in groups], padding_mode=padding_mode, scale=0.41,
+                features=torch.randn(B, L, 3, dtype=torch.float64, generator=g),
+                split_weight=torch.randn(n, max(max(x[1:]) for x in groups) + 1, 3, dtype=torch.float64,
+                                         generator=g),
+                out_weight=torch.randn(B, L, 4, 8, dtype=torch.float64, generator=g), lp=lp, **qkv)
+
+
+def test_paper_package_gives_our_outputs(paper_package, tmp_path):
+    cases = {"right": paper_case(GROUPS, "right", 5), "left": paper_case(GROUPS, "left", 6),
+             "one_group": paper_case([[5, 2]], "right", 7)}
+    theirs = run_paper(paper_package, tmp_path, {"cases": cases})
+    for name, case in cases.items():
+        r = theirs[name]
+        pg = PrefixGrouper.from_ungrouped_masks(case["prefix_mask"], case["suffix_mask"], case["sizes"],
+                                                padding_mode=case["padding_mode"])
+        assert [list(i) for i in pg.group_info] == r["group_info"]
+        assert torch.equal(pg.padding_mask, r["padding_mask"])
+        assert torch.equal(pg.concat_input(case["prefix"], case["prefix_mask"], case["suffix"], case["suffix_mask"]),
+                           r["ids"])
+        pg = PrefixGrouper(r["group_info"], padding_mode=case["padding_mode"])  # split float rows: no model ran
+        feats = case["features"].clone().requires_grad_(True)
+        for ours, want in ((pg.split_output(feats), r["split0"]),
+                           (pg.split_output(feats, include_prefix_last=1), r["split1"])):
+            assert len(ours) == 4
+            for a, b in zip(ours, want):
+                assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
+        s1 = pg.split_output(feats, include_prefix_last=1)[2]
+        assert torch.equal(torch.autograd.grad(s1.mul(case["split_weight"]).sum(), feats)[0], r["split_grad"])
+        for mode in ("left", "right"):
+            assert torch.equal(PrefixGrouper.convert_padding(case["suffix"], case["suffix_mask"], mode),
+                               r["convert"][mode])
+        q, k, v = (case[x].clone().requires_grad_(True) for x in "qkv")
+        o = pg.forward(None, q, k, v, scaling=case["scale"])
+        torch.testing.assert_close(o, r["forward"], atol=ATOL, rtol=0)
+        for got, want in zip(torch.autograd.grad((o * case["out_weight"]).sum(), (q, k, v)), r["forward_grads"]):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_paper_readme_flow_matches_ours_and_per_sequence(paper_package, tmp_path):
+    from prefix_grouper.utils.register_transformers import register_attention
+
+    register_attention()
+    g = torch.Generator().manual_seed(8)
+    prefix, prefix_mask, suffix, suffix_mask = masks_for(GROUPS, g)
+    sizes = [len(x) - 1 for x in GROUPS]
+    model, baseline = tiny_qwen2(), tiny_qwen2()
+    model.set_attn_implementation("prefix_grouper_attention")
+    pg = PrefixGrouper.from_ungrouped_masks(prefix_mask, suffix_mask, sizes)
+    weight = torch.randn(suffix.shape[0], max(max(x[1:]) for x in GROUPS), dtype=torch.float64, generator=g)
+    theirs = run_paper(paper_package, tmp_path, {"cases": {}, "model": dict(
+        config=TINY_CONFIG, state_dict=model.state_dict(), prefix=prefix, prefix_mask=prefix_mask, suffix=suffix,
+        suffix_mask=suffix_mask, sizes=sizes, position_ids=grouped_position_ids(pg), weight=weight)})["model"]
+    log_probs, mask = readme_flow(model, prefix, prefix_mask, suffix, suffix_mask, sizes)
+    expected = per_sequence_log_probs(baseline, prefix, prefix_mask, suffix, suffix_mask, sizes)[:, :mask.shape[1]]
+    assert torch.equal(mask, theirs["mask"])
+    torch.testing.assert_close(theirs["log_probs"], expected, atol=MODEL_TOL, rtol=MODEL_TOL)  # theirs is right
+    torch.testing.assert_close(log_probs, theirs["log_probs"], atol=MODEL_TOL, rtol=MODEL_TOL)
+    grads = torch.autograd.grad((log_probs * weight).sum(), list(model.parameters()))
+    for got, want in zip(grads, theirs["grads"]):
+        torch.testing.assert_close(got, want, atol=MODEL_TOL, rtol=MODEL_TOL)

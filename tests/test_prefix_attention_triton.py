@@ -140,8 +140,8 @@ def test_tile_schedules_cover_the_layout_once():
         programs, split = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile,
                                         chunk_rows)
         chunks_per_tile = {}
-        for k_start, k_end, chunk_start, chunk_end, slot in programs:
-            assert k_start <= chunk_start < chunk_end <= chunk_start + chunk_rows
+        for k_start, k_end, chunk_start, chunk_end, slot, pos_shift in programs:
+            assert k_start <= chunk_start < chunk_end <= chunk_start + chunk_rows and pos_shift == 0
             chunks_per_tile.setdefault((k_start, k_end), []).append((chunk_start, chunk_end, slot))
         assert sorted(r for k_start, k_end in chunks_per_tile
                       for r in range(k_start, min(k_start + tile, k_end))) == list(range(layout.total_tokens))
@@ -154,7 +154,7 @@ def test_tile_schedules_cover_the_layout_once():
         assert sorted((k_start, k_end, first, count) for k_start, k_end, first, count in split) == sorted(
             (k_start, k_end, min(c[2] for c in chunks), len(chunks))
             for (k_start, k_end), chunks in chunks_per_tile.items() if len(chunks) > 1)
-        assert sorted(slot for *_, slot in programs if slot >= 0) == list(range(sum(s.num_slots for s in split)))
+        assert sorted(p.partial_slot for p in programs if p.partial_slot >= 0) == list(range(sum(s.num_slots for s in split)))
 
 
 # The GQA shapes (bf16, D=128 and 64: key tiles of 128 rows) on a 132-SM Hopper GPU.
@@ -175,7 +175,7 @@ def test_dkdv_launch_fills_hopper(name):
     chunk_rows = dkdv_chunk_rows(*lens, tile, kv_heads, 2 * sms)
     programs, _ = key_tile_rows(*lens, tile, chunk_rows)
     assert len(programs) * kv_heads >= 2 * sms * 0.9, (len(programs), chunk_rows)
-    query_rows = [end - start for _, _, start, end, _ in programs]
+    query_rows = [end - start for _, _, start, end, _, _ in programs]
     assert max(query_rows) <= chunk_rows and max(query_rows) <= 2 * sum(query_rows) / len(query_rows) * kv_heads
 
 
@@ -221,20 +221,21 @@ def test_custom_op_registration():
     host = layout.host_lengths
     assert host.device.type == "cpu" and host.tolist() == [2, 3, 2, 2, 1, 2, 0, 1]
     fwd = torch.ops.prefix_grouper.prefix_attention_fwd.default
-    torch.library.opcheck(fwd, (*(x.clone().requires_grad_() for x in (q, k, v)), host, 0.25))
-    out, lse = fwd(q, k, v, host, 0.25)
+    plain = (None, 0.25, None, None)  # sinks, softmax_scale, window, softcap
+    torch.library.opcheck(fwd, (*(x.clone().requires_grad_() for x in (q, k, v)), plain[0], host, *plain[1:]))
+    out, lse = fwd(q, k, v, None, host, *plain[1:])
     gen = torch.Generator(device=DEVICE).manual_seed(8)
     dout = torch.randn(out.shape, generator=gen, device=DEVICE)
     dlse = torch.randn(lse.shape, generator=gen, device=DEVICE)
     bwd = torch.ops.prefix_grouper.prefix_attention_bwd.default
     for maybe_dlse in (dlse, None):
-        torch.library.opcheck(bwd, (dout, maybe_dlse, q, k, v, out, lse, host, 0.25))
+        torch.library.opcheck(bwd, (dout, maybe_dlse, q, k, v, None, out, lse, host, *plain[1:]))
     # Lengths that do not describe q's tokens are refused before any kernel launch.
     other = _layout(([3, 2], [[2, 1], [1]]))
     with pytest.raises(ValueError, match="packs T=9"):
-        fwd(q, k, v, other.host_lengths, 0.25)
+        fwd(q, k, v, None, other.host_lengths, *plain[1:])
     with pytest.raises(ValueError, match="host_lengths is not"):
-        fwd(q, k, v, torch.tensor([2, 3, 2, 2, 1, 2, 0]), 0.25)
+        fwd(q, k, v, None, torch.tensor([2, 3, 2, 2, 1, 2, 0]), *plain[1:])
 
 
 def test_torch_compile_fullgraph_across_layouts(monkeypatch):

@@ -17,16 +17,23 @@ anything the tile cannot see:
 3. ``[aligned_end, min(q_start + TILE_TOKENS, seg_end))``: the diagonal, causal mask
    (``aligned_end`` is ``q_start`` when TILE_TOKENS is a multiple of BLOCK_N, as without
    packing; otherwise the block holding ``q_start``).
+
+The optional features are constexpr switches, so without them the kernels compile to the
+plain code (see ``triton_features``): a window starts each run at the first block any row
+of the tile sees and masks only the blocks some row sees partly; a softcap transforms the
+scores in :func:`key_block_scores`.
 """
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..runtime import triton_interpreted
+from .triton_features import softcapped_scores, window_blocks
 
 NO_MASK = tl.constexpr(0)
 CAUSAL_MASK = tl.constexpr(1)  # key <= query (same segment) and inside the bound
@@ -41,15 +48,18 @@ QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "shared_
 # One dK/dV program: the keys of a tile against one chunk [chunk_start, chunk_end) of the
 # queries that see them. ``partial_slot`` is -1 when the chunk is the tile's whole query
 # range (the program writes dK/dV), else the slot of the fp32 scratch it writes, summed by
-# the reduction kernel in the order of its SplitKeyTile row.
-KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end", "partial_slot"])
+# the reduction kernel in the order of its SplitKeyTile row. ``pos_shift``: for every query
+# row and key of the program, position(row) - position(key) = row - key + pos_shift (0 when
+# the chunk is in the key's own segment); only a window reads it.
+KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end", "partial_slot", "pos_shift"])
 # A key tile whose queries were split: its partials fill slots [first_slot, first_slot + num_slots).
 SplitKeyTile = namedtuple("SplitKeyTile", ["k_start", "k_end", "first_slot", "num_slots"])
 QUERY_TILE_COLUMNS = tl.constexpr(len(QueryTile._fields))
 KEY_TILE_COLUMNS = tl.constexpr(len(KeyTile._fields))
 SPLIT_KEY_TILE_COLUMNS = tl.constexpr(len(SplitKeyTile._fields))
 Q_START, SEG_START, SEG_END, SHARED_START, SHARED_LEN = (tl.constexpr(i) for i in range(len(QueryTile._fields)))
-K_START, K_END, CHUNK_START, CHUNK_END, PARTIAL_SLOT = (tl.constexpr(i) for i in range(len(KeyTile._fields)))
+K_START, K_END, CHUNK_START, CHUNK_END, PARTIAL_SLOT, POS_SHIFT = (
+    tl.constexpr(i) for i in range(len(KeyTile._fields)))
 # load_key_tile reads k_start, k_end of both row formats at the same columns.
 assert SplitKeyTile._fields[:2] == KeyTile._fields[:2]
 FIRST_SLOT, NUM_SLOTS = (tl.constexpr(i) for i in range(2, len(SplitKeyTile._fields)))
@@ -57,6 +67,31 @@ FIRST_SLOT, NUM_SLOTS = (tl.constexpr(i) for i in range(2, len(SplitKeyTile._fie
 # How the forward and dQ programs fill their BLOCK_M score rows: ``heads_per_program``
 # query heads of one KV head times ``tile_tokens`` tokens (the query schedule's tile).
 HeadPacking = namedtuple("HeadPacking", ["block_m", "heads_per_program", "tile_tokens"])
+
+
+class ScoreFeatures(NamedTuple):
+    """The optional features of a call, as the launchers pass them to the kernels."""
+
+    window: Optional[int] = None  # None, or a window shorter than the longest row
+    softcap: Optional[float] = None
+    sinks: Optional[torch.Tensor] = None  # [Hq] float32, contiguous
+
+    def score_scales(self, softmax_scale: float) -> tuple[float, float]:
+        """``(score_scale, softcap_log2)`` of :func:`~.triton_features.softcapped_scores`."""
+        if self.softcap is None:
+            return softmax_scale * LOG2E.value, 0.0
+        return softmax_scale / self.softcap, self.softcap * LOG2E.value
+
+    @property
+    def window_or_zero(self) -> int:
+        return 0 if self.window is None else self.window
+
+    def switches(self) -> dict[str, bool]:
+        """The constexpr switches every attention kernel takes (:data:`FEATURE_SWITCHES`)."""
+        return {"HAS_WINDOW": self.window is not None, "HAS_SOFTCAP": self.softcap is not None}
+
+
+FEATURE_SWITCHES = ("HAS_WINDOW", "HAS_SOFTCAP")
 
 
 def head_packing(block_m: int, heads_per_kv: int) -> HeadPacking:
@@ -131,10 +166,10 @@ def load_query_tile(q_tiles_ptr, tile):
 
 @triton.jit
 def load_key_tile(kv_tiles_ptr, tile):
-    """``(k_start, k_end, chunk_start, chunk_end, partial_slot)`` of a key-schedule row."""
+    """``(k_start, k_end, chunk_start, chunk_end, partial_slot, pos_shift)`` of a key-schedule row."""
     meta = kv_tiles_ptr + tile * KEY_TILE_COLUMNS
     return (tl.load(meta + K_START), tl.load(meta + K_END), tl.load(meta + CHUNK_START),
-            tl.load(meta + CHUNK_END), tl.load(meta + PARTIAL_SLOT))
+            tl.load(meta + CHUNK_END), tl.load(meta + PARTIAL_SLOT), tl.load(meta + POS_SHIFT))
 
 
 @triton.jit
@@ -177,11 +212,12 @@ def load_row_pair(
 @triton.jit
 def query_tile_prologue(
     q_tiles_ptr, q_ptr, k_ptr, v_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    num_q_heads, heads_per_kv, qk_scale_log2,
+    num_q_heads, heads_per_kv, score_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_TOKENS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
-    """The program's query tile and heads, and what :func:`key_block_scores` needs of them.
+    """The program's query tile and heads, and what :func:`key_block_scores` needs of them
+    (``score_scale``, ``softcap_log2``: see :func:`~.triton_features.softcapped_scores`).
 
     Returns ``(tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx)``:
     ``tile_row`` the :class:`QueryTile` values; per score row (``[BLOCK_M]``) ``heads``
@@ -205,57 +241,100 @@ def query_tile_prologue(
                   row_ok, dim_ok, True, CHECK_DIMS)
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
-    scores_ctx = (q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2)
+    scores_ctx = (q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, score_scale, softcap_log2)
     return tile_row, heads, rows, row_ok, row_offsets, dims, dim_ok, scores_ctx
 
 
 @triton.jit
 def key_block_scores(
-    scores_ctx, key_start, key_end,
-    MASK: tl.constexpr, CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    scores_ctx, key_start, key_end, window_shift,
+    MASK: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """K, V of keys ``[key_start, key_start + BLOCK_N)`` and the tile's scores against them.
 
     ``scores_ctx`` is ``(q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok,
-    qk_scale_log2)``. Returns ``(k, v, scores [BLOCK_M, BLOCK_N])``, scores in the log2
-    domain and ``-inf`` where ``MASK`` hides the key.
+    score_scale, softcap_log2)``. Returns ``(k, v, scores [BLOCK_M, BLOCK_N], capped)``,
+    scores in the log2 domain and ``-inf`` where ``MASK`` hides the key, or where
+    ``WINDOWED`` and ``key <= row + window_shift``; ``capped`` is the softcap's tanh
+    (``SOFTCAP``; else unused).
     """
-    q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, qk_scale_log2 = scores_ctx
+    q, rows, k_head, v_head, stride_kt, stride_vt, dims, dim_ok, score_scale, softcap_log2 = scores_ctx
     keys, key_ok, k, v = load_row_pair(k_head, stride_kt, v_head, stride_vt, key_start, key_end, dims,
                                        dim_ok, MASK != NO_MASK, CHECK_DIMS, BLOCK_N)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    scores, capped = softcapped_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
+                                       score_scale, softcap_log2, SOFTCAP)
     if MASK == CAUSAL_MASK:
         scores = tl.where((keys[None, :] <= rows[:, None]) & key_ok[None, :], scores, float("-inf"))
     elif MASK == BOUND_MASK:
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
-    return k, v, scores
+    if WINDOWED:
+        scores = tl.where(keys[None, :] > rows[:, None] + window_shift, scores, float("-inf"))
+    return k, v, scores, capped
+
+
+@triton.jit
+def walk_windowed_run(
+    state, fold_key_block, ctx, run_start, mask_from, run_end, key_end, lowest_key, lowest_full_key,
+    window_shift, END_MASK: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold the blocks of run ``[run_start, run_end)`` (blocks from ``mask_from`` on take
+    ``END_MASK``) that a window leaves visible: keys below ``lowest_key`` are hidden from
+    every row of the tile, keys from ``lowest_full_key`` on from none. Blocks wholly below
+    are skipped, blocks straddling the boundary masked (the diagonal always is)."""
+    first, band_end = window_blocks(run_start, lowest_key, lowest_full_key, BLOCK_N)
+    for key_start in range(first, tl.minimum(band_end, mask_from), BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, key_end, window_shift, NO_MASK, True, SOFTCAP,
+                               CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(tl.maximum(first, band_end), mask_from, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, key_end, window_shift, NO_MASK, False, SOFTCAP,
+                               CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(tl.maximum(first, mask_from), run_end, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, key_end, window_shift, END_MASK, True, SOFTCAP,
+                               CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    return state
 
 
 @triton.jit
 def walk_key_runs(
-    state, fold_key_block, ctx, tile_row,
+    state, fold_key_block, ctx, tile_row, window,
     CHECK_DIMS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Fold every key block a query tile sees into ``state``, run by run (module docstring).
 
-    ``fold_key_block(state, ctx, key_start, key_end, MASK, CHECK_DIMS, BLOCK_N,
-    DOT_PRECISION)`` returns the new state; ``key_end`` bounds the run's keys.
+    ``fold_key_block(state, ctx, key_start, key_end, window_shift, MASK, WINDOWED, SOFTCAP,
+    CHECK_DIMS, BLOCK_N, DOT_PRECISION)`` returns the new state; ``key_end`` bounds the
+    run's keys, ``window_shift`` is the windowed mask's (:func:`key_block_scores`).
     """
     q_start, seg_start, seg_end, shared_start, shared_len = tile_row
     shared_end = shared_start + shared_len
     shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
     aligned_end = seg_start + ((q_start - seg_start) // BLOCK_N) * BLOCK_N
-    for key_start in range(shared_start, shared_full_end, BLOCK_N):
-        state = fold_key_block(state, ctx, key_start, shared_end, NO_MASK, CHECK_DIMS, BLOCK_N,
-                               DOT_PRECISION)
-    for key_start in range(shared_full_end, shared_end, BLOCK_N):
-        state = fold_key_block(state, ctx, key_start, shared_end, BOUND_MASK, CHECK_DIMS, BLOCK_N,
-                               DOT_PRECISION)
-    for key_start in range(seg_start, aligned_end, BLOCK_N):
-        state = fold_key_block(state, ctx, key_start, seg_end, NO_MASK, CHECK_DIMS, BLOCK_N,
-                               DOT_PRECISION)
-    for key_start in range(aligned_end, tl.minimum(q_start + TILE_TOKENS, seg_end), BLOCK_N):
-        state = fold_key_block(state, ctx, key_start, seg_end, CAUSAL_MASK, CHECK_DIMS, BLOCK_N,
-                               DOT_PRECISION)
+    diag_end = tl.minimum(q_start + TILE_TOKENS, seg_end)
+    if HAS_WINDOW:
+        # Key j is visible from row i when pos(i) - window < pos(j). In a run, pos(i) -
+        # pos(j) = i - j + shift, so the tile's first row sees keys > q_start + shift -
+        # window and its last row (diag_end - 1) only keys > diag_end - 1 + shift - window.
+        for_prefix = shared_end - seg_start - window  # shift - window, shift = prefix end - seg start
+        state = walk_windowed_run(state, fold_key_block, ctx, shared_start, shared_full_end, shared_end,
+                                  shared_end, q_start + for_prefix + 1, diag_end + for_prefix, for_prefix,
+                                  BOUND_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        state = walk_windowed_run(state, fold_key_block, ctx, seg_start, aligned_end, diag_end, seg_end,
+                                  q_start - window + 1, diag_end - window, -window,
+                                  CAUSAL_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    else:
+        for key_start in range(shared_start, shared_full_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, shared_end, 0, NO_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        for key_start in range(shared_full_end, shared_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, shared_end, 0, BOUND_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        for key_start in range(seg_start, aligned_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, seg_end, 0, NO_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        for key_start in range(aligned_end, diag_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, seg_end, 0, CAUSAL_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     return state

@@ -50,9 +50,9 @@ SMALLER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_
 SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256)
 # name, Qwen2Config sizes, prompt lengths, completion lengths per group
-GPU_CONFIGS = [
-    ("0.5B P4096 S256 G8", QWEN2_5_0_5B, [4096], [[256] * 8]),
+GPU_CONFIGS = [  # the 1.5B shape first: it carries the whole-model-step targets
     ("1.5B P4096 S256 G8", QWEN2_5_1_5B, [4096], [[256] * 8]),
+    ("0.5B P4096 S256 G8", QWEN2_5_0_5B, [4096], [[256] * 8]),
 ]
 CPU_CONFIGS = [  # smallest first: --quick runs only the first
     ("tiny 2L h128 P512 S64 G4", SMALLER, [512], [[64] * 4]),

@@ -28,27 +28,32 @@ WORDS = [f"w{i}" for i in range(36)]
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A saved tiny Qwen2 and its tokenizer (vocabulary: <pad>, <eos>, <unk>, w0..w35)."""
+def save_tiny_model(path, model_type="qwen2", **config_overrides) -> str:
+    """A saved tiny causal LM of ``model_type`` and its tokenizer (vocabulary: <pad>, <eos>, <unk>, w0..w35)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    path = tmp_path_factory.mktemp("tiny_qwen2")
     vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
                                                      eos_token="<eos>", unk_token="<unk>")
-    config = transformers.Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS,
-                                      bos_token_id=EOS, tie_word_embeddings=False)
+    config = transformers.AutoConfig.for_model(
+        model_type, **{**dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, tie_word_embeddings=False),
+                       **config_overrides})
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny Qwen2 and its tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 def word_count_reward(completions, **kwargs):
@@ -226,3 +231,42 @@ def test_unhandled_inputs_fall_back_to_trl_with_one_warning(model_dir, tmp_path,
                                                             logits_to_keep, **extra)
     torch.testing.assert_close(first[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(second[0], expected[0], rtol=0, atol=0)
+
+
+def test_a_sliding_window_model_gives_trls_log_probs(tmp_path):
+    """Mistral with a window shorter than the rows: the grouped forward honors it (TRL's
+    padded rows get it from transformers' own sliding-window mask)."""
+    model_dir = save_tiny_model(tmp_path / "tiny_mistral", "mistral", sliding_window=3)
+    trainer = make_trainer(GRPOTrainer, model_dir, tmp_path)
+    input_ids, attention_mask, logits_to_keep = trl_shaped_batch()
+    expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)
+    grouped = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, logits_to_keep,
+                                                         compute_entropy=True)
+    for value, expected_value in zip(grouped[:2], expected[:2]):
+        torch.testing.assert_close(value, expected_value, rtol=TOL, atol=TOL)
+    unwindowed = save_tiny_model(tmp_path / "tiny_mistral_full", "mistral", sliding_window=None)
+    full = make_trainer(trl.GRPOTrainer, unwindowed, tmp_path / "full")
+    without_window = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+        full, full.model, input_ids, attention_mask, logits_to_keep)[0]
+    assert (without_window - expected[0]).abs().max() > 100 * TOL  # the window matters here
+
+
+@pytest.mark.parametrize("disable_dropout", [False, True])
+def test_dropout_is_turned_off_and_training_runs(tmp_path, disable_dropout):
+    """A policy with attention dropout (which the grouped forward refuses in training mode)
+    trains: the drop-in turns dropout off, with a warning unless GRPOConfig asked for it."""
+    model_dir = save_tiny_model(tmp_path / "tiny_qwen2_dropout", attention_dropout=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(GRPOTrainer, model_dir, tmp_path, max_steps=2, disable_dropout=disable_dropout)
+    turned_off = [w for w in caught if "turned off dropout" in str(w.message)]
+    assert len(turned_off) == (0 if disable_dropout else 1)
+    if turned_off:
+        assert "attention_dropout" in str(turned_off[0].message)
+    for model in (trainer.model, trainer.ref_model):
+        assert model.config.attention_dropout == 0.0
+        assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert trainer.state.global_step == 2 and len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

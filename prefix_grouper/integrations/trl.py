@@ -33,6 +33,7 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..checks import as_length_list
 from ..layout import GroupLayout
+from ..trainers.model import disable_dropout
 from .transformers import completion_logits, install
 
 __all__ = ["GRPOTrainer", "forward_chunks"]
@@ -106,11 +107,23 @@ class GRPOTrainer(_TRLGRPOTrainer):
     ``image_grid_thw``, ``token_type_ids``...), the MoE load-balancing loss
     (``compute_aux_loss=True``) and batches holding a one-token prompt. Generation,
     evaluation and every other call of the model keep its own attention.
+
+    Dropout is turned off in the policy and the reference model, whatever
+    ``GRPOConfig.disable_dropout`` says (with a warning when that changes a model): shared-
+    prefix attention has no dropout, and the ratio of current to old log-probs assumes one
+    deterministic policy (verl runs without dropout too).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._fallbacks_warned: set[str] = set()
+        changed = [name for model in (self.model, getattr(self, "ref_model", None)) if model is not None
+                   for name in disable_dropout(model)]
+        if changed and not self.args.disable_dropout:
+            warnings.warn(f"prefix_grouper GRPOTrainer turned off dropout ({', '.join(changed[:4])}"
+                          f"{', ...' if len(changed) > 4 else ''}): the grouped forward has no attention dropout, "
+                          f"and GRPO's ratios assume a deterministic policy; pass GRPOConfig(disable_dropout=True) "
+                          f"to say so", stacklevel=2)
 
     def _get_per_token_logps_and_entropies(
         self,

@@ -135,18 +135,21 @@ def _layer_settings(module, kwargs: dict) -> dict:
             "sinks": kwargs.get("s_aux")}
 
 
-def _check_head_first(query, key, value) -> None:
+def _check_head_first(query, key, value, total_tokens: int) -> None:
     """query ``[1, Hq, T, D]``, key/value ``[1, Hkv, T, D]``: transformers' head-first layout."""
-    shapes = {name: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-              for name, x in (("query", query), ("key", key), ("value", value))}
-    tokens = query.shape[2] if isinstance(query, torch.Tensor) and query.dim() == 4 else None
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1 or x.shape[2] != tokens:
-            raise ValueError(
-                f"attn_implementation='{ATTENTION_NAME}' expects transformers' head-first layout on one packed "
-                f"row: query [1, heads, T, head_dim], key/value [1, kv_heads, T, head_dim]; got {name} "
-                f"{shapes[name]} (query {shapes['query']}, key {shapes['key']}, value {shapes['value']}); "
-                f"pass input_ids=layout.pack(...)[None]")
+    tensors = (("query", query), ("key", key), ("value", value))
+    shapes = {name: tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for name, x in tensors}
+    for name, x in tensors:
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == 1 and x.shape[2] == total_tokens:
+            continue
+        token_first = isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == total_tokens
+        hint = ("it looks token-first [1, T, heads, head_dim] (prefix_attention's own layout); "
+                if token_first else "")
+        raise ValueError(
+            f"attn_implementation='{ATTENTION_NAME}' expects transformers' head-first layout on one packed "
+            f"row: query [1, heads, T, head_dim], key/value [1, kv_heads, T, head_dim] with T = "
+            f"layout.total_tokens = {total_tokens}; got {name} {shapes[name]}: {hint}(query {shapes['query']}, "
+            f"key {shapes['key']}, value {shapes['value']}); call the model on input_ids=layout.pack(...)[None]")
 
 
 def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -172,7 +175,7 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
                                                      scaling=scaling, **kwargs)
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"{LAYOUT_KWARG} must be a GroupLayout, got {type(layout).__name__}")
-    _check_head_first(query, key, value)
+    _check_head_first(query, key, value, layout.total_tokens)
     if attention_mask is not None:
         raise ValueError(
             f"a {LAYOUT_KWARG}= call takes its mask from the layout, but the attention got a "

@@ -4,7 +4,9 @@
     python -m prefix_grouper.train --algo gigpo --verify-equivalence --dtype float64
     torchrun --nproc_per_node 2 -m prefix_grouper.train --algo crpo --steps 100 --out runs/crpo
 
-Writes OUT/metrics.jsonl (one JSON object per step) and OUT/rewards.png.
+Writes OUT/metrics.jsonl (one JSON object per step) and OUT/rewards.png (where matplotlib
+is installed: ``pip install matplotlib``, or the ``bench`` extra). Invalid arguments are usage
+errors (exit status 2).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 
 import torch
 
+from .logprobs.api import check_inverse_temperature
 from .trainers import (ALGORITHMS, CONVENTIONS, DEFAULT_TASKS, LOSS_TYPES, TINY_MODEL, TrainConfig, Trainer,
                        append_metrics, build_trainer, init_distributed, plot_rewards)
 from .trainers.model import DTYPES
@@ -25,13 +28,76 @@ from .trainers.tasks import ENVIRONMENTS, TASKS
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)  # a ValueError reads "invalid positive_int value: 'x'"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that need more than one argument (exit status 2, no traceback)."""
+    task = args.task or DEFAULT_TASKS[args.algo]
+    if args.algo == "gigpo" and task not in ENVIRONMENTS:
+        parser.error(f"--algo gigpo needs a multi-step environment ({', '.join(ENVIRONMENTS)}), got --task {task}")
+    if args.algo == "crpo" and task in ENVIRONMENTS:
+        parser.error(f"--algo crpo needs a task with reward channels ({', '.join(TASKS)}), got the environment "
+                     f"--task {task}")
+    if args.out is not None:
+        # The directory, or any folder above it, must not be an existing file (os.makedirs would fail).
+        path = os.path.abspath(args.out)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            parser.error(f"--out {args.out}: {path} is an existing file; name a directory (it will hold "
+                         f"metrics.jsonl and the plot)")
+    try:
+        check_inverse_temperature(args.temperature, DTYPES[args.dtype])
+    except ValueError as error:
+        parser.error(f"argument --temperature: {error}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m prefix_grouper.train", description=__doc__.splitlines()[0])
     parser.add_argument("--algo", choices=ALGORITHMS, required=True)
     parser.add_argument("--task", choices=[*TASKS, *ENVIRONMENTS], default=None,
                         help=f"default: {', '.join(f'{a}: {t}' for a, t in DEFAULT_TASKS.items())}")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--out", default=None, help="output directory (default runs/<algo>)")
     parser.add_argument("--model", default=TINY_MODEL,
                         help="'tiny' (2-layer Qwen2 from random init), a transformers model type "
@@ -39,27 +105,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--prompts-per-step", type=int, default=defaults.prompts_per_step,
+    parser.add_argument("--group-size", type=positive_int, default=defaults.group_size)
+    parser.add_argument("--prompts-per-step", type=positive_int, default=defaults.prompts_per_step,
                         help="prompts (or reset states) per step and rank")
     parser.add_argument("--loss-type", choices=LOSS_TYPES, default=defaults.loss_type)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--num-iterations", type=int, default=defaults.num_iterations)
-    parser.add_argument("--beta", type=float, default=defaults.beta)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--epsilon-low", type=float, default=defaults.epsilon_low)
-    parser.add_argument("--epsilon-high", type=float, default=defaults.epsilon_high)
-    parser.add_argument("--micro-batch-rows", type=int, default=defaults.micro_batch_rows)
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
+    parser.add_argument("--num-iterations", type=positive_int, default=defaults.num_iterations)
+    parser.add_argument("--beta", type=non_negative_float, default=defaults.beta)
+    parser.add_argument("--temperature", type=positive_float, default=defaults.temperature)
+    parser.add_argument("--epsilon-low", type=unit_float, default=defaults.epsilon_low)
+    parser.add_argument("--epsilon-high", type=non_negative_float, default=defaults.epsilon_high)
+    parser.add_argument("--micro-batch-rows", type=positive_int, default=defaults.micro_batch_rows)
     parser.add_argument("--convention", choices=list(CONVENTIONS), default="verl", help="GRPO's advantage eps")
     parser.add_argument("--crpo-mode", choices=["sum_then_normalize", "normalize_then_sum"],
                         default="sum_then_normalize")
-    parser.add_argument("--gamma", type=float, default=0.95)
-    parser.add_argument("--omega", type=float, default=1.0)
+    parser.add_argument("--gamma", type=unit_float, default=0.95)
+    parser.add_argument("--omega", type=finite_float, default=1.0)
     parser.add_argument("--no-prefix-grouper", dest="use_prefix_grouper", action="store_false",
                         help="log-probs from the unpacked [prompt; completion] rows instead of the grouped forward")
     parser.add_argument("--verify-equivalence", action="store_true",
                         help="one step from the same rollouts both ways; exit 1 if loss or gradients differ")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_combinations(parser, args)
+    return args
 
 
 def make_trainer(args: argparse.Namespace, dist) -> Trainer:
@@ -130,11 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         metrics = {"step": step, **trainer.step()}
         if leader:
             append_metrics(out, metrics)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
+            progress.set_postfix_str(progress_text(metrics))
     if leader:
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        # The metrics are on disk already: a missing plotting library costs the plot only.
         path = plot_rewards(out, f"{args.algo} on {trainer.task.name} ({args.model}, G={args.group_size})")
-        print(f"wrote {os.path.join(out, 'metrics.jsonl')} and {path}")
+        print(f"wrote {metrics_path}" + (f" and {path}" if path else ""))
     return 0
+
+
+def progress_text(metrics: dict) -> str:
+    """The progress bar's readout: reward, KL, clip fraction and the loss, each to 4
+    significant digits (GRPO's loss is ~0 at the first iteration by construction: it reads
+    as -1.234e-09, not 0.000)."""
+    return ", ".join(f"{name}={metrics[key]:.4g}" for name, key in
+                     (("reward", "reward_mean"), ("kl", "kl"), ("clip", "clip_frac"), ("loss", "loss")))
 
 
 if __name__ == "__main__":

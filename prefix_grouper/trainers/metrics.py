@@ -1,10 +1,10 @@
-"""Per-step metrics: DIR/metrics.jsonl (one JSON object per step) and DIR/rewards.png."""
+"""Per-step metrics: DIR/metrics.jsonl (one JSON object per step) and DIR/rewards.png (with matplotlib)."""
 from __future__ import annotations
 
 import json
 import os
 
-__all__ = ["append_metrics", "plot_rewards", "read_metrics", "summary_table"]
+__all__ = ["append_metrics", "plot_rewards", "pyplot_or_none", "read_metrics", "summary_table"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "rewards.png"
@@ -41,14 +41,30 @@ def summary_table(out_dirs: list[str], window: int = 20) -> str:
     return "\n".join(lines)
 
 
-def plot_rewards(out_dir: str, title: str) -> str:
+def pyplot_or_none(skipped: str):
+    """matplotlib's pyplot on the file-only Agg backend, or None (and one printed line naming
+    what is ``skipped`` and how to get it) where matplotlib is not installed: it is an extra,
+    and nothing measured or trained is ever lost to a missing plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipped {skipped} (pip install matplotlib, or the bench extra: "
+              f"pip install 'prefix-grouper-kernels[bench]')", flush=True)
+        return None
+    return plt
+
+
+def plot_rewards(out_dir: str, title: str) -> str | None:
     """Plot ``reward_mean``, every ``reward/<channel>`` and ``success_rate`` per step (raw and a
-    20-step moving average) into ``out_dir/rewards.png``; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    20-step moving average) into ``out_dir/rewards.png``; returns its path, or None when
+    matplotlib is not installed (see :func:`pyplot_or_none`)."""
+    path = os.path.join(out_dir, PLOT_FILE)
+    plt = pyplot_or_none(path)
+    if plt is None:
+        return None
     records = read_metrics(out_dir)
     keys = [k for k in records[0] if k == "reward_mean" or k.startswith("reward/") or k == "success_rate"]
     steps = [r["step"] for r in records]
@@ -63,7 +79,6 @@ def plot_rewards(out_dir: str, title: str) -> str:
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    path = os.path.join(out_dir, PLOT_FILE)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

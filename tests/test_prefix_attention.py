@@ -70,7 +70,7 @@ def test_torch_matches_reference_fp64_ragged(prefix_lens, suffix_lens, hq, hkv, 
     """Every part and the LSE merge, out and lse with their gradients, on both attention
     engines (the chunked one, which non-CPU devices run, forced here on CPU)."""
     if engine == "chunked":
-        monkeypatch.setattr(torch_backend, "engine_for", lambda device: torch_backend.CHUNKED)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device, window=None, softcap=None: torch_backend.CHUNKED)
     layout = GroupLayout.from_lengths(prefix_lens, suffix_lens)
     q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, generator)
     expected = outputs_and_grads(q, k, v, layout, "reference")
@@ -79,38 +79,61 @@ def test_torch_matches_reference_fp64_ragged(prefix_lens, suffix_lens, hq, hkv, 
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def dense_attention_with_lse(q, k, v, causal, scale):
-    """Ground truth for the engines: q ``[R, Hq, L, D]``, k/v ``[R, Hkv, L, D]``."""
+def dense_attention_with_lse(q, k, v, query_offset, scale, window=None, softcap=None):
+    """Ground truth for the engines: q ``[R, Hq, Lq, D]``, k/v ``[R, Hkv, Lk, D]``, query i at
+    key position ``query_offset + i``."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = scale * q @ k.transpose(-1, -2)
-    if causal:
-        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    key_minus_query = torch.arange(k.shape[2])[None, :] - (query_offset + torch.arange(q.shape[2]))[:, None]
+    visible = key_minus_query <= 0
+    if window is not None:
+        visible &= key_minus_query > -window
+    scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     return torch.exp(scores - lse[..., None]) @ v, lse
 
 
+ENGINES = {"CPU_FLASH": (None, None), "CHUNKED": (None, None), "chunked-window4": (4, None),
+           "chunked-softcap": (None, 0.7), "chunked-window1-softcap": (1, 2.0)}
+
+
 @pytest.mark.parametrize("with_grad_lse", [True, False], ids=["grad-lse", "no-grad-lse"])
 @pytest.mark.parametrize("score_block_bytes", [2080, 2**26], ids=["row-and-query-chunks", "one-chunk"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "dense"])
-@pytest.mark.parametrize("engine", ["CPU_FLASH", "CHUNKED"])
-def test_attention_engines_match_dense(engine, causal, score_block_bytes, with_grad_lse, monkeypatch, generator):
+@pytest.mark.parametrize("query_offset", [0, 5, 13], ids=["causal", "offset5", "dense"])
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_attention_engines_match_dense(engine, query_offset, score_block_bytes, with_grad_lse, monkeypatch,
+                                       generator):
     # 2080 bytes = 5 fp64 query rows of 4 heads x 13 keys: one batch row per chunk, query
-    # chunks of 5, 5 and 3, so chunk borders cut the causal diagonal (CHUNKED only).
+    # chunks of 5, 5 and 3, so chunk borders cut the causal diagonal (chunked engines only).
+    window, softcap = ENGINES[engine]
+    if query_offset == 5 and engine == "CPU_FLASH":
+        pytest.skip("the flash engine takes query_offset 0 (causal) or Lk (dense) only")
+    if query_offset == 5 and window is not None:
+        pytest.skip("the last queries would see no key, which engines do not take")
+    if query_offset == 13 and window == 1:
+        pytest.skip("in a window of 1, no query after every key sees one")
     monkeypatch.setattr(torch_backend, "SCORE_BLOCK_BYTES", score_block_bytes)
-    engine = getattr(torch_backend, engine)
-    q = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(torch_backend, "MIN_WINDOW_QUERIES", 2)  # several query chunks under a window too
+    runner = (getattr(torch_backend, engine) if window is None and softcap is None
+              else torch_backend.chunked_engine(window, softcap))
+    # After every key, only the first window - 1 queries see one (as in the torch backend's cross calls).
+    queries = 13 if window is None or query_offset == 0 else window - 1
+    q = torch.randn(3, 4, queries, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(3, 2, 13, 8, generator=generator, dtype=torch.float64, requires_grad=True)
             for _ in range(2))
-    grad_out = torch.randn(3, 4, 13, 8, generator=generator, dtype=torch.float64)
-    grad_lse = torch.randn(3, 4, 13, generator=generator, dtype=torch.float64) if with_grad_lse else None
+    grad_out = torch.randn(3, 4, queries, 8, generator=generator, dtype=torch.float64)
+    grad_lse = torch.randn(3, 4, queries, generator=generator, dtype=torch.float64) if with_grad_lse else None
 
-    out, lse = dense_attention_with_lse(q, k, v, causal, 0.3)
+    out, lse = dense_attention_with_lse(q, k, v, query_offset, 0.3, window, softcap)
     loss = (out * grad_out).sum() + (0 if grad_lse is None else (lse * grad_lse).sum())
     expected = [out, lse, *torch.autograd.grad(loss, (q, k, v))]
     with torch.no_grad():
-        actual_out, actual_lse = engine.forward(q, k, v, causal, 0.3)
-        actual = [actual_out, actual_lse, *engine.backward(grad_out, q, k, v, out, lse, grad_lse, causal, 0.3)]
+        actual_out, actual_lse = runner.forward(q, k, v, query_offset, 0.3)
+        actual = [actual_out, actual_lse,
+                  *runner.backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, 0.3)]
     for name, a, e in zip(NAMES, actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)  # fp64: rounding only
 
@@ -355,7 +378,7 @@ def test_non_finite_kv_stays_in_its_segment(backend, with_lse, chunked, where, v
     layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
     token = 8 if where == "completion" else 12
     if chunked:  # the engine of non-CPU devices, forced on CPU
-        monkeypatch.setattr(torch_backend, "engine_for", lambda device: torch_backend.CHUNKED)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device, window=None, softcap=None: torch_backend.CHUNKED)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32 under the interpreter
     q, k, v = make_qkv(layout, 4, 2, 8, dtype, generator, requires_grad=False)
     clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,

@@ -7,17 +7,24 @@ Three exact parts merged by log-sum-exp, each an attention call that returns its
    bucket's longest, so padding at most doubles a segment and stays linear in tokens);
 2. every completion token of a group against the group's whole prompt: one dense,
    mask-free call per group on contiguous slices of the packed axis (no copy of the
-   prompt's K/V per completion, no padding to the batch's longest prompt);
+   prompt's K/V per completion, no padding to the batch's longest prompt); with a window,
+   one call per completion on the only tokens that see the prompt, its first
+   ``window - 1``, against the prompt's last ``window - 1`` keys;
 3. the merge of (1) and (2) on the completion tokens:
-   ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``.
+   ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``;
+   attention sinks join the merge as one more term with no value:
+   ``lse' = logaddexp(lse, sink)``, ``out' = out exp(lse - lse')``.
 
 Every call returns its LSE and runs on an :class:`AttentionEngine` (:func:`engine_for`):
 on CPU :data:`CPU_FLASH`, the fused flash kernel (tiled, never holding a score matrix);
-elsewhere :data:`CHUNKED`, query chunks of at most ``SCORE_BLOCK_BYTES`` of scores,
-recomputed in the backward. Both take GQA natively (K/V never repeated). The backward runs
-every part's kernel against the merged out and lse: with ``P = exp(S - merged lse)`` each
-part's softmax gradient is its share of the merged attention's exact gradient, so the merge
-has no backward of its own. Extra memory is O(T) plus tiles.
+elsewhere, or with a window or softcap (which the flash kernel cannot express),
+:func:`chunked_engine`: explicit scores in query chunks of at most ``SCORE_BLOCK_BYTES``,
+recomputed in the backward, skipping the keys outside a chunk's window. Both take GQA
+natively (K/V never repeated). The backward runs every part's kernel against the merged
+out and lse: with ``P = exp(S - merged lse)`` each part's softmax gradient is its share of
+the merged attention's exact gradient, so the merge has no backward of its own; a sink's
+gradient is ``-sum_rows exp(sink - lse) (rowsum(dO * out) - grad_lse)``. Extra memory is
+O(T) plus tiles.
 
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
 zero probability, and ``0 * NaN = NaN``. So no call mixes segments that must not see each
@@ -28,6 +35,7 @@ prefix token only its group's rows, as in the naive layout.
 """
 from __future__ import annotations
 
+from functools import partial
 from itertools import groupby
 from typing import Callable, NamedTuple
 
@@ -36,21 +44,30 @@ import torch.nn.functional as F
 
 from ..layout import GroupLayout
 
-__all__ = ["CHUNKED", "CPU_FLASH", "SCORE_BLOCK_BYTES", "AttentionEngine", "engine_for", "torch_prefix_attention"]
+__all__ = ["CHUNKED", "CPU_FLASH", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine", "engine_for",
+           "torch_prefix_attention"]
 
 SCORE_BLOCK_BYTES = 64 * 2**20
-"""Most bytes of scores :data:`CHUNKED` holds at once (one query chunk; its backward holds
-the chunk's scores, probabilities and their gradient)."""
+"""Most bytes of scores a chunked engine holds at once (one query chunk; its backward holds
+the chunk's probabilities and their gradient, and the softcap's derivative)."""
+
+MIN_WINDOW_QUERIES = 64
+"""With a window, query chunks are ``max(window, MIN_WINDOW_QUERIES)`` long at most: each then
+sees at most ``window - 1`` keys more than its own, and small windows are not cut into
+tiny, slow chunks."""
 
 
 class AttentionEngine(NamedTuple):
     """One attention kernel family; q ``[R, Hq, Lq, D]``, k/v ``[R, Hkv, Lk, D]``,
-    ``Hq % Hkv == 0`` (GQA native: K/V never repeated), ``causal`` top-left aligned with
-    ``Lq == Lk``, else every key visible.
+    ``Hq % Hkv == 0`` (GQA native: K/V never repeated). Query i sits at key position
+    ``query_offset + i`` and sees key j iff ``j <= query_offset + i`` (and, for an engine
+    with a window, ``j > query_offset + i - window``); every query sees at least one key.
+    The calls here use ``query_offset`` 0 with ``Lq == Lk`` (causal) or ``Lk`` (every key
+    before every query).
 
-    ``forward(q, k, v, causal, scale) -> (out [R, Hq, Lq, D], lse [R, Hq, Lq])``.
-    ``backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale) -> (dq, dk, dv)``: the
-    softmax gradient ``dS = P * (dO V^T - rowsum(dO * out) + grad_lse)`` with
+    ``forward(q, k, v, query_offset, scale) -> (out [R, Hq, Lq, D], lse [R, Hq, Lq])``.
+    ``backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, scale) -> (dq, dk, dv)``:
+    the softmax gradient ``dS = P * (dO V^T - rowsum(dO * out) + grad_lse)`` with
     ``P = exp(S - lse)``, ``grad_lse`` None for zero. Given a merged ``out``/``lse`` of
     several calls (a row's attention over all its keys), it returns this call's share of
     the merged attention's exact gradient, so merges need no backward of their own.
@@ -60,11 +77,12 @@ class AttentionEngine(NamedTuple):
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _cpu_flash_forward(q, k, v, causal, scale):
+def _cpu_flash_forward(q, k, v, query_offset, scale):
+    causal = query_offset == 0  # else query_offset == Lk: every key visible
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
-def _cpu_flash_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
+def _cpu_flash_backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, scale):
     head_dim = q.shape[-1]
     if grad_lse is not None:
         # The kernel forms rowsum(grad_out * out) itself. One extra head-dim column holding
@@ -74,27 +92,35 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
         out = F.pad(out, (0, 1), value=1.0)
         q, k, v = (F.pad(x, (0, 1)) for x in (q, k, v))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale)
+        grad_out.contiguous(), q, k, v, out, lse, 0.0, query_offset == 0, scale=scale)
     return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
 
 
 CPU_FLASH = AttentionEngine(_cpu_flash_forward, _cpu_flash_backward)
-"""``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (tiled, no score matrix)."""
+"""``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (tiled, no score
+matrix; no window or softcap)."""
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor, causal: bool):
-    """``(rows, queries, keys, first_query)`` slices whose scores take at most
-    ``SCORE_BLOCK_BYTES`` (one query row of one batch row at least); ``first_query`` is the
-    causal offset of the chunk's first query, None when not causal."""
+def _chunks(q: torch.Tensor, k: torch.Tensor, query_offset: int, window: int | None):
+    """``(rows, queries, keys, first_position)`` slices whose scores take at most
+    ``SCORE_BLOCK_BYTES`` (one query row of one batch row at least). ``keys`` holds only the
+    keys the chunk's queries can see: a window skips the keys before it, and later keys
+    than the last query are never visible. ``first_position`` is the chunk's first query's
+    position counted from ``keys.start``."""
     r, hq, lq, _ = q.shape
-    row_bytes = hq * k.shape[2] * q.element_size()  # the scores of one query of one batch row
-    rows_per_chunk = max(1, SCORE_BLOCK_BYTES // (row_bytes * lq))
+    lk = k.shape[2]
+    max_queries = lq if window is None else max(window, MIN_WINDOW_QUERIES)
+    span = lk if window is None else min(lk, max_queries + window - 1)  # the most keys one chunk sees
+    query_bytes = hq * span * q.element_size()  # the scores of one query of one batch row
+    rows_per_chunk = max(1, SCORE_BLOCK_BYTES // (query_bytes * min(lq, max_queries)))
     for row in range(0, r, rows_per_chunk):
         rows = slice(row, min(r, row + rows_per_chunk))
-        queries_per_chunk = max(1, SCORE_BLOCK_BYTES // (row_bytes * (rows.stop - row)))
+        queries_per_chunk = min(max_queries, max(1, SCORE_BLOCK_BYTES // (query_bytes * (rows.stop - row))))
         for start in range(0, lq, queries_per_chunk):
             stop = min(lq, start + queries_per_chunk)
-            yield rows, slice(start, stop), slice(0, stop if causal else None), start if causal else None
+            first_key = 0 if window is None else max(0, query_offset + start - window + 1)
+            yield (rows, slice(start, stop), slice(first_key, min(lk, query_offset + stop)),
+                   query_offset + start - first_key)
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -102,61 +128,91 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(x.shape[0], kv_heads, -1, *x.shape[2:])
 
 
-def _chunk_scores(q_chunk, k_chunk, first_query, scale):
-    """Scaled, masked scores ``[R, Hkv, Hq / Hkv, C, K]`` of grouped queries against ``[R, Hkv, K, D]``."""
+def _chunk_scores(q_chunk, k_chunk, first_position, scale, window, softcap, need_derivative=False):
+    """Scores ``[R, Hkv, Hq / Hkv, C, K]`` of grouped queries against ``[R, Hkv, K, D]``:
+    scaled, capped, masked (-inf); and ``d capped / d scaled``, ``1 - tanh^2``, when
+    ``need_derivative`` and capped (else None)."""
     scores = (q_chunk * scale) @ k_chunk[:, :, None].transpose(-1, -2)
-    if first_query is not None:
-        positions = torch.arange(k_chunk.shape[2], device=q_chunk.device)
-        visible = positions[None, :] <= positions[:q_chunk.shape[3], None] + first_query
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return scores
+    derivative = None
+    if softcap is not None:
+        tanh = scores.div_(softcap).tanh_()
+        if need_derivative:
+            derivative = tanh.square().neg_().add_(1)
+        scores = tanh.mul_(softcap)
+    num_queries, num_keys = q_chunk.shape[3], k_chunk.shape[2]
+    some_key_later = first_position < num_keys - 1
+    some_key_outside_window = window is not None and first_position + num_queries - 1 - window >= 0
+    if some_key_later or some_key_outside_window:
+        device = q_chunk.device
+        # key position minus query position, both counted from the chunk's first key
+        offset = (torch.arange(num_keys, device=device)[None, :]
+                  - torch.arange(first_position, first_position + num_queries, device=device)[:, None])
+        visible = offset <= 0
+        if window is not None:
+            visible &= offset > -window
+        scores = scores.masked_fill_(~visible, float("-inf"))
+    return scores, derivative
 
 
-def _chunked_forward(q, k, v, causal, scale):
+def _chunked_forward(q, k, v, query_offset, scale, window=None, softcap=None):
     hkv = k.shape[1]
     out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
-    for rows, queries, keys, first_query in _chunks(q, k, causal):
-        scores = _chunk_scores(_grouped(q[rows, :, queries], hkv), k[rows, :, keys], first_query, scale)
-        chunk_lse = torch.logsumexp(scores, -1)  # causal rows see at least their own key
-        chunk_out = torch.exp(scores - chunk_lse[..., None]) @ v[rows, :, keys][:, :, None]
+    for rows, queries, keys, first_position in _chunks(q, k, query_offset, window):
+        scores, _ = _chunk_scores(_grouped(q[rows, :, queries], hkv), k[rows, :, keys], first_position, scale,
+                                  window, softcap)
+        chunk_lse = torch.logsumexp(scores, -1)  # every query sees a key
+        chunk_out = scores.sub_(chunk_lse[..., None]).exp_() @ v[rows, :, keys][:, :, None]
         out[rows, :, queries] = chunk_out.flatten(1, 2)
         lse[rows, :, queries] = chunk_lse.flatten(1, 2)
     return out, lse
 
 
-def _chunked_backward(grad_out, q, k, v, out, lse, grad_lse, causal, scale):
+def _chunked_backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, scale, window=None, softcap=None):
     hkv = k.shape[1]
     delta = (grad_out * out).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for rows, queries, keys, first_query in _chunks(q, k, causal):
+    for rows, queries, keys, first_position in _chunks(q, k, query_offset, window):
         q_chunk, grad_chunk = (_grouped(x[rows, :, queries], hkv) for x in (q, grad_out))
         k_chunk, v_chunk = k[rows, :, keys], v[rows, :, keys]
-        scores = _chunk_scores(q_chunk, k_chunk, first_query, scale)
-        probs = torch.exp(scores - _grouped(lse[rows, :, queries], hkv)[..., None])
-        grad_scores = probs * (grad_chunk @ v_chunk[:, :, None].transpose(-1, -2)
-                               - _grouped(delta[rows, :, queries], hkv)[..., None])
+        scores, derivative = _chunk_scores(q_chunk, k_chunk, first_position, scale, window, softcap,
+                                           need_derivative=True)
+        probs = scores.sub_(_grouped(lse[rows, :, queries], hkv)[..., None]).exp_()
+        grad_scores = ((grad_chunk @ v_chunk[:, :, None].transpose(-1, -2))
+                       .sub_(_grouped(delta[rows, :, queries], hkv)[..., None]).mul_(probs))
+        if derivative is not None:
+            grad_scores.mul_(derivative)  # back through the cap to the scaled scores
         dq[rows, :, queries] = (grad_scores @ k_chunk[:, :, None]).flatten(1, 2) * scale
         dk[rows, :, keys] += (grad_scores.transpose(-1, -2) @ q_chunk).sum(2) * scale
         dv[rows, :, keys] += (probs.transpose(-1, -2) @ grad_chunk).sum(2)
     return dq, dk, dv
 
 
-CHUNKED = AttentionEngine(_chunked_forward, _chunked_backward)
-"""Plain torch ops on any device: query chunks of at most ``SCORE_BLOCK_BYTES`` of scores,
-recomputed in the backward."""
+def chunked_engine(window: int | None = None, softcap: float | None = None) -> AttentionEngine:
+    """Plain torch ops on any device: explicit scores in query chunks of at most
+    ``SCORE_BLOCK_BYTES``, recomputed in the backward; optionally a sliding ``window``
+    (keys wholly outside a chunk's window are skipped, not only masked) and a ``softcap``."""
+    return AttentionEngine(partial(_chunked_forward, window=window, softcap=softcap),
+                           partial(_chunked_backward, window=window, softcap=softcap))
 
 
-def engine_for(device: torch.device) -> AttentionEngine:
-    """:data:`CPU_FLASH` on CPU, :data:`CHUNKED` elsewhere."""
-    return CPU_FLASH if device.type == "cpu" else CHUNKED
+CHUNKED = chunked_engine()
+"""The chunked engine without window or softcap."""
+
+
+def engine_for(device: torch.device, window: int | None = None, softcap: float | None = None) -> AttentionEngine:
+    """:data:`CPU_FLASH` on CPU, :data:`CHUNKED` elsewhere; :func:`chunked_engine` with a
+    window or softcap, which the flash kernel cannot express."""
+    if window is None and softcap is None:
+        return CPU_FLASH if device.type == "cpu" else CHUNKED
+    return chunked_engine(window, softcap)
 
 
 def _plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part, the (completion tokens, prompt) slices of the dense part, and where
-    every packed token's causal-part row lies."""
-    segments, cross = [], []  # (packed start, length) of non-empty segments; (completion tokens, prompt) slices
+    """Length buckets of the causal part, the (completion tokens, prompt) slices of the dense part (per group, and
+    per completion for windows), where every packed token's causal-part row lies, and the longest row."""
+    segments, cross, completions = [], [], []  # (packed start, length) of non-empty segments; slices
     start = 0
     for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
         prompt = slice(start, start + prefix_len)
@@ -165,6 +221,7 @@ def _plan(layout: GroupLayout) -> dict:
         for suffix_len in suffix_lens:
             if suffix_len:
                 segments.append((start, suffix_len))
+                completions.append((slice(start, start + suffix_len), prompt))
             start += suffix_len
         if start > prompt.stop:
             cross.append((slice(prompt.stop, start), prompt))
@@ -184,7 +241,24 @@ def _plan(layout: GroupLayout) -> dict:
     row_of_token = torch.empty(layout.total_tokens, dtype=torch.long, device=device)
     is_token = self_index != zero_row
     row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
-    return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross}
+    longest_row = max(p + max(s, default=0) for p, s in zip(layout.prefix_lens_list, layout.suffix_lens_per_group))
+    return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross,
+            "completions": completions, "longest_row": longest_row}
+
+
+def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice, slice, int]]:
+    """``(queries, keys, query_offset)`` of part (2): completion tokens against the prompt keys they see."""
+    if window is None:
+        return [(queries, prompt, prompt.stop - prompt.start) for queries, prompt in plan["cross"]]
+    calls = []
+    for completion, prompt in plan["completions"]:
+        # Completion token a (position P + a) sees prompt position j iff j > P + a - window:
+        # only a < window - 1 sees any, and only the prompt's last window - 1 tokens.
+        seeing = min(completion.stop - completion.start, window - 1)
+        if seeing:
+            keys = slice(max(prompt.start, prompt.stop - (window - 1)), prompt.stop)
+            calls.append((slice(completion.start, completion.start + seeing), keys, keys.stop - keys.start))
+    return calls
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -208,50 +282,63 @@ def _from_buckets(chunks: list[torch.Tensor], plan: dict) -> torch.Tensor:
 
 
 class _PrefixAttention(torch.autograd.Function):
-    """The three parts and their merge; the backward runs every part's kernel against the
-    merged out/lse, which is the merged attention's exact gradient."""
+    """The three parts, their merge and the sinks; the backward runs every part's kernel
+    against the merged out/lse, which is the merged attention's exact gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: dict, scale: float):
-        engine = engine_for(q.device)
-        parts = [engine.forward(*chunks, True, scale) for chunks in zip(*(_to_buckets(x, plan, 0.0) for x in (q, k, v)))]
+    def forward(ctx, q, k, v, sinks, plan: dict, scale: float, window: int | None, softcap: float | None):
+        engine = engine_for(q.device, window, softcap)
+        cross = _cross_calls(plan, window)
+        parts = [engine.forward(*chunks, 0, scale) for chunks in zip(*(_to_buckets(x, plan, 0.0) for x in (q, k, v)))]
         out = _from_buckets([part_out for part_out, _ in parts], plan)
         lse = _from_buckets([part_lse for _, part_lse in parts], plan)
-        for queries, prompt in plan["cross"]:
-            cross_out, cross_lse = engine.forward(_heads_first(q[queries])[None], _heads_first(k[prompt])[None],
-                                                  _heads_first(v[prompt])[None], False, scale)
+        for queries, keys, query_offset in cross:
+            cross_out, cross_lse = engine.forward(_heads_first(q[queries])[None], _heads_first(k[keys])[None],
+                                                  _heads_first(v[keys])[None], query_offset, scale)
             cross_out, cross_lse = _heads_first(cross_out[0]), cross_lse[0].transpose(0, 1)
             merged_lse = torch.logaddexp(cross_lse, lse[queries])
             out[queries] = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
                             + out[queries] * torch.exp(lse[queries] - merged_lse)[..., None])
             lse[queries] = merged_lse
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            # The sink joins every row's denominator with no value: out shrinks by its share.
+            merged_lse = torch.logaddexp(lse, sinks)
+            out *= torch.exp(lse - merged_lse)[..., None]
+            lse = merged_lse
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.window, ctx.softcap, ctx.cross = plan, scale, window, softcap, cross
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        engine = engine_for(q.device)
+        engine = engine_for(q.device, ctx.window, ctx.softcap)
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         # Padded slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
         bucketed = [_to_buckets(x, plan, 0.0) for x in (grad_out, q, k, v, out)]
         bucketed.append(_to_buckets(lse, plan, float("inf")))
         bucketed.append(_to_buckets(grad_lse, plan, 0.0) if grad_lse is not None else [None] * len(bucketed[0]))
-        grads = [engine.backward(*chunks, True, scale) for chunks in zip(*bucketed)]
+        grads = [engine.backward(*chunks, 0, scale) for chunks in zip(*bucketed)]
         dq, dk, dv = (_from_buckets([grad[i] for grad in grads], plan) for i in range(3))
-        for queries, prompt in plan["cross"]:
+        for queries, keys, query_offset in ctx.cross:
             cross_dq, cross_dk, cross_dv = engine.backward(
                 *(_heads_first(x[queries])[None] for x in (grad_out, q)),
-                *(_heads_first(x[prompt])[None] for x in (k, v)),
+                *(_heads_first(x[keys])[None] for x in (k, v)),
                 _heads_first(out[queries])[None], lse[queries].transpose(0, 1)[None],
-                None if grad_lse is None else grad_lse[queries].transpose(0, 1)[None], False, scale)
+                None if grad_lse is None else grad_lse[queries].transpose(0, 1)[None], query_offset, scale)
             dq[queries] += _heads_first(cross_dq[0])
-            dk[prompt] += _heads_first(cross_dk[0])
-            dv[prompt] += _heads_first(cross_dv[0])
-        return dq, dk, dv, None, None
+            dk[keys] += _heads_first(cross_dk[0])
+            dv[keys] += _heads_first(cross_dv[0])
+        grad_sinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).
+            delta = (grad_out * out).sum(-1)
+            if grad_lse is not None:
+                delta = delta - grad_lse
+            grad_sinks = -(torch.exp(sinks - lse) * delta).sum(0)
+        return dq, dk, dv, grad_sinks, None, None, None, None
 
 
 def torch_prefix_attention(
@@ -262,17 +349,18 @@ def torch_prefix_attention(
     """Shared-prefix attention in plain PyTorch.
 
     Args:
-        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``, validated by the caller.
+        q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``; window, softcap, sinks
+            as in :func:`prefix_attention`; all validated by the caller.
         need_lse: also return the LSE (it is computed either way: the merge needs it).
 
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
-    None when not ``need_lse``)``. Half-precision inputs are computed in float32.
+    None when not ``need_lse``)``. Half-precision inputs (and sinks) are computed in float32.
     """
-    unsupported = [name for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
-                   if value is not None]
-    if unsupported:
-        raise NotImplementedError(f"backend='torch' does not implement {', '.join(unsupported)} yet")
     plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
+    if window is not None and window >= plan["longest_row"]:
+        window = None  # every row already sees all its causal keys: the flash kernel may run
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = _PrefixAttention.apply(q.to(compute), k.to(compute), v.to(compute), plan, softmax_scale)
+    out, lse = _PrefixAttention.apply(q.to(compute), k.to(compute), v.to(compute),
+                                      None if sinks is None else sinks.to(compute), plan, softmax_scale,
+                                      window, softcap)
     return out.to(q.dtype), (lse if need_lse else None)

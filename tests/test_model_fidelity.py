@@ -11,8 +11,8 @@ see only the end of their prompt, and later ones none of it.
 
 Tolerance: both sides are float32 with the same weights; they differ only in summation
 order inside attention (a few ulp per op, ~1e-7 relative) grown through 3-4 layers and a
-61-way log-softmax. Measured on the reference backend: log-probs within 2e-6, gradients
-within 2e-6 of their parameter's largest entry. We allow 1e-5 absolute on log-probs and
+61-way log-softmax. Measured (reference, torch and Triton-interpreter backends): log-probs
+within 3e-6, gradients within 3e-6 of their parameter's largest entry. We allow 1e-5 absolute on log-probs and
 1e-5 relative to each parameter's largest gradient entry (after 1e-6 absolute, for
 near-zero gradients). Dropping one layer setting (window, softcap or sinks) moves
 log-probs by 1.4 to 3.2 (``test_dropping_a_layer_setting_is_caught``): the tests can fail.
@@ -131,8 +131,10 @@ def test_grouped_log_probs_and_grads_equal_the_familys_eager_attention(family, b
     assert grad_error <= GRAD_RTOL, f"{family}: gradient error {grad_error:.3g} (relative) at {where}"
 
 
+# The two families that between them use every feature (window, softcap, sinks); every
+# family takes ~15 s in the Triton interpreter on 2 shared CPU cores.
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
-def test_triton_interpreter_honors_softcap_sinks_and_window(family):
+def test_triton_backend_equals_the_familys_eager_attention(family):
     if "triton" not in available_backends("cpu"):
         pytest.skip("Triton is not available")
     log_prob_error, grad_error, where = max_errors(*grouped_and_eager(family, "triton"))

@@ -31,7 +31,7 @@ from prefix_grouper.advantages.options import NormalizeOptions
 from prefix_grouper.advantages.segments import Segments
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, device_of, matplotlib_pyplot,
-                     measure_ms, repeats_of, run_suite, save_figure, table_lines)
+                     measure_ms, repeats_of, run_suite, save_figure, spread, table_lines)
 
 # grpo_advantages' defaults, so that both scopes time the same normalization.
 KERNEL_OPTIONS = NormalizeOptions(scale="group", eps=1e-6, unbiased=True, singleton_raw=True)
@@ -106,9 +106,13 @@ def run(args) -> list[dict]:
             ms = timed(fn)
             gbps = ideal_bytes / ms / 1e6
             results.append(dict(backend=backend, scope=scope, ids=order, rows=rows, group_size=group_size,
-                                ms=round(ms, 5), gbps=round(gbps, 3), copy_gbps=round(copy_gbps[rows], 3),
+                                ms=round(ms, 5), **spread("ms", ms, 5), gbps=round(gbps, 3), copy_gbps=round(copy_gbps[rows], 3),
                                 fraction_of_copy=round(gbps / copy_gbps[rows], 4)))
     return results
+
+
+def ratios(results) -> list[dict]:
+    return []  # compared with the device's copy bandwidth (fraction_of_copy), not with another approach
 
 
 def summary(results) -> list[str]:

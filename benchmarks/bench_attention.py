@@ -40,7 +40,8 @@ from prefix_grouper.attention import available_backends
 from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, measure_ms,
-                     ratio_lines, repeats_of, run_suite, shared_prefix_flops, suite_setup, table_lines)
+                     ratios as ratios_of, repeats_of, run_suite, shared_prefix_flops, spread, suite_setup,
+                     table_lines)
 
 
 def ragged_completions(num_groups, group_size, low, high, seed):
@@ -239,8 +240,9 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
             "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""),
             "hq": hq, "hkv": hkv, "d": d,
             "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": err <= agreement,
-            "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}",
+            "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}", **spread("fwd_ms", fwd_ms),
             "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
+            **spread("fwd_bwd_ms", fwd_bwd_ms),
             "recompiled_during_timing": recompiled_fwd or recompiled_fwd_bwd,
             "peak_extra_gib": f"{peak_gib:.3f}",
             "useful_tflops_fwd": f"{flops / fwd_ms / 1e9:.2f}",
@@ -283,16 +285,20 @@ def run(args) -> Iterator[dict]:
 
 
 def summary(rows) -> list[str]:
-    """The table, then fwd+bwd (or, without a backward, fwd) ratios against the baselines."""
+    """The table of medians (the min-max ranges are in the CSV)."""
     lines = table_lines(rows, [
         ("config", -32, "config"), ("approach", -10, "approach"),
         ("warm-up s", 11, lambda r: f"{r['fwd_warmup_s']}+{r['fwd_bwd_warmup_s']}"), ("fwd ms", 10, "fwd_ms"),
         ("fwd+bwd ms", 12, "fwd_bwd_ms"), ("peak GiB", 10, "peak_extra_gib"), ("TF/s fwd", 10, "useful_tflops_fwd"),
         ("TF/s f+b", 10, "useful_tflops_fwd_bwd"), ("diff", 11, "max_abs_diff_vs_ours"),
         ("", 0, lambda r: "  RECOMPILED" if r["recompiled_during_timing"] else "")])
-    for metric in ("fwd_ms", "fwd_bwd_ms"):
-        lines += ratio_lines(rows, config="config", approach="approach", metric=metric, baselines=BASELINES)
     return lines
+
+
+def ratios(rows) -> list[dict]:
+    """fwd and fwd+bwd speed-ups against the baselines, each marked significant or not."""
+    return [r for metric in ("fwd_ms", "fwd_bwd_ms")
+            for r in ratios_of(rows, config="config", approach="approach", metric=metric, baselines=BASELINES)]
 
 
 def plot(rows, path, where):

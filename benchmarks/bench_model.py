@@ -40,7 +40,8 @@ from prefix_grouper.unpacked import unpacked_completion_log_probs
 
 from .bench_attention import flex_for_layout
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
-                     bar_chart, measure_ms, peak_extra_mib, ratio_lines, repeats_of, run_suite, suite_setup,
+                     bar_chart, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite, spread,
+                     suite_setup,
                      table_lines)
 
 TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
@@ -151,7 +152,7 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
             "unpacked_tokens": unpacked_tokens, "packed_tokens": packed_tokens,
             "completion_tokens": completion_tokens, "ideal_token_ratio": f"{unpacked_tokens / packed_tokens:.2f}",
             "max_abs_logprob_diff_vs_unpacked": f"{diff:.2e}", "logprob_tolerance": f"{TOLERANCES[dtype]:.0e}",
-            "max_rel_grad_diff_vs_unpacked": f"{grad_diff:.2e}", "step_ms": f"{ms:.1f}",
+            "max_rel_grad_diff_vs_unpacked": f"{grad_diff:.2e}", "step_ms": f"{ms:.1f}", **spread("step_ms", ms, 1),
             "tokens_per_s": f"{unpacked_tokens / ms * 1e3:.0f}", "peak_extra_mib": f"{mib:.0f}", "note": note,
         }
 
@@ -205,7 +206,11 @@ def summary(rows) -> list[str]:
         ("tokens/s", 10, "tokens_per_s"), ("peak MiB", 10, "peak_extra_mib"),
         ("ideal", 7, lambda r: f"{r['ideal_token_ratio']}x"), ("logp diff", 11, "max_abs_logprob_diff_vs_unpacked"),
         ("grad diff", 11, "max_rel_grad_diff_vs_unpacked"), ("  note", -6, lambda r: f"  {r['note']}")])
-    return lines + ratio_lines(rows, config="config", approach="approach", metric="step_ms", baselines=BASELINES)
+    return lines
+
+
+def ratios(rows) -> list[dict]:
+    return ratios_of(rows, config="config", approach="approach", metric="step_ms", baselines=BASELINES)
 
 
 def plot(rows, path, where):

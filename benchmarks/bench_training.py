@@ -26,7 +26,7 @@ import torch
 from prefix_grouper.trainers import ALGORITHMS, DEFAULT_TASKS, TrainConfig, build_trainer
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, device_of,
-                     ratio_lines, repeats_of, run_suite)
+                     Timing, ratios as ratios_of, repeats_of, run_suite, spread)
 
 SMOKE_BATCH = dict(prompts_per_step=2, group_size=2)  # rows per step: 4 instead of the default 64
 
@@ -57,14 +57,15 @@ def bench_algo(algo: str, device: torch.device, batch: dict, repeats: tuple[int,
                 update_s.append(update_seconds)
                 packed.append(metrics["tokens_packed"])
                 unpacked.append(metrics["tokens_unpacked"])
-        rollout_median, update_median = statistics.median(rollout_s), statistics.median(update_s)
+        rollout, update = Timing(rollout_s), Timing(update_s)
+        whole = Timing([r + u for r, u in zip(rollout_s, update_s)])
         rows.append({
             "config": f"{algo} on {DEFAULT_TASKS[algo]}", "approach": "prefix_grouper" if grouped else "unpacked",
             "rows_per_step": trainer.config.prompts_per_step * trainer.config.group_size,
             "warmup_steps": warmup, "timed_steps": timed_steps,
             "tokens_packed_per_step": statistics.mean(packed), "tokens_unpacked_per_step": statistics.mean(unpacked),
-            "rollout_s": f"{rollout_median:.3f}", "update_s": f"{update_median:.3f}",
-            "step_s": f"{rollout_median + update_median:.3f}",
+            "rollout_s": f"{rollout:.3f}", **spread("rollout_s", rollout), "update_s": f"{update:.3f}",
+            **spread("update_s", update), "step_s": f"{whole:.3f}", **spread("step_s", whole),
         })
     return rows
 
@@ -91,9 +92,12 @@ def summary(rows) -> list[str]:
     lines = [f"{r['config']}, {r['approach']}: rollout {r['rollout_s']} s + update {r['update_s']} s "
              f"(tokens per step {r['tokens_unpacked_per_step']:.0f} unpacked, {r['tokens_packed_per_step']:.0f} packed)"
              for r in rows]
-    for metric in ("update_s", "step_s"):
-        lines += ratio_lines(rows, config="config", approach="approach", metric=metric, baselines=("unpacked",))
     return lines
+
+
+def ratios(rows) -> list[dict]:
+    return [r for metric in ("update_s", "step_s")
+            for r in ratios_of(rows, config="config", approach="approach", metric=metric, baselines=("unpacked",))]
 
 
 def plot(rows, path, where):

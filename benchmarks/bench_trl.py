@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
-                     bar_chart, measure_ms, repeats_of, run_suite, suite_setup)
+                     bar_chart, measure_ms, repeats_of, run_suite, spread, suite_setup)
 
 # name, Qwen2Config sizes, prompt length, max completion length, group size, groups per micro-batch
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -136,10 +136,12 @@ def bench_config(name, sizes, prompt_len, completion_len, group_size, num_groups
                 torch.cuda.empty_cache()
     mask = attention_mask[:, -completion_len:].bool()
     max_diff = (results["trl"][2] - results["prefix_grouper"][2]).abs()[mask].max().item()
+    trl_ms, ours_ms = results["trl"][0], results["prefix_grouper"][0]
     return {"config": name, "dtype": str(dtype).removeprefix("torch."),
             "rows": input_ids.shape[0], "tokens_trl": int(attention_mask.sum()),
-            "trl_ms": f"{results['trl'][0]:.1f}", "prefix_grouper_ms": f"{results['prefix_grouper'][0]:.1f}",
-            "speedup": f"{results['trl'][0] / results['prefix_grouper'][0]:.2f}",
+            "trl_ms": f"{trl_ms:.1f}", **spread("trl_ms", trl_ms, 1), "prefix_grouper_ms": f"{ours_ms:.1f}",
+            **spread("prefix_grouper_ms", ours_ms, 1), "speedup": f"{trl_ms / ours_ms:.2f}",
+            "speedup_significant": trl_ms.high < ours_ms.low or ours_ms.high < trl_ms.low,
             "trl_peak_gib": f"{results['trl'][1]:.2f}", "prefix_grouper_peak_gib": f"{results['prefix_grouper'][1]:.2f}",
             "max_abs_diff_old_log_probs": f"{max_diff:.1e}"}
 
@@ -166,9 +168,15 @@ def run(args) -> list[dict]:
 
 
 def summary(rows) -> list[str]:
-    return [f"{r['config']}: TRL {r['trl_ms']} ms, grouped {r['prefix_grouper_ms']} ms ({r['speedup']}x vs TRL); "
+    return [f"{r['config']}: TRL {r['trl_ms']} ms, grouped {r['prefix_grouper_ms']} ms (medians); "
             f"peak GiB {r['trl_peak_gib']} / {r['prefix_grouper_peak_gib']}; old log-probs max |diff| "
             f"{r['max_abs_diff_old_log_probs']}" for r in rows]
+
+
+def ratios(rows) -> list[dict]:
+    """The drop-in's speed-up over trl.GRPOTrainer per config (the row's speedup column)."""
+    return [{"config": r["config"], "approach": "prefix_grouper", "baseline": "trl", "metric": "ms per step",
+             "ratio": r["speedup"], "significant": r["speedup_significant"]} for r in rows]
 
 
 def plot(rows, path, where):

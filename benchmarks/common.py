@@ -2,6 +2,7 @@
 equivalence verdicts, CSV/PNG output and ratio summaries."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import functools
@@ -46,8 +47,30 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, whole_steps: bool = False) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup``.
+class Timing(float):
+    """A measured time: its value is the median over the repeats (what tables and plots
+    show), with ``low`` and ``high``, the fastest and slowest repeat, beside it. A float, so
+    arithmetic and formatting treat it as the median."""
+
+    low: float
+    high: float
+
+    def __new__(cls, times: list[float]) -> "Timing":
+        timing = super().__new__(cls, statistics.median(times))
+        timing.low, timing.high = min(times), max(times)
+        return timing
+
+
+def spread(metric: str, timing: float, digits: int = 3) -> dict:
+    """``{metric}_min`` and ``{metric}_max`` columns of a :class:`Timing` (NaN for an
+    unmeasured time, a plain NaN float): the range a ratio's significance is judged on."""
+    low, high = getattr(timing, "low", math.nan), getattr(timing, "high", math.nan)
+    return {f"{metric}_min": f"{low:.{digits}f}", f"{metric}_max": f"{high:.{digits}f}"}
+
+
+def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, whole_steps: bool = False) -> Timing:
+    """Wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup``: the
+    median, with the min and max beside it (:class:`Timing`).
 
     On GPU, kernels are timed by do_bench (its own warm-up and repeat counts, 100 ms of
     calls); ``whole_steps=True`` times calls of 100 ms or more (a model's training step),
@@ -56,7 +79,7 @@ def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, w
     if device.type == "cuda" and not whole_steps:
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return Timing([float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")])
 
     def synchronize():
         if device.type == "cuda":
@@ -71,7 +94,7 @@ def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, w
         fn()
         synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return Timing(times)
 
 
 def peak_extra_mib(fn, device: torch.device) -> float:
@@ -135,18 +158,33 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     return 4 * head_dim * heads * total
 
 
+# CPU timings at 2+ threads flip between runs on a shared machine (OpenMP threads contend
+# with other processes: one shape read 0.22x in 5 of 13 runs at 2 threads); one thread is steady.
+DEFAULT_CPU_THREADS = 1
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_device_arguments(parser) -> None:
     """``--device`` (default: the GPU when there is one) and ``--threads`` (CPU threads for torch)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (1 gives steady timings on a shared or small VM)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help=f"CPU threads for torch (default {DEFAULT_CPU_THREADS} on CPU: steady timings on a "
+                             f"shared or small VM; GPU runs keep torch's default)")
 
 
 def device_of(args) -> torch.device:
-    """The device chosen by :func:`add_device_arguments`'s options, after applying ``--threads``."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return torch.device(args.device)
+    """The device chosen by :func:`add_device_arguments`'s options, after pinning torch's CPU
+    threads: ``--threads``, or :data:`DEFAULT_CPU_THREADS` for a CPU run."""
+    device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or DEFAULT_CPU_THREADS)
+    return device
 
 
 def add_output_arguments(parser, run_name: str) -> None:
@@ -178,6 +216,9 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+PROVENANCE_KEYS = ("device", "versions", "git_commit", "timestamp_utc")
+
+
 def provenance(device: torch.device) -> dict:
     """The columns every benchmark row starts with: where, with what and when it was measured."""
     return {"device": device_name(device), "versions": versions(), "git_commit": git_commit(),
@@ -196,42 +237,81 @@ def table_lines(rows: list[dict], columns: list[tuple]) -> list[str]:
     return lines
 
 
-def ratio_lines(rows: list[dict], *, config: str, approach: str, metric: str, baselines: tuple[str, ...]) -> list[str]:
-    """``"<config>: <approach> 2.31x vs <baseline>"`` for every approach and baseline measured on
-    the same config (``baseline time / approach time``: above 1 is faster than the baseline)."""
-    lines = []
+def ranges_overlap(a: dict, b: dict, metric: str) -> bool:
+    """Whether rows ``a`` and ``b`` have overlapping ``[{metric}_min, {metric}_max]`` ranges
+    (True, "not significant", where either lacks them)."""
+    try:
+        a_low, a_high, b_low, b_high = (float(r[f"{metric}_{end}"]) for r in (a, b) for end in ("min", "max"))
+    except KeyError:
+        return True
+    return not (a_high < b_low or b_high < a_low)
+
+
+def ratios(rows: list[dict], *, config: str, approach: str, metric: str, baselines: tuple[str, ...]) -> list[dict]:
+    """One dict per approach and baseline measured on the same config: ``ratio`` = baseline
+    time / approach time (above 1 is faster than the baseline) and ``significant``, False
+    when the two min-max ranges overlap (the repeats cannot tell them apart)."""
+    found = []
     for name in dict.fromkeys(r[config] for r in rows):
-        times = {r[approach]: float(r[metric]) for r in rows if r[config] == name}
+        measured = {r[approach]: r for r in rows if r[config] == name and math.isfinite(float(r[metric]))}
         for baseline in baselines:
-            if not math.isfinite(times.get(baseline, math.nan)):
+            if baseline not in measured:
                 continue
-            for other, ms in times.items():
-                if other != baseline and math.isfinite(ms):
-                    lines.append(f"{name}: {other} {times[baseline] / ms:.2f}x vs {baseline} ({metric})")
-    return lines
+            for other, row in measured.items():
+                if other != baseline:
+                    found.append({"config": name, "approach": other, "baseline": baseline, "metric": metric,
+                                  "ratio": f"{float(measured[baseline][metric]) / float(row[metric]):.2f}",
+                                  "significant": not ranges_overlap(row, measured[baseline], metric)})
+    return found
+
+
+def ratio_text(ratio: dict) -> str:
+    """``"<config>: <approach> 2.31x vs <baseline> (<metric>)"``, marked when not significant."""
+    text = f"{ratio['config']}: {ratio['approach']} {ratio['ratio']}x vs {ratio['baseline']} ({ratio['metric']})"
+    return text if ratio["significant"] else text + " - not significant: the min-max ranges overlap"
 
 
 def run_suite(suite: str, module, args) -> list[dict]:
     """Run one suite module (``build_parser``'s ``args``) and write its results into the folder
     of :func:`add_output_arguments`' options: ``<suite>_<device>.csv``, every row stamped with
-    :func:`provenance`; ``module.plot(rows, png_path, device name)``'s PNG; and the lines of
-    ``module.summary(rows)``, printed. Returns the rows as ``module.run`` made them.
+    :func:`provenance`; ``<suite>_<device>_ratios.csv``, ``module.ratios(rows)`` (speed-ups
+    and whether each is significant), printed too; ``module.plot(rows, png_path, device
+    name)``'s PNG where matplotlib is installed; and the lines of ``module.summary(rows)``.
+    ``--smoke`` is a plumbing check: it prints and writes no ratios. Returns the rows.
 
     The CSV is rewritten after every row ``module.run`` yields, so a suite stopped by a
     timeout (scripts/gpu_check.sh) keeps the rows it measured."""
+    from prefix_grouper.trainers.metrics import pyplot_or_none
+
     device = device_of(args)
     stem = os.path.join(output_dir(args), f"{suite}_{slug(device_name(device))}")
+    if device.type == "cpu":
+        print(f"{suite}: timing on {torch.get_num_threads()} CPU thread(s) (--threads)", flush=True)
     rows, stamped = [], []
     for row in module.run(args):
         rows.append(row)
         stamped.append({"suite": suite, **provenance(device), **row})
         write_csv(stamped, stem + ".csv")
     stamp = stamped[-1]
-    module.plot(rows, stem + ".png", stamp["device"])
+    written = [stem + ".csv"]
     print(f"\n{suite}: {stamp['device']}; {stamp['versions']}; commit {stamp['git_commit']}")
     for line in module.summary(rows):
         print(f"  {line}")
-    print(f"wrote {stem}.csv and {stem}.png", flush=True)
+    if args.smoke:
+        print("  (--smoke: a plumbing check; no ratios)")
+    else:
+        found = module.ratios(rows)
+        for ratio in found:
+            print(f"  {ratio_text(ratio)}")
+        if found:
+            write_csv([{"suite": suite, **{k: stamp[k] for k in PROVENANCE_KEYS}, **r} for r in found],
+                      stem + "_ratios.csv")
+            written.append(stem + "_ratios.csv")
+    # Everything measured is on disk already: a missing plotting library costs the plot only.
+    if pyplot_or_none(stem + ".png") is not None:
+        module.plot(rows, stem + ".png", stamp["device"])
+        written.append(stem + ".png")
+    print(f"wrote {' and '.join(written)}", flush=True)
     return rows
 
 

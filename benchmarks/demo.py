@@ -27,8 +27,9 @@ from prefix_grouper.attention import resolve_backend
 from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_prefix_attention, unpacked_rows
 
 from . import bench_model
-from .common import (add_output_arguments, bar_chart, device_name, measure_ms, output_dir, report_equivalence,
-                     run_suite, shared_prefix_flops, slug, versions, write_csv)
+from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
+                     output_dir, report_equivalence, run_suite, shared_prefix_flops, slug, spread, versions,
+                     write_csv)
 
 
 def batches(device):
@@ -72,11 +73,11 @@ def check_equivalence(name, layout, q, k, v, backend):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument("--skip-model", action="store_true", help="skip the whole-model part")
     add_output_arguments(parser, "demo")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = device_of(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = output_dir(args)
     print(f"writing results to {out_dir}", flush=True)
@@ -117,21 +118,30 @@ def main():
             "batch": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "backend": backend, "packed_tokens": layout.total_tokens, "unpacked_tokens": layout.unpacked_tokens(),
             "checked_in": checked_in, "max_out_err": f"{out_err:.2e}", "max_grad_err": f"{grad_err:.2e}",
-            **{f"{key}_ms": f"{value:.3f}" for key, value in times.items()},
+            **{column: text for key, value in times.items()
+               for column, text in {f"{key}_ms": f"{value:.3f}", **spread(f"{key}_ms", value)}.items()},
             "speedup_fwd": f"{times['unpacked_fwd'] / times['packed_fwd']:.2f}",
+            "speedup_fwd_significant": separated(times["unpacked_fwd"], times["packed_fwd"]),
             "speedup_fwd_bwd": f"{times['unpacked_fwd_bwd'] / times['packed_fwd_bwd']:.2f}",
+            "speedup_fwd_bwd_significant": separated(times["unpacked_fwd_bwd"], times["packed_fwd_bwd"]),
             "useful_tflops_fwd_bwd": f"{3.5 * flops / times['packed_fwd_bwd'] / 1e9:.3f}",
             "versions": versions(),
         })
     write_results(rows, device, out_dir)
     if not args.skip_model:
-        model_args = bench_model.build_parser().parse_args(["--device", str(device), "--out", out_dir])
+        model_args = bench_model.build_parser().parse_args(["--device", str(device), "--out", out_dir]
+                                                           + (["--threads", str(args.threads)] if args.threads else []))
         for row in run_suite("demo_model", bench_model, model_args):
             # The unpacked rows are the reference; "nan": the approach did not run on this device.
             if row["approach"] != "unpacked" and row["max_abs_logprob_diff_vs_unpacked"] != "nan":
                 report_equivalence(f"whole model, {row['config']}, {row['approach']}, completion log-probs",
                                    float(row["max_abs_logprob_diff_vs_unpacked"]), float(row["logprob_tolerance"]),
                                    row["dtype"])
+
+
+def separated(a, b) -> bool:
+    """Whether two timings' min-max ranges are apart (a ratio of their medians is significant)."""
+    return a.high < b.low or b.high < a.low
 
 
 def write_results(rows, device, out_dir):
@@ -146,7 +156,13 @@ def write_results(rows, device, out_dir):
               f"{str(r['unpacked_tokens']) + ' -> ' + str(r['packed_tokens']):>25}"
               f"{r['max_out_err']:>10}{r['max_grad_err']:>10}"
               f"{r['unpacked_fwd_ms'] + ' / ' + r['packed_fwd_ms']:>25}"
-              f"{r['unpacked_fwd_bwd_ms'] + ' / ' + r['packed_fwd_bwd_ms']:>29}{r['speedup_fwd_bwd'] + 'x':>9}")
+              f"{r['unpacked_fwd_bwd_ms'] + ' / ' + r['packed_fwd_bwd_ms']:>29}{r['speedup_fwd_bwd'] + 'x':>9}"
+              + ("" if r["speedup_fwd_bwd_significant"] else "  not significant: the min-max ranges overlap"))
+    from prefix_grouper.trainers.metrics import pyplot_or_none
+
+    if pyplot_or_none(stem + ".png") is None:
+        print(f"wrote {stem}.csv")
+        return
     series = {label: {r["batch"]: float(r[key]) for r in rows} for key, label in
               [("unpacked_fwd_ms", "unpacked fwd"), ("packed_fwd_ms", "packed fwd"),
                ("unpacked_fwd_bwd_ms", "unpacked fwd+bwd"), ("packed_fwd_bwd_ms", "packed fwd+bwd")]}

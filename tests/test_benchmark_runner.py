@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory):
 
 
 def read_rows(folder, suite):
-    (path,) = folder.glob(f"{suite}_*.csv")
+    (path,) = [p for p in folder.glob(f"{suite}_*.csv") if "_ratios" not in p.name]
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -57,7 +57,7 @@ def test_smoke_run_writes_stamped_csv_and_png(suite, smoke_run):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["timestamp_utc"])
         assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", row["git_commit"])
         assert "torch " in row["versions"]
-    (csv_path,) = folder.glob(f"{suite}_*.csv")
+    (csv_path,) = [p for p in folder.glob(f"{suite}_*.csv") if "_ratios" not in p.name]
     png = csv_path.with_suffix(".png")  # log_probs writes a second one, _memory.png
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {folder}/{suite}_" in printed
@@ -75,7 +75,78 @@ def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
         assert float(rows[name]["step_ms"]) > 0 and rows[name]["note"] == ""
     # 1 prompt of 32 tokens, 2 completions of 8: unpacked 2 * 40 = 80 tokens, packed 48.
     assert rows["unpacked"]["ideal_token_ratio"] == f"{80 / 48:.2f}"
-    assert re.search(r"smoke .*: prefix_grouper [0-9.]+x vs unpacked \(step_ms\)", printed)
+
+
+# Every timed column and the range beside it, per suite (the ratio's significance reads them).
+TIMED_COLUMNS = {"attention": ["fwd_ms", "fwd_bwd_ms"], "advantages": ["ms"], "model": ["step_ms"],
+                 "training": ["rollout_s", "update_s", "step_s"], "log_probs": ["fwd_bwd_ms"],
+                 "trl": ["trl_ms", "prefix_grouper_ms"]}
+
+
+@pytest.mark.parametrize("suite", list(TIMED_COLUMNS))
+def test_every_timed_row_reports_min_median_and_max(suite, smoke_run):
+    folder, _ = smoke_run
+    for row in read_rows(folder, suite):
+        for metric in TIMED_COLUMNS[suite]:
+            low, median, high = (float(row[f"{metric}{end}"]) for end in ("_min", "", "_max"))
+            if median == median:  # NaN: not measured on this device (flex's backward on CPU)
+                assert low <= median <= high, (suite, metric, row)
+
+
+def test_smoke_prints_no_ratios_and_cpu_runs_pin_one_thread(smoke_run):
+    folder, printed = smoke_run
+    assert not re.search(r"[0-9.]+x vs ", printed), "--smoke is a plumbing check: no ratios"
+    assert not list(folder.glob("*_ratios.csv"))
+    assert printed.count("timing on 1 CPU thread(s)") == len(SUITE_COLUMNS)
+    for suite in SUITE_COLUMNS:
+        assert all(r["device"].endswith(", 1 threads)") for r in read_rows(folder, suite))
+
+
+def timed_rows(*timings):
+    """Rows of one config: ``(approach, min, median, max)`` each."""
+    return [{"config": "c", "approach": name, "ms": str(median), "ms_min": str(low), "ms_max": str(high)}
+            for name, low, median, high in timings]
+
+
+def test_a_ratio_whose_ranges_overlap_is_not_significant():
+    from benchmarks.common import ratio_text, ratios
+
+    apart = ratios(timed_rows(("base", 9, 10, 11), ("ours", 4, 5, 6)), config="config", approach="approach",
+                   metric="ms", baselines=("base",))
+    assert apart == [{"config": "c", "approach": "ours", "baseline": "base", "metric": "ms", "ratio": "2.00",
+                      "significant": True}]
+    assert ratio_text(apart[0]) == "c: ours 2.00x vs base (ms)"
+    (overlap,) = ratios(timed_rows(("base", 5, 10, 11), ("ours", 4, 5, 6)), config="config", approach="approach",
+                        metric="ms", baselines=("base",))
+    assert overlap["ratio"] == "2.00" and overlap["significant"] is False
+    assert ratio_text(overlap).endswith("not significant: the min-max ranges overlap")
+
+
+def test_a_timed_run_prints_and_writes_its_ratios_with_their_significance(tmp_path, capsys):
+    import types
+
+    from benchmarks.common import add_device_arguments, add_size_arguments, ratios, run_suite
+
+    parser = run.argparse.ArgumentParser()
+    add_device_arguments(parser)
+    add_size_arguments(parser)
+    parser.add_argument("--out")
+    parser.add_argument("--update-results", action="store_true")
+    module = types.SimpleNamespace(
+        run=lambda args: iter(timed_rows(("base", 9, 10, 11), ("ours", 4, 5, 6), ("close", 8, 9.5, 12))),
+        summary=lambda rows: [],
+        ratios=lambda rows: ratios(rows, config="config", approach="approach", metric="ms", baselines=("base",)),
+        plot=lambda rows, path, where: open(path, "wb").write(b"png"))
+    run_suite("fake", module, parser.parse_args(["--device", "cpu", "--threads", "2", "--out", str(tmp_path)]))
+    printed = capsys.readouterr().out
+    assert "timing on 2 CPU thread(s)" in printed
+    assert "c: ours 2.00x vs base (ms)\n" in printed
+    assert "c: close 1.05x vs base (ms) - not significant: the min-max ranges overlap" in printed
+    (path,) = tmp_path.glob("fake_*_ratios.csv")
+    with open(path, newline="") as f:
+        written = {r["approach"]: r for r in csv.DictReader(f)}
+    assert written["ours"]["significant"] == "True" and written["close"]["significant"] == "False"
+    assert written["ours"]["device"].startswith("CPU") and written["ours"]["timestamp_utc"]
 
 
 def test_a_failing_suite_keeps_its_rows_and_the_others_still_run(tmp_path, monkeypatch, capsys):

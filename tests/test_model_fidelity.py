@@ -28,6 +28,8 @@ from prefix_grouper import GroupLayout  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
 from prefix_grouper.integrations.transformers import attention as attention_module  # noqa: E402
 from prefix_grouper.integrations.transformers import completion_log_probs, install  # noqa: E402
+from prefix_grouper.trainers import TrainConfig, build_trainer  # noqa: E402
+from prefix_grouper.train import verify_equivalence  # noqa: E402
 
 LOG_PROB_TOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
@@ -53,6 +55,9 @@ FAMILIES = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "llama": {},
     "qwen3": {},
+    # Absolute position embeddings: the packed row must feed them the layout's position ids.
+    # Its attention dropout (attn_pdrop 0.1) is off in eval mode.
+    "gpt2": {},
 }
 # What each family's layers pass besides the scale: the features under test.
 FEATURES = {"mistral": ("window",), "qwen2": ("window",), "gemma2": ("softcap", "window"),
@@ -180,3 +185,17 @@ def test_a_window_wider_than_every_row_equals_full_attention():
     assert log_prob_error <= LOG_PROB_TOL and grad_error <= GRAD_RTOL
     unwindowed = eager_rows(build("mistral", sliding_window=None), *batch()[:3])
     assert max((a - e).abs().max().item() for a, e in zip(rows, unwindowed)) <= LOG_PROB_TOL
+
+
+def test_gpt2_trains_with_the_grouped_forward(capsys):
+    """``--model gpt2`` (a tiny GPT-2 from its config, attention dropout 0.1 by default):
+    the trainer turns dropout off, grouped and unpacked updates agree, and steps run."""
+    config = TrainConfig(group_size=4, prompts_per_step=2, beta=0.04, num_iterations=2)
+    trainer = build_trainer("grpo", model="gpt2", config=config)
+    model = trainer.policy.model
+    assert model.config.model_type == "gpt2" and model.config.attn_pdrop == 0.0
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p != 0]
+    assert verify_equivalence(trainer), capsys.readouterr().out
+    for _ in range(2):
+        metrics = trainer.step()
+        assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "reward_mean", "kl"))

@@ -474,8 +474,8 @@ def test_a_mask_with_extra_rules_is_refused():
     token = attention_module.PACKED_CALL.set(attention_module.PackedCall())
     try:
         with pytest.raises(ValueError, match="or_mask_function / and_mask_function"):
-            create_causal_mask(config=model.config, inputs_embeds=torch.zeros(1, 5, 32), attention_mask=None,
-                               cache=None, position_ids=torch.arange(5)[None],
+            # The cache argument, 4th, is past_key_values in transformers 5.10 and cache in 5.24.
+            create_causal_mask(model.config, torch.zeros(1, 5, 32), None, None, position_ids=torch.arange(5)[None],
                                or_mask_function=lambda b, h, q, k: q < 0)
     finally:
         attention_module.PACKED_CALL.reset(token)

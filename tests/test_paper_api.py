@@ -297,6 +297,11 @@ def wrap_attention_like_verl(name, monkeypatch):
 
 # ---------------------------------------------------------------------- differential: the paper's package
 PAPER_REQUIREMENT = "prefix-grouper==0.0.1.post1"
+PROPERTIES = ["prefix_lens", "grouped_suffix_lens", "ungrouped_suffix_lens", "num_samples", "total_lens",
+              "padding_mask", "grouped_prefix_mask", "grouped_suffix_mask", "ungrouped_prefix_mask",
+              "ungrouped_suffix_mask", "prefix_attn_mask", "suffix_attn_mask", "grouped_prefix_indices",
+              "grouped_suffix_indices", "ungrouped_prefix_indices", "ungrouped_suffix_indices", "x_shape",
+              "prefix_x_shape", "suffix_x_shape"]
 
 PAPER_SCRIPT = r'''
 import math, sys
@@ -321,6 +326,7 @@ def eager(q, k, v, mask, *args, scaling=None, **kwargs):
     return (torch.softmax(s, -1) @ v).transpose(1, 2)
 
 data = torch.load(in_path)
+PROPERTIES = data["properties"]
 out = {}
 for name, case in data["cases"].items():
     pg = PrefixGrouper.from_ungrouped_masks(case["prefix_mask"], case["suffix_mask"], case["sizes"],
@@ -335,6 +341,9 @@ for name, case in data["cases"].items():
     r["split1"] = tuple(x.detach() for x in r["split1"])
     r["convert"] = {m: PrefixGrouper.convert_padding(case["suffix"], case["suffix_mask"], padding_mode=m)
                     for m in ("left", "right")}
+    r["properties"] = {name: getattr(pg, name) for name in PROPERTIES}
+    r["ungroup"] = pg.ungroup(case["q"], case["k"], case["v"])
+    r["group"] = pg.group(r["ungroup"][0].transpose(1, 2), r["ungroup"][3].transpose(1, 2))
     q, k, v = (case[x].clone().requires_grad_(True) for x in "qkv")
     o = pg.forward(eager, q, k, v, scaling=case["scale"])
     r["forward"] = o.detach()
@@ -410,7 +419,7 @@ def paper_case(groups, padding_mode, seed):
 def test_paper_package_gives_our_outputs(paper_package, tmp_path):
     cases = {"right": paper_case(GROUPS, "right", 5), "left": paper_case(GROUPS, "left", 6),
              "one_group": paper_case([[5, 2]], "right", 7)}
-    theirs = run_paper(paper_package, tmp_path, {"cases": cases})
+    theirs = run_paper(paper_package, tmp_path, {"cases": cases, "properties": PROPERTIES})
     for name, case in cases.items():
         r = theirs[name]
         pg = PrefixGrouper.from_ungrouped_masks(case["prefix_mask"], case["suffix_mask"], case["sizes"],
@@ -431,6 +440,12 @@ def test_paper_package_gives_our_outputs(paper_package, tmp_path):
         for mode in ("left", "right"):
             assert torch.equal(PrefixGrouper.convert_padding(case["suffix"], case["suffix_mask"], mode),
                                r["convert"][mode])
+        for name in PROPERTIES:  # the mask, index and length attributes verl and ROLL read
+            ours, want = getattr(pg, name), r["properties"][name]
+            assert (torch.equal(ours, want) if isinstance(want, torch.Tensor) else tuple(ours) == tuple(want)), name
+        ungrouped = pg.ungroup(case["q"], case["k"], case["v"])
+        assert all(torch.equal(a, b) for a, b in zip(ungrouped, r["ungroup"])) and len(ungrouped) == 6
+        assert torch.equal(pg.group(ungrouped[0].transpose(1, 2), ungrouped[3].transpose(1, 2)), r["group"])
         q, k, v = (case[x].clone().requires_grad_(True) for x in "qkv")
         o = pg.forward(None, q, k, v, scaling=case["scale"])
         torch.testing.assert_close(o, r["forward"], atol=ATOL, rtol=0)

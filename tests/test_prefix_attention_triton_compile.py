@@ -2,8 +2,8 @@
 
 CI runs the kernels through the interpreter, which accepts code the GPU compiler rejects
 (type changes across loop iterations, layouts tl.dot cannot take); compiling the bf16
-head-dim-128 specialization of every kernel catches those, and the matmul kernels must
-use Hopper's wgmma. Runs in a subprocess because
+head-dim-128 specialization of every kernel, plain and with the window, softcap and sinks
+switched on, catches those, and the matmul kernels must use Hopper's wgmma. Runs in a subprocess because
 compiling needs triton imported without TRITON_INTERPRET.
 """
 import pytest
@@ -20,8 +20,8 @@ from prefix_grouper.attention.triton_bwd import (delta_kernel, dkdv_reduce_kerne
                                                  prefix_attention_dkdv_kernel, prefix_attention_dq_kernel)
 from prefix_grouper.attention.triton_fwd import prefix_attention_fwd_kernel
 
-FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr", "dk_partial_ptr", "dv_partial_ptr"}
-FP32_SCALARS = {"softmax_scale", "qk_scale_log2"}
+FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr", "dk_partial_ptr", "dv_partial_ptr", "sinks_ptr"}
+FP32_SCALARS = {"softmax_scale", "score_scale", "softcap_log2"}
 
 
 def signature(kernel, constants):
@@ -42,14 +42,21 @@ def signature(kernel, constants):
     return types
 
 
+plain = dict(HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_SINKS=False)
+every_feature = dict(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_SINKS=True)
 tile = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, CHECK_DIMS=False, DOT_PRECISION="tf32")
 mha = dict(tile, BLOCK_M=128, TILE_TOKENS=128, HEADS_PER_PROGRAM=1, BLOCK_N=64)
 gqa_6 = dict(tile, BLOCK_M=128, TILE_TOKENS=21, HEADS_PER_PROGRAM=6, BLOCK_N=64)  # 12/2 heads
+dkdv = dict(tile, BLOCK_M=64, BLOCK_N=128)
 for kernel, constants in [
-    (prefix_attention_fwd_kernel, mha),
-    (prefix_attention_fwd_kernel, gqa_6),
-    (prefix_attention_dq_kernel, gqa_6),
-    (prefix_attention_dkdv_kernel, dict(tile, BLOCK_M=64, BLOCK_N=128)),
+    (prefix_attention_fwd_kernel, dict(mha, **plain)),
+    (prefix_attention_fwd_kernel, dict(gqa_6, **plain)),
+    (prefix_attention_dq_kernel, dict(gqa_6, **plain)),
+    (prefix_attention_dkdv_kernel, dict(dkdv, **plain)),
+    (prefix_attention_fwd_kernel, dict(mha, **every_feature)),
+    (prefix_attention_fwd_kernel, dict(mha, HAS_WINDOW=True, HAS_SOFTCAP=False, HAS_SINKS=False)),
+    (prefix_attention_dq_kernel, dict(gqa_6, **every_feature)),
+    (prefix_attention_dkdv_kernel, dict(dkdv, **every_feature)),
     (dkdv_reduce_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_N=128)),
     (delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
 ]:
@@ -67,4 +74,4 @@ print("compiled")
 
 
 def test_attention_kernels_compile_for_sm90():
-    assert_compiles_for_sm90(COMPILE_KERNELS, timeout=400)
+    assert_compiles_for_sm90(COMPILE_KERNELS, timeout=900)

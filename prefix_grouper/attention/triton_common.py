@@ -283,7 +283,7 @@ def walk_windowed_run(
     ``END_MASK``) that a window leaves visible: keys below ``lowest_key`` are hidden from
     every row of the tile, keys from ``lowest_full_key`` on from none. Blocks wholly below
     are skipped, blocks straddling the boundary masked (the diagonal always is)."""
-    first, band_end = window_blocks(run_start, lowest_key, lowest_full_key, BLOCK_N)
+    first, band_end = window_blocks(run_start, run_end, lowest_key, lowest_full_key, BLOCK_N)
     for key_start in range(first, tl.minimum(band_end, mask_from), BLOCK_N):
         state = fold_key_block(state, ctx, key_start, key_end, window_shift, NO_MASK, True, SOFTCAP,
                                CHECK_DIMS, BLOCK_N, DOT_PRECISION)

@@ -46,11 +46,13 @@ def softcapped_scores(dots, score_scale, softcap_log2, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def window_blocks(run_start, lowest_key, lowest_full_key, BLOCK_N: tl.constexpr):
-    """``(first, band_end)`` of a run whose blocks start at ``run_start + n * BLOCK_N``:
-    ``first`` is the block holding ``lowest_key``, the first key any row of the tile sees
-    (earlier blocks are skipped); blocks before ``band_end`` hold a key below
-    ``lowest_full_key``, hidden from some row, and need the window mask."""
+def window_blocks(run_start, run_end, lowest_key, lowest_full_key, BLOCK_N: tl.constexpr):
+    """``(first, band_end)`` of run ``[run_start, run_end)`` whose blocks start at
+    ``run_start + n * BLOCK_N``: ``first`` is the block holding ``lowest_key``, the first key
+    any row of the tile sees (earlier blocks are skipped; ``run_end`` when the run holds no
+    such key); blocks before ``band_end`` hold a key below ``lowest_full_key``, hidden from
+    some row, and need the window mask."""
     first = run_start + (tl.maximum(lowest_key - run_start, 0) // BLOCK_N) * BLOCK_N
+    first = tl.where(lowest_key < run_end, first, run_end)
     band_end = run_start + ((tl.maximum(lowest_full_key - run_start, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     return first, band_end

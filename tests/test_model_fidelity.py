@@ -98,14 +98,14 @@ def loss_of_rows(rows, weights):
     return sum((row * weights[j, :len(row)]).sum() for j, row in enumerate(rows))
 
 
-def grouped_and_eager(family, backend, *, with_grads=True, **overrides):
+def grouped_and_eager(family, backend, *, with_grads=True, fused=False, **overrides):
     """(grouped rows, grouped grads, eager rows, eager grads, parameter names) of one batch."""
     eager = build(family, **overrides)
     grouped = copy.deepcopy(eager)
     install(grouped)
     layout, prompts, completions, weights = batch()
     expected = eager_rows(eager, layout, prompts, completions)
-    log_probs, mask = completion_log_probs(grouped, layout, prompts, completions, backend=backend)
+    log_probs, mask = completion_log_probs(grouped, layout, prompts, completions, backend=backend, fused=fused)
     rows = [log_probs[j, :len(c)] for j, c in enumerate(completions)]
     assert mask.sum().item() == layout.num_completion_tokens
     if not with_grads:
@@ -143,6 +143,14 @@ def test_triton_backend_equals_the_familys_eager_attention(family):
     if "triton" not in available_backends("cpu"):
         pytest.skip("Triton is not available")
     log_prob_error, grad_error, where = max_errors(*grouped_and_eager(family, "triton"))
+    assert log_prob_error <= LOG_PROB_TOL, f"{family}: log-prob error {log_prob_error:.3g}"
+    assert grad_error <= GRAD_RTOL, f"{family}: gradient error {grad_error:.3g} (relative) at {where}"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gpt_oss"])
+def test_fused_head_path_honors_the_layer_settings(family):
+    """fused=True runs the model's body (get_decoder()) on the packed row: the same attention."""
+    log_prob_error, grad_error, where = max_errors(*grouped_and_eager(family, "torch", fused=True))
     assert log_prob_error <= LOG_PROB_TOL, f"{family}: log-prob error {log_prob_error:.3g}"
     assert grad_error <= GRAD_RTOL, f"{family}: gradient error {grad_error:.3g} (relative) at {where}"
 

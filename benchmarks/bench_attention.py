@@ -69,6 +69,19 @@ CPU_CONFIGS = [  # smallest first: --quick runs only the first
     ("P512 S64 G8", [512], [[64] * 8], 8, 8, 64),
 ]
 SMOKE_CONFIGS = [("smoke P64 S16 G2 GQA", [64], [[16] * 2], 4, 2, 16)]
+# Model features (issue 15): an optional 7th entry of prefix_attention keywords, ``sinks``
+# True for random [Hq] sinks. Only this package's backends implement them, so only they
+# run, and TFLOP/s count only the work a window leaves visible: a window that skips the
+# hidden key blocks keeps the TFLOP/s of the full pattern at a lower time.
+FEATURE_GPU_CONFIGS = [
+    ("P8192 S512 G8 no window", [8192], [[512] * 8], 16, 16, 128, {"window": None}),
+    ("P8192 S512 G8 window 4096", [8192], [[512] * 8], 16, 16, 128, {"window": 4096}),
+    ("P8192 S512 G8 window 1024", [8192], [[512] * 8], 16, 16, 128, {"window": 1024}),
+    ("P8192 S512 G8 softcap 50", [8192], [[512] * 8], 16, 16, 128, {"softcap": 50.0}),
+    ("P8192 S512 G8 sinks", [8192], [[512] * 8], 16, 16, 128, {"sinks": True}),
+]
+FEATURE_SMOKE_CONFIGS = [("smoke window softcap sinks", [64], [[16] * 2], 4, 2, 16,
+                          {"window": 24, "softcap": 20.0, "sinks": True})]
 BASELINES = ("unpacked", "flex")
 
 
@@ -133,9 +146,25 @@ def make_flex(layout):
     return run
 
 
-def approaches(layout, device, wanted=None):
-    """``{name: Approach}`` for this layout and device (only the names in ``wanted``, if given)."""
+def visible_flops(layout, heads, head_dim, window=None):
+    """:func:`shared_prefix_flops`, or with a window only the visible pairs' FLOPs (4 d per
+    query-key pair and head): a query at position i sees min(i + 1, window) keys."""
+    if window is None:
+        return shared_prefix_flops(layout, heads, head_dim)
+    visible = (layout.position_ids + 1).clamp(max=window).sum().item()
+    return 4 * head_dim * heads * visible
+
+
+def approaches(layout, device, wanted=None, features=None):
+    """``{name: Approach}`` for this layout and device (only the names in ``wanted``, if given);
+    with ``features`` (prefix_attention keywords), only this package's backends."""
     packed = lambda q, k, v: (q, k, v)  # noqa: E731
+    if features:
+        return {backend: Approach(packed, (lambda b: lambda q, k, v: prefix_attention(
+                    q, k, v, layout, backend=b, **features))(backend))
+                for backend in available_backends(device)
+                if backend != "reference" and not (backend == "triton" and device.type != "cuda")
+                and (wanted is None or backend in wanted)}
     rows = lambda q, k, v: tuple(unpacked_rows(x, layout)[0] for x in (q, k, v))  # noqa: E731
     makers = {"unpacked": lambda: Approach(rows, unpacked_attention_rows)}
     if layout.num_groups == 1 and len(set(layout.suffix_lens_list)) == 1:
@@ -199,18 +228,21 @@ def warm_then_time(fn, device, repeats):
     return first, warmup_s, ms, compilations() != before
 
 
-def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeats):
+def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeats, features=None):
     layout = GroupLayout.from_lengths(prefix, suffix, device=device)
     t = layout.total_tokens
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(t, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
-    flops = shared_prefix_flops(layout, hq, d)
-    ours = prefix_attention(q, k, v, layout)[layout.completion_positions()].float()
+    features = dict(features or {})
+    if features.pop("sinks", False):
+        features["sinks"] = torch.randn(hq, device=device, generator=gen)
+    flops = visible_flops(layout, hq, d, features.get("window"))
+    ours = prefix_attention(q, k, v, layout, **features)[layout.completion_positions()].float()
     # Outputs are O(1) (softmax-weighted averages of unit-normal values): a few ulps of the
     # dtype after rounding, not a mask or position error (which moves them by ~0.1).
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
     rows = []
-    for approach, provider in approaches(layout, device, wanted).items():
+    for approach, provider in approaches(layout, device, wanted, features).items():
         inputs = provider.prepare(q, k, v)
         leaves = [x.detach().requires_grad_() for x in inputs]
 
@@ -269,7 +301,8 @@ def build_parser():
 
 def run(args) -> Iterator[dict]:
     """One row per config and approach for :func:`build_parser`'s options, each as soon as measured."""
-    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS, cpu=CPU_CONFIGS, smoke=SMOKE_CONFIGS)
+    device, dtype, configs = suite_setup(args, gpu=GPU_CONFIGS + FEATURE_GPU_CONFIGS, cpu=CPU_CONFIGS,
+                                         smoke=SMOKE_CONFIGS + FEATURE_SMOKE_CONFIGS)
     if args.configs:
         unknown = set(args.configs) - {c[0] for c in configs}
         if unknown:
@@ -277,7 +310,9 @@ def run(args) -> Iterator[dict]:
         configs = [c for c in configs if c[0] in args.configs]
     measured = 0
     for config in tqdm(configs, desc="attention configs"):
-        for row in bench_config(*config, device, dtype, args.approaches, repeats_of(args)):
+        name, prefix, suffix, hq, hkv, d, *features = config
+        for row in bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, args.approaches, repeats_of(args),
+                                *features):
             measured += 1
             yield row
     if not measured:

@@ -326,7 +326,7 @@ def eager(q, k, v, mask, *args, scaling=None, **kwargs):
     return (torch.softmax(s, -1) @ v).transpose(1, 2)
 
 data = torch.load(in_path)
-PROPERTIES = data["properties"]
+PROPERTIES = data.get("properties", [])
 out = {}
 for name, case in data["cases"].items():
     pg = PrefixGrouper.from_ungrouped_masks(case["prefix_mask"], case["suffix_mask"], case["sizes"],

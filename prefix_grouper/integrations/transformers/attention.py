@@ -32,7 +32,7 @@ _FALLBACK_SEPARATOR = "+"
 
 # Keywords that reach the attention function (a model call's keywords travel down to every
 # attention layer) and change nothing prefix_attention computes, as checked in the modeling
-# files of transformers 5.24 for Llama, Qwen2/3, Mistral, Gemma 2/3, gpt-oss and GPT-2:
+# files of transformers 5.10.4 and 5.24 for Llama, Qwen2/3, Mistral, Gemma 2/3, gpt-oss, GPT-2:
 # position ids (the rotary embeddings already used them; the layout carries the packed
 # row's own), the cache switch (a packed call runs without a cache), and the MoE router's
 # output switch. Keywords that describe another packing (cu_seq_lens_*, max_length_*) are
@@ -49,10 +49,10 @@ _ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs
 
 @dataclass
 class PackedCall:
-    """What one packed model call saw: the attention layers that ran prefix_attention with
-    their windows, and the local (sliding or chunked) mask sizes the model asked for."""
-    windows: list = field(default_factory=list)
-    mask_local_sizes: set = field(default_factory=set)
+    """What one packed model call saw: the window (or None) of every attention call that ran
+    prefix_attention, and the local (sliding or chunked) mask sizes the model asked for."""
+    windows: list[int | None] = field(default_factory=list)
+    mask_local_sizes: set[int] = field(default_factory=set)
 
     def check(self, model) -> None:
         """Refuse a call in which the packed row went through attention prefix_grouper did not run,

@@ -12,7 +12,6 @@ difference in attention can become a 1-ulp float32 difference after a norm.
 """
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -27,7 +26,6 @@ from prefix_grouper.utils import batch_repeat_cat
 ATOL = 1e-10
 MODEL_TOL = 1e-5
 GROUPS = [[7, 3, 5], [1, 4], [12, 1, 0, 2]]  # ragged, G = 1, an empty completion, a 1-token prefix
-HERE = pathlib.Path(__file__).parent
 
 
 def masks_for(groups, generator):
@@ -100,6 +98,11 @@ def test_forward_equals_per_sequence_attention(padding_mode, heads):
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert pg.layout() is pg.layout()  # built once per instance and device
+
+    def never_called(*args, **kwargs):
+        raise AssertionError("attn_func must not be called")
+
+    assert torch.equal(AttentionForward(never_called)(pg, q, k, v, scaling=0.37), out)
 
 
 def test_forward_passes_window_softcap_sinks():

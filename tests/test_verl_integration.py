@@ -11,7 +11,6 @@
 A tiny Qwen2 in float64; 1e-5 tolerance (Qwen2's RMSNorm rounds to float32 internally).
 """
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap

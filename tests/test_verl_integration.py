@@ -159,7 +159,10 @@ def make_engine(model, group_size, monkeypatch):
     """A PrefixGrouperFSDPEngine around a plain module on CPU (no FSDP, one gloo process)."""
     from verl.workers.engine.fsdp import transformer_impl
 
+    from verl.workers.engine import EngineRegistry
+
     engine_cls = pg_verl.activate()
+    assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is engine_cls  # it overrides verl's
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")

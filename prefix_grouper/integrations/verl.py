@@ -15,6 +15,11 @@ only wraps ``ActorConfig.__post_init__``; an actor config built with
   completions) with :func:`prefix_grouper.prefix_attention`, and returns verl's
   per-token log-probs (and entropies) on the unpadded sequences.
 
+Launch: ``actor_rollout_ref.actor.use_prefix_grouper=True trainer.balance_batch=False`` (the
+v1 trainer's balancing reorders single samples over ranks and would split groups; without
+it each rank gets a contiguous slice of whole groups when the prompts per step divide by
+the data-parallel size).
+
 Refused loudly, never ignored: Ulysses sequence parallelism (it bypasses custom attention),
 fused kernels, multi-modal inputs, 3-D (mrope) position ids, per-sample temperatures,
 batches whose groups are not whole or not all of ``rollout.n`` completions. A failed
@@ -128,8 +133,9 @@ def check_whole_groups(micro_batch_or_data, group_size: int) -> None:
     sizes = group_sizes_of(list(micro_batch_or_data["input_ids"].unbind()), prompt_lengths(micro_batch_or_data))
     if any(s != group_size for s in sizes):
         raise ValueError(f"use_prefix_grouper=True needs whole groups of rollout.n={group_size} consecutive samples "
-                         f"with one prompt on every rank, got group sizes {sizes}: keep the batch in prompt order "
-                         f"and make the number of prompts per step divisible by the data-parallel size")
+                         f"with one prompt on every rank, got group sizes {sizes}: set trainer.balance_batch=False "
+                         f"(verl 0.9.1's v1 trainer balances single samples over ranks, splitting groups) and make "
+                         f"data.train_batch_size (prompts per step) divisible by the data-parallel size")
 
 
 def check_engine_config(engine_config) -> None:

@@ -28,7 +28,7 @@ from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_prefix_att
 
 from . import bench_model
 from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
-                     output_dir, report_equivalence, run_suite, shared_prefix_flops, slug, spread, versions,
+                     output_dir, provenance, report_equivalence, run_suite, shared_prefix_flops, slug, spread, versions,
                      write_csv)
 
 
@@ -115,7 +115,7 @@ def main():
                   ("unpacked_fwd_bwd", unpacked_fwd_bwd), ("packed_fwd_bwd", packed_fwd_bwd)]}
         flops = shared_prefix_flops(layout, hq, d)
         rows.append({
-            "batch": name, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "suite": "demo", **provenance(device), "batch": name, "dtype": str(dtype).replace("torch.", ""),
             "backend": backend, "packed_tokens": layout.total_tokens, "unpacked_tokens": layout.unpacked_tokens(),
             "checked_in": checked_in, "max_out_err": f"{out_err:.2e}", "max_grad_err": f"{grad_err:.2e}",
             **{column: text for key, value in times.items()
@@ -125,7 +125,6 @@ def main():
             "speedup_fwd_bwd": f"{times['unpacked_fwd_bwd'] / times['packed_fwd_bwd']:.2f}",
             "speedup_fwd_bwd_significant": separated(times["unpacked_fwd_bwd"], times["packed_fwd_bwd"]),
             "useful_tflops_fwd_bwd": f"{3.5 * flops / times['packed_fwd_bwd'] / 1e9:.3f}",
-            "versions": versions(),
         })
     write_results(rows, device, out_dir)
     if not args.skip_model:

@@ -27,7 +27,8 @@ import time
 import traceback
 
 from . import bench_advantages, bench_attention, bench_log_probs, bench_model, bench_training, bench_trl
-from .common import RUNS_DIR, add_device_arguments, add_size_arguments, run_suite
+from .common import (RUNS_DIR, add_device_arguments, add_size_arguments, device_name, device_of, provenance,
+                     run_suite, slug, write_csv)
 
 SUITES = {"attention": bench_attention, "advantages": bench_advantages, "model": bench_model,
           "training": bench_training, "log_probs": bench_log_probs, "trl": bench_trl}
@@ -67,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds[name] = time.perf_counter() - start
     print("\nseconds per suite: " + ", ".join(f"{name} {s:.0f}" for name, s in seconds.items())
           + f"; total {sum(seconds.values()):.0f}")
+    # The run's own wall times, stamped like every row: what a README may quote of the run.
+    device = device_of(args)
+    stamp = provenance(device)
+    size = "quick" if args.quick else "smoke" if args.smoke else "full"
+    write_csv([{"suite": name, **stamp, "size": size, "seconds": f"{s:.1f}", "failed": name in failed}
+               for name, s in seconds.items()] + [{"suite": "total", **stamp, "size": size,
+                                                   "seconds": f"{sum(seconds.values()):.1f}", "failed": bool(failed)}],
+              os.path.join(args.out, f"run_{slug(device_name(device))}.csv"))
     if failed:
         print(f"FAILED: {', '.join(failed)} (tracebacks above)")
     return 1 if failed else 0

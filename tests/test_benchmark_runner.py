@@ -193,3 +193,11 @@ def test_flex_grouped_model_matches_the_unpacked_rows_forward():
     assert torch.equal(got_mask, mask)
     # float32, 2 layers: the layouts differ only in summation order (measured 0.0 here).
     assert (got - want)[mask].abs().max().item() <= 1e-5
+
+
+def test_the_runner_writes_its_wall_times(smoke_run):
+    folder, _ = smoke_run
+    rows = read_rows(folder, "run")
+    assert [r["suite"] for r in rows] == [*SUITE_COLUMNS, "total"]
+    assert all(r["size"] == "smoke" and r["failed"] == "False" and r["timestamp_utc"] for r in rows)
+    assert abs(sum(float(r["seconds"]) for r in rows[:-1]) - float(rows[-1]["seconds"])) < 0.5

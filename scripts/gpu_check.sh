@@ -15,7 +15,7 @@
 #   scripts/gpu_probe.py: bf16 vs fp64 against PyTorch's
 #     own bf16 error, features, repeatability, host sync   PROBE_S=90
 #   compute-sanitizer on the CUDA advantage op             SANITIZER_S=30
-#   attention suite                                        ATTENTION_S=150
+#   attention suite (the configs with targets)             ATTENTION_S=150
 #   model suite (1.5B shape first)                         MODEL_S=130
 #   log_probs and advantages at --quick                    QUICK_SUITES_S=40
 #   GPU test files (triton attention, fused log-probs)     TESTS_S=60
@@ -57,7 +57,11 @@ from prefix_grouper.advantages import grpo_advantages
 r = torch.randn(97, device='cuda', dtype=torch.float64)
 g = torch.arange(97, device='cuda') // 7
 print(grpo_advantages(r, g, backend='cuda').abs().sum().item())"
-step "attention suite" "${ATTENTION_S:-150}" python3 -m benchmarks.run --suite attention
+# The configs that carry targets first (the whole suite does not fit beside the others).
+step "attention suite" "${ATTENTION_S:-150}" python3 -m benchmarks.bench_attention --out runs/bench --configs \
+  "P4096 S512 G8" "Qwen2.5-1.5B attn P4096 S256 G8" "Qwen2.5-0.5B attn P4096 S256 G8" "ragged GQA 4 groups" \
+  "P8192 S512 G8 no window" "P8192 S512 G8 window 4096" "P8192 S512 G8 window 1024" \
+  "P8192 S512 G8 softcap 50" "P8192 S512 G8 sinks"
 step "model suite" "${MODEL_S:-130}" python3 -m benchmarks.run --suite model
 step "quick suites" "${QUICK_SUITES_S:-40}" python3 -m benchmarks.run --quick --suite log_probs advantages
 step "GPU tests" "${TESTS_S:-60}" python3 -m pytest -q -x -rs -p no:cacheprovider \

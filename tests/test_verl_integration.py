@@ -250,10 +250,82 @@ def test_verl_plugins_entry_point_loads(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: prefix-grouper-verl-plugin-test\nVersion: 0\n")
     (dist / "entry_points.txt").write_text("[verl.plugins]\nprefix_grouper = prefix_grouper.integrations.verl\n")
     script = ("import verl\nfrom verl.workers.config.actor import ActorConfig\n"
-              "assert getattr(ActorConfig.__post_init__, 'prefix_grouper_hook', False), 'plugin not loaded'\n")
+              "assert getattr(ActorConfig.__post_init__, 'prefix_grouper_hook', False), 'plugin not loaded'\n"
+              "import sys\n"  # the v1 trainer (it needs transfer_queue) is patched when imported
+              "assert any(type(f).__name__ == '_PatchTrainerOnImport' for f in sys.meta_path), 'no trainer hook'\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_balanced_group_order_gives_ranks_whole_groups():
+    g = torch.Generator().manual_seed(4)
+    uids = [f"uid{b}" for b in range(6)]
+    keys = [f"{u}_{session}_0" for session in range(3) for u in uids]  # samples of a prompt are not adjacent
+    seq_lens = torch.randint(5, 200, (len(keys),), generator=g).tolist()
+    order = pg_verl.balanced_group_order(keys, seq_lens, dp_size=2, group_size=3)
+    assert sorted(order) == list(range(len(keys)))
+    loads = []
+    for rank in range(2):
+        part = [keys[i] for i in order[rank * 9:(rank + 1) * 9]]
+        prompts = [k.split("_")[0] for k in part]
+        assert all(prompts[i:i + 3] == [prompts[i]] * 3 for i in range(0, 9, 3))  # whole, contiguous groups
+        loads.append(sum(seq_lens[i] for i in order[rank * 9:(rank + 1) * 9]))
+    group_tokens = [sum(seq_lens[i] for i, k in enumerate(keys) if k.startswith(u + "_")) for u in uids]
+    assert abs(loads[0] - loads[1]) <= max(group_tokens)
+    with pytest.raises(ValueError, match="rollout.n=3"):
+        pg_verl.balanced_group_order(keys[:-1], seq_lens[:-1], dp_size=2, group_size=3)
+    with pytest.raises(ValueError, match="divide by the data-parallel size 4"):
+        pg_verl.balanced_group_order(keys, seq_lens, dp_size=4, group_size=3)
+
+
+def test_trainer_module_is_patched_on_import(tmp_path, monkeypatch):
+    (tmp_path / "fake_verl_trainer_base.py").write_text(
+        "class PPOTrainer:\n    def _balance_batch(self, batch, metrics, logging_prefix='', keep_minibatch=False):\n"
+        "        return batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(pg_verl, "_TRAINER_MODULE", "fake_verl_trainer_base")
+    pg_verl.install_trainer_hook()
+    import fake_verl_trainer_base
+
+    assert fake_verl_trainer_base.PPOTrainer._balance_batch.prefix_grouper_hook
+    assert not any(isinstance(f, pg_verl._PatchTrainerOnImport) for f in sys.meta_path)  # removed itself
+    monkeypatch.delitem(sys.modules, "fake_verl_trainer_base")
+
+
+def test_patched_trainer_balances_groups_only_when_asked():
+    class Batch:
+        def __init__(self, keys):
+            self.keys, self.tags = list(keys), [{"seq_len": 10 + i} for i in range(len(keys))]
+
+        def __len__(self):
+            return len(self.keys)
+
+        def reorder(self, order):
+            self.keys, self.tags = [self.keys[i] for i in order], [self.tags[i] for i in order]
+
+    class Trainer:
+        def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+            return "original"
+
+        def _get_required_batch_multiple(self, dp_size):
+            return dp_size * 2
+
+    pg_verl.patch_trainer(Trainer)
+    pg_verl.patch_trainer(Trainer)  # idempotent
+    trainer = Trainer()
+    workers = types.SimpleNamespace(_dispatch_info={}, _query_dispatch_info=lambda role: [0, 1])
+    actor = {"use_prefix_grouper": False}
+    trainer.config = types.SimpleNamespace(actor_rollout_ref=types.SimpleNamespace(
+        actor=actor, rollout=types.SimpleNamespace(n=2)))
+    trainer.actor_rollout_wg = workers
+    keys = [f"u{b}_{s}_0" for s in range(2) for b in range(4)]
+    assert trainer._balance_batch(Batch(keys), {}) == "original"
+    actor["use_prefix_grouper"] = True
+    batch = trainer._balance_batch(Batch(keys), {})
+    assert [k.split("_")[0] for k in batch.keys[::2]] == [k.split("_")[0] for k in batch.keys[1::2]]
+    with pytest.raises(ValueError, match="without synthetic padding"):
+        trainer._balance_batch(Batch(keys[:6]), {})
 
 
 EQUAL_COUNTS = textwrap.dedent('''

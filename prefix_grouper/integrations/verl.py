@@ -15,10 +15,10 @@ only wraps ``ActorConfig.__post_init__``; an actor config built with
   completions) with :func:`prefix_grouper.prefix_attention`, and returns verl's
   per-token log-probs (and entropies) on the unpadded sequences.
 
-Launch: ``actor_rollout_ref.actor.use_prefix_grouper=True trainer.balance_batch=False`` (the
-v1 trainer's balancing reorders single samples over ranks and would split groups; without
-it each rank gets a contiguous slice of whole groups when the prompts per step divide by
-the data-parallel size).
+* The v1 trainer's ``PPOTrainer._balance_batch``, which reorders single samples over
+  data-parallel ranks, is wrapped (when its module is imported): with
+  ``use_prefix_grouper=True`` it places whole groups (samples whose TransferQueue keys
+  share the prompt uid) on the ranks, the same number per rank, token workloads balanced.
 
 Refused loudly, never ignored: Ulysses sequence parallelism (it bypasses custom attention),
 fused kernels, multi-modal inputs, 3-D (mrope) position ids, per-sample temperatures,
@@ -29,7 +29,10 @@ FSDP engine does, every rank runs the same number of them (FSDP2 hangs otherwise
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
+import sys
 
 import torch
 
@@ -37,8 +40,8 @@ from ..layout import GroupLayout
 from .transformers import token_log_probs
 from .transformers.forward import _packed_forward
 
-__all__ = ["ENGINE_FLAG", "PrefixGrouperFSDPEngine", "activate", "group_sizes_of", "micro_batch_layout",
-           "prompt_lengths", "sequence_values"]
+__all__ = ["ENGINE_FLAG", "PrefixGrouperFSDPEngine", "activate", "balanced_group_order", "group_sizes_of",
+           "micro_batch_layout", "patch_trainer", "prompt_lengths", "sequence_values"]
 
 ENGINE_FLAG = "prefix_grouper_group_size"  # set on the actor's engine config: rollout.n
 _log = logging.getLogger(__name__)
@@ -133,9 +136,10 @@ def check_whole_groups(micro_batch_or_data, group_size: int) -> None:
     sizes = group_sizes_of(list(micro_batch_or_data["input_ids"].unbind()), prompt_lengths(micro_batch_or_data))
     if any(s != group_size for s in sizes):
         raise ValueError(f"use_prefix_grouper=True needs whole groups of rollout.n={group_size} consecutive samples "
-                         f"with one prompt on every rank, got group sizes {sizes}: set trainer.balance_batch=False "
-                         f"(verl 0.9.1's v1 trainer balances single samples over ranks, splitting groups) and make "
-                         f"data.train_batch_size (prompts per step) divisible by the data-parallel size")
+                         f"with one prompt on every rank and in every mini-batch, got group sizes {sizes}: make "
+                         f"data.train_batch_size and actor.ppo_mini_batch_size (prompts) divisible by the "
+                         f"data-parallel size, and keep every prompt's rollout.n samples (no filtering, one "
+                         f"trajectory per sample)")
 
 
 def check_engine_config(engine_config) -> None:
@@ -162,6 +166,94 @@ def check_micro_batch(micro_batch, temperature) -> float:
             raise ValueError("use_prefix_grouper=True needs one temperature for the whole micro-batch")
         temperature = float(temperature.reshape(-1)[0])
     return float(temperature)
+
+
+# ---------------------------------------------------------------------- the trainer's balancing
+def balanced_group_order(keys: list, seq_lens: list[int], dp_size: int, group_size: int) -> list[int]:
+    """Sample order giving every data-parallel rank (an equal, contiguous slice) whole groups.
+
+    Samples are grouped by prompt uid, the part of their TransferQueue key
+    (``{uid}_{session}_{index}``) before the first ``_``; each rank gets ``groups / dp_size``
+    groups, chosen greedily (heaviest group first, to the least loaded rank with room) to
+    balance the ranks' token counts. A group keeps its samples in their order.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(str(key).split("_", 1)[0], []).append(i)
+    sizes = sorted({len(members) for members in groups.values()})
+    if sizes != [group_size]:
+        raise ValueError(f"use_prefix_grouper=True needs every prompt's rollout.n={group_size} samples in the batch, "
+                         f"got groups of {sizes} samples")
+    if len(groups) % dp_size:
+        raise ValueError(f"use_prefix_grouper=True needs the {len(groups)} prompts of a step to divide by the "
+                         f"data-parallel size {dp_size}, so that every rank holds whole groups")
+    members = list(groups.values())
+    tokens = [sum(seq_lens[i] for i in m) for m in members]
+    per_rank, ranks, loads = len(members) // dp_size, [[] for _ in range(dp_size)], [0] * dp_size
+    for g in sorted(range(len(members)), key=lambda g: -tokens[g]):
+        rank = min((r for r in range(dp_size) if len(ranks[r]) < per_rank), key=lambda r: loads[r])
+        ranks[rank].append(g)
+        loads[rank] += tokens[g]
+    return [i for rank in ranks for g in sorted(rank) for i in members[g]]
+
+
+def patch_trainer(trainer_cls) -> None:
+    """Wrap ``trainer_cls._balance_batch`` (verl's v1 ``PPOTrainer``) to balance whole groups
+    when ``actor_rollout_ref.actor.use_prefix_grouper`` is set (idempotent)."""
+    original = trainer_cls._balance_batch
+    if getattr(original, "prefix_grouper_hook", False):
+        return
+
+    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        if not self.config.actor_rollout_ref.actor.get("use_prefix_grouper", False):
+            return original(self, batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+        workers = self.actor_rollout_wg
+        if "actor" not in workers._dispatch_info:
+            workers._dispatch_info["actor"] = workers._query_dispatch_info("actor")
+        dp_size = max(workers._dispatch_info["actor"]) + 1
+        multiple = self._get_required_batch_multiple(dp_size)
+        if len(batch) % multiple:
+            # verl would append synthetic samples, which form no group of rollout.n.
+            raise ValueError(f"use_prefix_grouper=True: the batch of {len(batch)} samples must divide by {multiple} "
+                             f"(data-parallel size and mini-batch samples) without synthetic padding samples")
+        order = balanced_group_order(batch.keys, [tag["seq_len"] for tag in batch.tags], dp_size,
+                                     int(self.config.actor_rollout_ref.rollout.n))
+        batch.reorder(order)
+        return batch
+
+    _balance_batch.prefix_grouper_hook = True
+    trainer_cls._balance_batch = _balance_batch
+
+
+_TRAINER_MODULE = "verl.trainer.ppo.v1.trainer_base"
+
+
+class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):
+    """Patches verl's v1 trainer when its module is first imported (the plugin loads with
+    ``import verl``, before the trainer, which it should not import itself)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _TRAINER_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch_trainer(module.PPOTrainer)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install_trainer_hook() -> None:
+    if _TRAINER_MODULE in sys.modules:
+        patch_trainer(sys.modules[_TRAINER_MODULE].PPOTrainer)
+    elif not any(isinstance(finder, _PatchTrainerOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchTrainerOnImport())
 
 
 # ---------------------------------------------------------------------- the engine
@@ -272,6 +364,7 @@ def _load_plugin() -> None:
     """The entry point's work: never raises (verl would hide it), records what failed."""
     try:
         install_config_hook()
+        install_trainer_hook()
     except Exception as error:  # recorded for on_actor_config, and said loudly now
         _state["error"] = error
         _log.error("prefix_grouper's verl plugin failed to load (use_prefix_grouper=True will not work): %r", error)

@@ -159,13 +159,21 @@ def test_fused_head_path_honors_the_layer_settings(family):
 def test_dropping_a_layer_setting_is_caught(family, feature, monkeypatch):
     """Each feature under test changes these log-probs far beyond the tolerance: the
     integration before it passed each layer's settings through fails these tests."""
-    settings = attention_module._layer_settings
-    monkeypatch.setattr(attention_module, "_layer_settings",
-                        lambda module, kwargs: {**settings(module, kwargs), feature: None})
-    # The mask check would refuse the windowless run first; this test is about the numbers.
-    monkeypatch.setattr(attention_module.PackedCall, "check", lambda self, model: None)
+    attention = attention_module.prefix_attention
+    monkeypatch.setattr(attention_module, "prefix_attention",
+                        lambda *args, **kwargs: attention(*args, **{**kwargs, feature: None}))
     log_prob_error, _, _ = max_errors(*grouped_and_eager(family, "reference", with_grads=False))
     assert log_prob_error > 100 * LOG_PROB_TOL, f"{family} without its {feature}: {log_prob_error:.3g}"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gpt_oss"])
+def test_a_model_whose_layers_are_all_full_ignores_its_unused_sliding_mask(family):
+    """These families build a sliding-window mask whatever their layer types; with every
+    layer on full attention no layer receives it, and nothing slides."""
+    layers = SHAPE["num_hidden_layers"] if family != "gemma3_text" else 4
+    log_prob_error, grad_error, where = max_errors(
+        *grouped_and_eager(family, "reference", layer_types=["full_attention"] * layers))
+    assert log_prob_error <= LOG_PROB_TOL and grad_error <= GRAD_RTOL, (log_prob_error, grad_error, where)
 
 
 def test_sliding_layers_are_read_per_call():

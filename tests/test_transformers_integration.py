@@ -460,7 +460,8 @@ def test_a_sliding_mask_that_no_layer_receives_is_refused():
     model = tiny_model(use_sliding_window=True, sliding_window=4, max_window_layers=1)
     for layer in model.model.layers:
         layer.self_attn.sliding_window = None
-    with pytest.raises(ValueError, match=r"built a local attention mask of size \[4\].*sliding_window=4"):
+    with pytest.raises(ValueError, match=r"Qwen2Attention was given a local attention mask of size 4 \(a sliding "
+                                         r"window or chunked attention\) but passed sliding_window=None"):
         packed_call(model)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,23 +49,23 @@ _ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs
 
 @dataclass
 class PackedCall:
-    """What one packed model call saw: the window (or None) of every attention call that ran
-    prefix_attention, and the local (sliding or chunked) mask sizes the model asked for."""
-    windows: list[int | None] = field(default_factory=list)
-    mask_local_sizes: set[int] = field(default_factory=set)
+    """One packed model call: how many attention calls ran prefix_attention in it."""
+    attention_calls: int = 0
 
     def check(self, model) -> None:
-        """Refuse a call in which the packed row went through attention prefix_grouper did not run,
-        or whose model built a local mask that no attention layer received as its window."""
-        if not self.windows:
+        """Refuse a call in which the packed row went through attention prefix_grouper did not run."""
+        if not self.attention_calls:
             raise RuntimeError(f"no attention layer of {type(model).__name__} ran prefix_grouper's attention: the "
                                f"packed row went through plain causal attention, and its log-probs would be wrong")
-        missing = sorted(size for size in self.mask_local_sizes if size not in self.windows)
-        if missing:
-            raise ValueError(f"{type(model).__name__} built a local attention mask of size {missing} (a sliding "
-                             f"window or chunked attention) but passed no attention layer sliding_window="
-                             f"{missing[0]}: prefix_grouper cannot tell which layers that mask applies to, and "
-                             f"would compute full attention there")
+
+
+@dataclass(frozen=True)
+class LocalMask:
+    """The mask :func:`prefix_grouper_mask` gives a packed call's sliding-window (or chunked)
+    layers in place of a dense one: its size, which the layer's own ``sliding_window`` must
+    equal. A model that builds such a mask but does not pass its layer the window (or
+    builds a chunked mask, which no window expresses) is refused instead of attending fully."""
+    size: int
 
 
 # Set by the packed forward for the duration of its model (or body) call.
@@ -176,18 +176,24 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"{LAYOUT_KWARG} must be a GroupLayout, got {type(layout).__name__}")
     _check_head_first(query, key, value, layout.total_tokens)
-    if attention_mask is not None:
+    if dropout and module.training:
+        raise _dropout_error(module, dropout)
+    settings = _layer_settings(module, kwargs)
+    if isinstance(attention_mask, LocalMask):
+        if settings["window"] != attention_mask.size:
+            raise ValueError(
+                f"{type(module).__name__} was given a local attention mask of size {attention_mask.size} (a sliding "
+                f"window or chunked attention) but passed sliding_window={settings['window']}: prefix_grouper "
+                f"honors a layer's sliding_window only, and would not compute what the mask says")
+    elif attention_mask is not None:
         raise ValueError(
             f"a {LAYOUT_KWARG}= call takes its mask from the layout, but the attention got a "
             f"{type(attention_mask).__name__} mask: do not pass attention_mask, and call the model through "
             f"completion_logits() / completion_log_probs(), which build no dense mask"
         )
-    if dropout and module.training:
-        raise _dropout_error(module, dropout)
-    settings = _layer_settings(module, kwargs)
     packed_call = PACKED_CALL.get()
     if packed_call is not None:
-        packed_call.windows.append(settings["window"])
+        packed_call.attention_calls += 1
     query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):
@@ -204,10 +210,10 @@ def prefix_grouper_mask(*args, config=None, **kwargs):
     """transformers mask function of the dispatching implementation: none for a packed call
     (the layout is the mask), else the previous implementation's.
 
-    In a packed call it records the size of a sliding-window (or chunked) mask the model
-    asks for, which some attention layer must then receive as its ``sliding_window``, and
-    refuses masks with extra rules (``or_mask_function`` / ``and_mask_function``, e.g.
-    Gemma 3's bidirectional image tokens), which the layout does not express.
+    In a packed call a sliding-window (or chunked) mask becomes a :class:`LocalMask` of its
+    size, which the layers it reaches check against their ``sliding_window``; masks with
+    extra rules (``or_mask_function`` / ``and_mask_function``, e.g. Gemma 3's bidirectional
+    image tokens), which the layout does not express, are refused.
     """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -223,9 +229,8 @@ def prefix_grouper_mask(*args, config=None, **kwargs):
             raise ValueError(f"{type(config).__name__}'s model adds its own rules to the attention mask "
                              f"(or_mask_function / and_mask_function, e.g. bidirectional image tokens), which the "
                              f"prefix layout does not express; use the unpacked rows for such inputs")
-        if kwargs.get("local_size") is not None:
-            packed_call.mask_local_sizes.add(kwargs["local_size"])
-        return None
+        local_size = kwargs.get("local_size")
+        return None if local_size is None else LocalMask(local_size)
     if fallback not in ALL_MASK_ATTENTION_FUNCTIONS:
         # What transformers itself does for an implementation without a mask function.
         return kwargs.get("attention_mask")

@@ -214,6 +214,11 @@ def test_partial_groups_and_ulysses_are_refused():
         pg_verl.check_engine_config(types.SimpleNamespace(ulysses_sequence_parallel_size=2))
     with pytest.raises(ValueError, match="one temperature"):
         pg_verl.check_micro_batch(batch, torch.tensor([0.7, 1.0]))
+    assert pg_verl.check_micro_batch(batch, batch["temperature"]) == pytest.approx(0.7)
+    shifted = batch["position_ids"].values() + 1
+    batch["position_ids"] = torch.nested.nested_tensor_from_jagged(shifted, batch["input_ids"].offsets())
+    with pytest.raises(ValueError, match="position_ids 0, 1, ..."):
+        pg_verl.check_micro_batch(batch, 0.7)
 
 
 def test_failed_activation_is_an_error(monkeypatch):

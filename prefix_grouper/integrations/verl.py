@@ -159,8 +159,16 @@ def check_micro_batch(micro_batch, temperature) -> float:
             raise ValueError(f"use_prefix_grouper=True does not support {key}=True")
     if micro_batch.get("multi_modal_inputs", None) is not None:
         raise ValueError("use_prefix_grouper=True does not support multi-modal inputs")
-    if micro_batch["position_ids"].dim() == 3:
+    positions = micro_batch["position_ids"]
+    if positions.dim() == 3:
         raise ValueError("use_prefix_grouper=True does not support 3-D (mrope) position ids")
+    # The packed row takes the layout's positions (0.. along every [prompt; response]).
+    offsets = micro_batch["input_ids"].offsets()
+    lens = offsets.diff()
+    expected = torch.arange(int(offsets[-1]), device=lens.device) - torch.repeat_interleave(offsets[:-1], lens)
+    if not torch.equal(positions.values().to(expected.device), expected):
+        raise ValueError("use_prefix_grouper=True needs position_ids 0, 1, ... along every sequence (the packed "
+                         "row recomputes them); this micro-batch has others")
     if isinstance(temperature, torch.Tensor):
         if not bool((temperature == temperature.reshape(-1)[0]).all()):
             raise ValueError("use_prefix_grouper=True needs one temperature for the whole micro-batch")

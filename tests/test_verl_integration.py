@@ -163,10 +163,6 @@ def make_engine(model, group_size, monkeypatch):
 
     engine_cls = pg_verl.activate()
     assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is engine_cls  # it overrides verl's
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     monkeypatch.setattr(pg_verl, "_device", lambda: ("cpu", "cpu"))
     monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
     engine = object.__new__(engine_cls)  # skips building FSDP: the module is given
@@ -176,7 +172,18 @@ def make_engine(model, group_size, monkeypatch):
     return engine
 
 
-def test_engine_forward_backward_batch_gives_plain_gradients(monkeypatch):
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process for verl's all-reduces, gone after the test."""
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29500 + os.getpid() % 400}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_engine_forward_backward_batch_gives_plain_gradients(monkeypatch, one_process_group):
     from verl.utils import tensordict_utils as tu
 
     # Two groups of two completions each: force_group_size=2 keeps groups whole.

@@ -32,7 +32,7 @@ with a gradient.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

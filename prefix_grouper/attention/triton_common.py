@@ -19,9 +19,9 @@ anything the tile cannot see:
    packing; otherwise the block holding ``q_start``).
 
 The optional features are constexpr switches, so without them the kernels compile to the
-plain code (see ``triton_features``): a window starts each run at the first block any row
-of the tile sees and masks only the blocks some row sees partly; a softcap transforms the
-scores in :func:`key_block_scores`.
+plain code (see ``triton_features``). A window keeps the runs but starts each at the first
+block any row of the tile sees, and masks only the blocks some row sees partly (and the
+diagonal); a softcap transforms the scores in :func:`key_block_scores`.
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ FP32_ATOL = 1e-4
 RAGGED = ([1, 7, 20], [[0, 1, 7], [19], [7, 0, 1, 19]])  # empty completions, G = 3, 1, 4
 LONG = ([97, 5], [[1, 40], [33]])  # a prefix of several tiles, completions behind it
 SINGLE = ([7], [[97]])  # G = 1, a completion longer than three tiles
+# GPU tiles are 32-128 rows: lengths around and across several of them.
+GPU_SIZED = ([300, 129], [[0, 257, 1], [128, 500]])
+ON_GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too slow for the interpreter")
 
 
 def _visible(layout, window=None):
@@ -66,12 +69,12 @@ def dense_attention(q, k, v, layout, scale, window=None, softcap=None, sinks=Non
     return torch.einsum("hqk,khd->qhd", probs, v), lse.transpose(0, 1)
 
 
-def _inputs(layout, q_heads, kv_heads, head_dim, with_sinks, seed, q_scale=1.0):
+def _inputs(layout, q_heads, kv_heads, head_dim, with_sinks, seed, q_scale=1.0, dtype=torch.float32):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     t = layout.total_tokens
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32)
+        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
 
     tensors = [randn(t, q_heads, head_dim) * q_scale, randn(t, kv_heads, head_dim), randn(t, kv_heads, head_dim)]
     return tensors + ([randn(q_heads)] if with_sinks else [])
@@ -121,6 +124,8 @@ def max_errors(lengths, q_heads, kv_heads, head_dim, window=None, softcap=None, 
     (LONG, 4, 2, 16, 33, 3.0, True),        # everything at once
     (RAGGED, 2, 1, 16, 1, 2.0, True),       # a row may see one key and its sink only
     (SINGLE, 2, 2, 16, 20, None, True),
+    pytest.param(GPU_SIZED, 4, 2, 64, 200, 20.0, True, marks=ON_GPU_ONLY),
+    pytest.param(GPU_SIZED, 12, 2, 128, 1, None, False, marks=ON_GPU_ONLY),
 ])
 def test_features_match_dense_float64(lengths, q_heads, kv_heads, head_dim, window, softcap, with_sinks):
     errors = max_errors(lengths, q_heads, kv_heads, head_dim, window, softcap, with_sinks)
@@ -268,3 +273,27 @@ def test_torch_compile_with_features():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, b in zip(torch.autograd.grad(compiled_loss, compiled_inputs), torch.autograd.grad(eager_loss, eager_inputs)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a CUDA GPU")
+@pytest.mark.parametrize("head_dim, window, softcap", [(128, 256, None), (64, 700, 30.0), (128, None, 50.0)])
+def test_bf16_flash_attention_rule_with_features(head_dim, window, softcap):
+    """bf16 with bf16 sinks: error vs float64 <= 2x that of the same dense computation in
+    plain bf16 PyTorch (+ eps), for every output and gradient."""
+    layout = GroupLayout.from_lengths([300, 1000, 64], [[0, 129, 500, 1], [7, 300], [200] * 8], device=DEVICE)
+    tensors = _inputs(layout, 8, 2, head_dim, True, seed=10, dtype=torch.bfloat16)
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    weights = [torch.randn(*tensors[0].shape, generator=gen, device=DEVICE, dtype=torch.float64),
+               torch.randn(*tensors[0].shape[:2], generator=gen, device=DEVICE, dtype=torch.float64)]
+
+    def call(backend):
+        return lambda q, k, v, sinks: backend(q, k, v, layout, head_dim ** -0.5, window=window, softcap=softcap,
+                                              sinks=sinks)
+
+    got = _outputs_and_grads(call(triton_prefix_attention), tensors, weights, torch.bfloat16)
+    baseline = _outputs_and_grads(call(dense_attention), tensors, weights, torch.bfloat16)
+    want = _outputs_and_grads(call(dense_attention), tensors, weights, torch.float64)
+    for name, a, b, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, baseline, want):
+        err = (a.double() - w).abs().max().item()
+        baseline_err = (b.double() - w).abs().max().item()
+        assert err <= 2 * baseline_err + 1e-5, (name, err, baseline_err)

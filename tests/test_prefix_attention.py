@@ -70,7 +70,7 @@ def test_torch_matches_reference_fp64_ragged(prefix_lens, suffix_lens, hq, hkv, 
     """Every part and the LSE merge, out and lse with their gradients, on both attention
     engines (the chunked one, which non-CPU devices run, forced here on CPU)."""
     if engine == "chunked":
-        monkeypatch.setattr(torch_backend, "engine_for", lambda device, window=None, softcap=None: torch_backend.CHUNKED)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device, **features: torch_backend.CHUNKED)
     layout = GroupLayout.from_lengths(prefix_lens, suffix_lens)
     q, k, v = make_qkv(layout, hq, hkv, 16, torch.float64, generator)
     expected = outputs_and_grads(q, k, v, layout, "reference")
@@ -115,7 +115,7 @@ def test_attention_engines_match_dense(engine, query_offset, score_block_bytes, 
         pytest.skip("the last queries would see no key, which engines do not take")
     if query_offset == 13 and window == 1:
         pytest.skip("in a window of 1, no query after every key sees one")
-    monkeypatch.setattr(torch_backend, "SCORE_BLOCK_BYTES", score_block_bytes)
+    monkeypatch.setattr(torch_backend, "CPU_SCORE_BLOCK_BYTES", score_block_bytes)
     monkeypatch.setattr(torch_backend, "MIN_WINDOW_QUERIES", 2)  # several query chunks under a window too
     runner = (getattr(torch_backend, engine) if window is None and softcap is None
               else torch_backend.chunked_engine(window, softcap))
@@ -378,7 +378,7 @@ def test_non_finite_kv_stays_in_its_segment(backend, with_lse, chunked, where, v
     layout = GroupLayout.from_lengths([4, 3], [[3, 3, 1], [2, 5]])
     token = 8 if where == "completion" else 12
     if chunked:  # the engine of non-CPU devices, forced on CPU
-        monkeypatch.setattr(torch_backend, "engine_for", lambda device, window=None, softcap=None: torch_backend.CHUNKED)
+        monkeypatch.setattr(torch_backend, "engine_for", lambda device, **features: torch_backend.CHUNKED)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32 under the interpreter
     q, k, v = make_qkv(layout, 4, 2, 8, dtype, generator, requires_grad=False)
     clean = outputs_and_grads(*(x.clone().requires_grad_() for x in (q, k, v)), layout, backend,

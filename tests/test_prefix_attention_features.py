@@ -231,7 +231,7 @@ def test_torch_chunk_borders_and_skipped_keys(feature, monkeypatch):
     """Tiny chunks: query chunks cut every segment (and the window's diagonal band) and most
     key ranges start after key 0, so the skipped keys and per-chunk masks are exercised."""
     force_chunked(monkeypatch)
-    monkeypatch.setattr(torch_backend, "SCORE_BLOCK_BYTES", 6 * 11 * 8 * 3)  # ~3 queries of 6 heads x 11 keys
+    monkeypatch.setattr(torch_backend, "CPU_SCORE_BLOCK_BYTES", 6 * 11 * 8 * 3)  # ~3 queries of 6 heads x 11 keys
     monkeypatch.setattr(torch_backend, "MIN_WINDOW_QUERIES", 2)
     layout = GroupLayout.from_lengths([23, 5], [[19, 1, 0], [30]])
     q, k, v = make_inputs(layout, 6, 2, 8, torch.Generator().manual_seed(2))
@@ -327,7 +327,7 @@ def test_non_finite_kv_stays_in_its_segment(feature, engine, where, monkeypatch)
 def small():
     layout = GroupLayout.from_lengths([3], [[2, 1]])
     g = torch.Generator().manual_seed(0)
-    return layout, torch.randn(6, 4, 8, generator=g), torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g)
+    return layout, *(torch.randn(6, heads, 8, generator=g) for heads in (4, 2, 2))
 
 
 @pytest.mark.parametrize("window,error,message", [

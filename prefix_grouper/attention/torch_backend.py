@@ -18,9 +18,9 @@ Three exact parts merged by log-sum-exp, each an attention call that returns its
 Every call returns its LSE and runs on an :class:`AttentionEngine` (:func:`engine_for`):
 on CPU :data:`CPU_FLASH`, the fused flash kernel (tiled, never holding a score matrix);
 elsewhere, or with a window or softcap (which the flash kernel cannot express),
-:func:`chunked_engine`: explicit scores in query chunks of at most ``SCORE_BLOCK_BYTES``,
-recomputed in the backward, skipping the keys outside a chunk's window. Both take GQA
-natively (K/V never repeated). The backward runs every part's kernel against the merged
+:func:`chunked_engine`: explicit scores in query chunks of at most ``SCORE_BLOCK_BYTES``
+(``CPU_SCORE_BLOCK_BYTES`` on CPU), recomputed in the backward, skipping the keys outside a
+chunk's window. Both take GQA natively (K/V never repeated). The backward runs every part's kernel against the merged
 out and lse: with ``P = exp(S - merged lse)`` each part's softmax gradient is its share of
 the merged attention's exact gradient, so the merge has no backward of its own; a sink's
 gradient is ``-sum_rows exp(sink - lse) (rowsum(dO * out) - grad_lse)``. Extra memory is
@@ -44,12 +44,16 @@ import torch.nn.functional as F
 
 from ..layout import GroupLayout
 
-__all__ = ["CHUNKED", "CPU_FLASH", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine", "engine_for",
-           "torch_prefix_attention"]
+__all__ = ["CHUNKED", "CPU_FLASH", "CPU_SCORE_BLOCK_BYTES", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine",
+           "engine_for", "torch_prefix_attention"]
 
 SCORE_BLOCK_BYTES = 64 * 2**20
-"""Most bytes of scores a chunked engine holds at once (one query chunk; its backward holds
-the chunk's probabilities and their gradient, and the softcap's derivative)."""
+"""Most bytes of scores a chunked engine holds at once off the CPU (one query chunk; its
+backward holds the chunk's probabilities and their gradient, and the softcap's derivative)."""
+
+CPU_SCORE_BLOCK_BYTES = 4 * 2**20
+"""The same on CPU: chunks nearer the cache run a chunk's dozen elementwise passes faster
+(fwd+bwd with a softcap, 2048 + 4 x 1024 tokens, one thread: 2.3 s against 4.0 s with 64 MiB)."""
 
 MIN_WINDOW_QUERIES = 64
 """With a window, query chunks are ``max(window, MIN_WINDOW_QUERIES)`` long at most: each then
@@ -103,19 +107,21 @@ matrix; no window or softcap)."""
 
 def _chunks(q: torch.Tensor, k: torch.Tensor, query_offset: int, window: int | None):
     """``(rows, queries, keys, first_position)`` slices whose scores take at most
-    ``SCORE_BLOCK_BYTES`` (one query row of one batch row at least). ``keys`` holds only the
+    ``SCORE_BLOCK_BYTES`` (``CPU_SCORE_BLOCK_BYTES`` on CPU; one query row of one batch row
+    at least). ``keys`` holds only the
     keys the chunk's queries can see: a window skips the keys before it, and later keys
     than the last query are never visible. ``first_position`` is the chunk's first query's
     position counted from ``keys.start``."""
     r, hq, lq, _ = q.shape
     lk = k.shape[2]
+    budget = CPU_SCORE_BLOCK_BYTES if q.device.type == "cpu" else SCORE_BLOCK_BYTES
     max_queries = lq if window is None else max(window, MIN_WINDOW_QUERIES)
     span = lk if window is None else min(lk, max_queries + window - 1)  # the most keys one chunk sees
     query_bytes = hq * span * q.element_size()  # the scores of one query of one batch row
-    rows_per_chunk = max(1, SCORE_BLOCK_BYTES // (query_bytes * min(lq, max_queries)))
+    rows_per_chunk = max(1, budget // (query_bytes * min(lq, max_queries)))
     for row in range(0, r, rows_per_chunk):
         rows = slice(row, min(r, row + rows_per_chunk))
-        queries_per_chunk = min(max_queries, max(1, SCORE_BLOCK_BYTES // (query_bytes * (rows.stop - row))))
+        queries_per_chunk = min(max_queries, max(1, budget // (query_bytes * (rows.stop - row))))
         for start in range(0, lq, queries_per_chunk):
             stop = min(lq, start + queries_per_chunk)
             first_key = 0 if window is None else max(0, query_offset + start - window + 1)
@@ -160,10 +166,12 @@ def _chunked_forward(q, k, v, query_offset, scale, window=None, softcap=None):
     for rows, queries, keys, first_position in _chunks(q, k, query_offset, window):
         scores, _ = _chunk_scores(_grouped(q[rows, :, queries], hkv), k[rows, :, keys], first_position, scale,
                                   window, softcap)
-        chunk_lse = torch.logsumexp(scores, -1)  # every query sees a key
-        chunk_out = scores.sub_(chunk_lse[..., None]).exp_() @ v[rows, :, keys][:, :, None]
+        # The softmax in place, normalized after P V: two passes over the scores fewer than logsumexp.
+        row_max = scores.amax(-1, keepdim=True)  # finite: every query sees a key
+        denominator = scores.sub_(row_max).exp_().sum(-1, keepdim=True)
+        chunk_out = (scores @ v[rows, :, keys][:, :, None]).div_(denominator)
         out[rows, :, queries] = chunk_out.flatten(1, 2)
-        lse[rows, :, queries] = chunk_lse.flatten(1, 2)
+        lse[rows, :, queries] = (row_max + denominator.log()).squeeze(-1).flatten(1, 2)
     return out, lse
 
 
@@ -287,7 +295,7 @@ class _PrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan: dict, scale: float, window: int | None, softcap: float | None):
-        engine = engine_for(q.device, window, softcap)
+        engine = engine_for(q.device, window=window, softcap=softcap)
         cross = _cross_calls(plan, window)
         parts = [engine.forward(*chunks, 0, scale) for chunks in zip(*(_to_buckets(x, plan, 0.0) for x in (q, k, v)))]
         out = _from_buckets([part_out for part_out, _ in parts], plan)
@@ -314,7 +322,7 @@ class _PrefixAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        engine = engine_for(q.device, ctx.window, ctx.softcap)
+        engine = engine_for(q.device, window=ctx.window, softcap=ctx.softcap)
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         # Padded slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
         bucketed = [_to_buckets(x, plan, 0.0) for x in (grad_out, q, k, v, out)]

@@ -1,4 +1,5 @@
-"""Grouped log-probs and gradients equal each model family's own eager attention.
+"""Grouped log-probs and gradients equal each model family's own eager attention; what the
+attention cannot honor is refused by name.
 
 For every family whose attention layers carry their own settings (a sliding window on
 some or all layers, a logit softcap, attention sinks), a tiny randomly initialized float32
@@ -27,9 +28,11 @@ transformers = pytest.importorskip("transformers")
 from prefix_grouper import GroupLayout  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
 from prefix_grouper.integrations.transformers import attention as attention_module  # noqa: E402
-from prefix_grouper.integrations.transformers import completion_log_probs, install  # noqa: E402
+from prefix_grouper.integrations.transformers import (HARMLESS_KWARGS, completion_log_probs, install,  # noqa: E402
+                                                      prefix_grouper_attention)
 from prefix_grouper.trainers import TrainConfig, build_trainer  # noqa: E402
 from prefix_grouper.train import verify_equivalence  # noqa: E402
+from prefix_grouper.trainers.model import disable_dropout  # noqa: E402
 
 LOG_PROB_TOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
@@ -215,3 +218,118 @@ def test_gpt2_trains_with_the_grouped_forward(capsys):
     for _ in range(2):
         metrics = trainer.step()
         assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss", "reward_mean", "kl"))
+
+
+# ---------------------------------------------------------------- what the attention refuses
+def packed_call(model, **kwargs):
+    """The model on one packed row, as completion_logits calls it, with extra model-call ``kwargs``."""
+    install(model)
+    layout, prompts, completions, _ = batch()
+    packed = layout.pack(prompts, completions)
+    record = attention_module.PackedCall()
+    token = attention_module.PACKED_CALL.set(record)
+    try:
+        output = model(input_ids=packed[None], position_ids=layout.position_ids[None], use_cache=False,
+                       prefix_layout=layout, prefix_backend="reference", **kwargs)
+    finally:
+        attention_module.PACKED_CALL.reset(token)
+    record.check(model)
+    return output
+
+
+def attention_inputs(heads=4, kv_heads=2, head_dim=8):
+    """``(layout, query [1, H, T, D], key, value)``: transformers' head-first layout."""
+    layout = GroupLayout.from_lengths([3], [[2, 1]])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, layout.total_tokens, head_dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    return layout, q, k, v
+
+
+def test_an_attention_keyword_that_is_not_implemented_is_named():
+    """A model feature the attention does not implement must not be dropped silently."""
+    with pytest.raises(TypeError, match=r"Qwen2Attention passed the attention keyword\(s\) some_new_feature"):
+        packed_call(build("qwen2"), some_new_feature=4)
+    layout, q, k, v = attention_inputs()
+    # Another packing's boundaries cannot be honored next to the layout's.
+    with pytest.raises(TypeError, match="cu_seq_lens_q, max_length_q"):
+        prefix_grouper_attention(torch.nn.Module(), q, k, v, None, prefix_layout=layout,
+                                 cu_seq_lens_q=torch.tensor([0, 5]), max_length_q=5)
+
+
+def test_the_harmless_keywords_are_what_the_families_pass():
+    assert HARMLESS_KWARGS == {"position_ids", "use_cache", "output_router_logits", "prefix_layout",
+                               "prefix_backend"}
+
+
+@pytest.mark.parametrize("kwargs, module_is_causal", [({}, False), ({"is_causal": False}, True)])
+def test_non_causal_attention_is_refused(kwargs, module_is_causal):
+    layout, q, k, v = attention_inputs()
+    module = torch.nn.Module()
+    module.is_causal = module_is_causal
+    with pytest.raises(ValueError, match=r"Module runs non-causal attention \(is_causal=False"):
+        prefix_grouper_attention(module, q, k, v, None, prefix_layout=layout, **kwargs)
+
+
+@pytest.mark.parametrize("sliding_window", [0, -3, 2.5, True])
+def test_a_sliding_window_that_is_not_a_positive_int_is_named(sliding_window):
+    layout, q, k, v = attention_inputs()
+    with pytest.raises(ValueError, match=rf"Module passed sliding_window={sliding_window!r}.*an int >= 1"):
+        prefix_grouper_attention(torch.nn.Module(), q, k, v, None, prefix_layout=layout,
+                                 sliding_window=sliding_window)
+
+
+def test_token_first_inputs_are_refused_naming_both_layouts():
+    layout, q, k, v = attention_inputs()
+    with pytest.raises(ValueError, match=r"head-first layout.*query \[1, heads, T, head_dim\].*T = layout.total_tokens "
+                                         r"= 6; got key \(1, 6, 2, 8\): it looks token-first"):
+        prefix_grouper_attention(torch.nn.Module(), q, k.transpose(1, 2), v, None, prefix_layout=layout)
+    with pytest.raises(ValueError, match=r"T = layout.total_tokens = 6; got query \(1, 4, 5, 8\): \(query"):
+        prefix_grouper_attention(torch.nn.Module(), q[:, :, :5], k, v, None, prefix_layout=layout)
+
+
+def test_a_sliding_mask_that_no_layer_receives_is_refused():
+    """A model that builds a sliding-window mask but does not pass its layers sliding_window
+    (which the packed path reads) would get full attention there: refused."""
+    model = build("qwen2", sliding_window=4)
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    with pytest.raises(ValueError, match=r"Qwen2Attention was given a local attention mask of size 4 \(a sliding "
+                                         r"window or chunked attention\) but passed sliding_window=None"):
+        packed_call(model)
+
+
+def test_a_mask_with_extra_rules_is_refused():
+    """Masks that add a model's own rules (Gemma 3's bidirectional image tokens) are not
+    what the layout expresses."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = build("llama")
+    install(model)
+    token = attention_module.PACKED_CALL.set(attention_module.PackedCall())
+    try:
+        with pytest.raises(ValueError, match="or_mask_function / and_mask_function"):
+            # The cache argument, 4th, is past_key_values in transformers 5.10 and cache in 5.24.
+            create_causal_mask(model.config, torch.zeros(1, 5, 32), None, None, position_ids=torch.arange(5)[None],
+                               or_mask_function=lambda b, h, q, k: q < 0)
+    finally:
+        attention_module.PACKED_CALL.reset(token)
+
+
+@pytest.mark.parametrize("model_type, field", [("qwen2", "attention_dropout"), ("gpt2", "attn_pdrop")])
+def test_attention_dropout_in_training_names_the_config_field(model_type, field):
+    config = transformers.AutoConfig.for_model(model_type, **{**SHAPE, field: 0.1})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    layout, prompts, completions, _ = batch()
+    model.train()
+    with pytest.raises(ValueError, match=rf"does not implement attention dropout .*dropout=0.1 in training mode\): "
+                                         rf"set config.{field} = 0"):
+        completion_log_probs(model, layout, prompts, completions, backend="reference")
+    model.eval()  # no dropout at evaluation: runs
+    expected, _ = completion_log_probs(model, layout, prompts, completions, backend="reference")
+    model.train()
+    changed = disable_dropout(model)
+    assert f"{type(config).__name__}.{field}" in changed and getattr(model.config, field) == 0.0
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p != 0]
+    log_probs, _ = completion_log_probs(model, layout, prompts, completions, backend="reference")
+    torch.testing.assert_close(log_probs, expected, rtol=0, atol=0)

@@ -267,6 +267,19 @@ def test_torch_fp32_matches_reference(feature):
         assert ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt()).item() < 2e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    """Half inputs (and sinks) are computed in fp32 and rounded once: the error is that rounding's."""
+    layout = GroupLayout.from_lengths([9, 5], [[3, 1], [4]])
+    q, k, v = make_inputs(layout, 4, 2, 16, torch.Generator().manual_seed(8), dtype=dtype)
+    sinks = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=dtype)
+    out = prefix_attention(q, k, v, layout, backend="torch", window=4, softcap=2.0, sinks=sinks)
+    ref = prefix_attention(*(x.double() for x in (q, k, v)), layout, backend="reference", window=4, softcap=2.0,
+                           sinks=sinks.double())
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max().item() <= 2 * torch.finfo(dtype).eps
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "torch"])
 @pytest.mark.parametrize("sinks_dtype", [torch.float32, torch.bfloat16])
 def test_sinks_of_another_dtype(backend_name, sinks_dtype):

@@ -108,10 +108,9 @@ matrix; no window or softcap)."""
 def _chunks(q: torch.Tensor, k: torch.Tensor, query_offset: int, window: int | None):
     """``(rows, queries, keys, first_position)`` slices whose scores take at most
     ``SCORE_BLOCK_BYTES`` (``CPU_SCORE_BLOCK_BYTES`` on CPU; one query row of one batch row
-    at least). ``keys`` holds only the
-    keys the chunk's queries can see: a window skips the keys before it, and later keys
-    than the last query are never visible. ``first_position`` is the chunk's first query's
-    position counted from ``keys.start``."""
+    at least). ``keys`` holds only the keys the chunk's queries can see: a window skips the
+    keys before it, and keys after the last query are never visible. ``first_position`` is
+    the chunk's first query's position counted from ``keys.start``."""
     r, hq, lq, _ = q.shape
     lk = k.shape[2]
     budget = CPU_SCORE_BLOCK_BYTES if q.device.type == "cpu" else SCORE_BLOCK_BYTES

@@ -25,6 +25,7 @@ diagonal); a softcap transforms the scores in :func:`key_block_scores`.
 """
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 from typing import NamedTuple, Optional
 
@@ -104,11 +105,26 @@ def head_packing(block_m: int, heads_per_kv: int) -> HeadPacking:
 # Inner block of every kernel under the interpreter (no autotuning there): with the
 # interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
 INTERPRETER_INNER_BLOCK = 16
-# GPU autotuning space: with 128-row tiles, the 128x64 and 128x128 shapes, 8 warps (two
-# warpgroups) and 3-4 stages of Hopper's fast kernels, beside the smaller Ampere ones.
-_INNER_BLOCK_SIZES = (16, 32, 64, 128)
-_NUM_WARPS = (4, 8)
-_NUM_STAGES = (2, 3, 4)
+# GPU autotuning space. The first H200 runs (2026-12-04, triton 3.6) spent over 75 s in a
+# process's first bf16 forward+backward of one shape without finishing it: 24 configs per
+# kernel and key, each compiled and benchmarked, times 3 kernels. The default therefore
+# tries only the Hopper candidates (64- and 128-wide inner blocks, 4 or 8 warps, 3 stages),
+# 4 per kernel; PREFIX_GROUPER_AUTOTUNE=full restores the whole sweep (smaller blocks, 2 and
+# 4 stages) to check that nothing faster was pruned. Tuned choices are cached on disk by
+# triton (cache_results), so later processes skip the sweep.
+AUTOTUNE_ENV = "PREFIX_GROUPER_AUTOTUNE"
+_AUTOTUNE_SPACES = {
+    "quick": ((64, 128), (4, 8), (3,)),
+    "full": ((16, 32, 64, 128), (4, 8), (2, 3, 4)),
+}
+
+
+def autotune_space() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(inner block sizes, warps, stages)`` chosen by ``$PREFIX_GROUPER_AUTOTUNE``."""
+    mode = os.environ.get(AUTOTUNE_ENV, "quick")
+    if mode not in _AUTOTUNE_SPACES:
+        raise ValueError(f"{AUTOTUNE_ENV} must be one of {sorted(_AUTOTUNE_SPACES)}, got {mode!r}")
+    return _AUTOTUNE_SPACES[mode]
 
 
 def _torch_allows_tf32() -> bool:
@@ -142,10 +158,18 @@ def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, .
         size = kwargs.get(tile, named_args.get(tile))
         return [c for c in configs if c.kwargs[inner] <= size and size % c.kwargs[inner] == 0]
 
+    sizes, warps_options, stages_options = autotune_space()
+    # A tile shorter than every candidate (not the GPU schedule's, but kept valid) gets the tile itself.
     configs = [triton.Config({inner: size}, num_warps=warps, num_stages=stages)
-               for size in _INNER_BLOCK_SIZES for warps in _NUM_WARPS for stages in _NUM_STAGES]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", tile, *extra_keys],
-                           prune_configs_by={"early_config_prune": keep_dividing})(kernel)
+               for size in sorted({16, *sizes}) for warps in warps_options for stages in stages_options]
+
+    def keep_dividing_or_smallest(configs, named_args, **kwargs):
+        kept = keep_dividing(configs, named_args, **kwargs)
+        preferred = [c for c in kept if c.kwargs[inner] in sizes]
+        return preferred or kept
+
+    return triton.autotune(configs=configs, key=["HEAD_DIM", tile, *extra_keys], cache_results=True,
+                           prune_configs_by={"early_config_prune": keep_dividing_or_smallest})(kernel)
 
 
 def launchable(kernel, tuned, inner: str):

@@ -10,6 +10,7 @@ rounding is ~1e-15 relative, we allow rtol = atol = 1e-10 (values and gradients 
 O(100) here, so 1e-10 absolute is still ~1e-12 relative). float32 runs accumulate over at
 most ~200 keys: ~1e-6 relative RMS, we allow 2e-5.
 """
+import inspect
 import math
 
 import pytest
@@ -193,9 +194,17 @@ def test_window_boundary_matches_transformers_mask(window):
                                         vocab_size=10)
     config._attn_implementation = "sdpa"
     length = len(row)
+    # transformers 5.10 names the cache argument past_key_values and has no allow_is_causal_skip;
+    # there, a mask that equals plain causal attention comes back as None (SDPA's is_causal).
+    parameters = inspect.signature(create_sliding_window_causal_mask).parameters
+    version_kwargs = {"cache": None} if "cache" in parameters else {"past_key_values": None}
+    if "allow_is_causal_skip" in parameters:
+        version_kwargs["allow_is_causal_skip"] = False
     theirs = create_sliding_window_causal_mask(
         config=config, inputs_embeds=torch.zeros(1, length, 8), attention_mask=torch.ones(1, length, dtype=torch.long),
-        cache=None, position_ids=torch.arange(length)[None], allow_is_causal_skip=False)
+        position_ids=torch.arange(length)[None], **version_kwargs)
+    if theirs is None:
+        theirs = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     assert theirs.dtype == torch.bool and theirs.shape == (1, 1, length, length)
     assert torch.equal(ours, theirs[0, 0])
     function = sliding_window_causal_mask_function(window)

@@ -101,7 +101,8 @@ def check_finite_real(value: Any, name: str) -> float:
     return value
 
 
-# Lengths beyond this cannot be allocated on any device (2**40 tokens of int64 is 8 TiB).
+# The longest packed axis accepted: token offsets must fit in int32, the index type of the Triton
+# backend's tile tables (attention/triton_backend.py).
 MAX_LENGTH = 2**31 - 1
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .integrations.transformers import token_log_probs
-from .layout import GroupLayout
 from .checks import check_positive_real
+from .layout import GroupLayout
+from .logprobs.tokens import token_log_probs
 
 __all__ = [
     "packed_from_unpacked",
@@ -127,7 +127,7 @@ def unpacked_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def unpacked_completion_log_probs(model, layout: GroupLayout, prompt_ids, completion_ids, *,
                                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`prefix_grouper.integrations.transformers.completion_log_probs`, the unpacked way.
+    """:func:`prefix_grouper.models.completion_log_probs`, the unpacked way.
 
     Runs N right-padded rows ``[prompt; completion]`` with an attention mask through the
     model's own attention implementation (the model is not changed). Takes the same

@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from prefix_grouper import GroupLayout  # noqa: E402
 from prefix_grouper.attention import available_backends  # noqa: E402
-from prefix_grouper.integrations.transformers import attention as attention_module  # noqa: E402
+from prefix_grouper.models import attention as attention_module  # noqa: E402
 from prefix_grouper.integrations.transformers import (HARMLESS_KWARGS, completion_log_probs, install,  # noqa: E402
                                                       prefix_grouper_attention)
 from prefix_grouper.trainers import TrainConfig, build_trainer  # noqa: E402

@@ -34,7 +34,7 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from ..checks import as_length_list
 from ..layout import GroupLayout
 from ..trainers.model import disable_dropout
-from .transformers import completion_logits, install
+from ..models import completion_logits, install
 
 __all__ = ["GRPOTrainer", "forward_chunks"]
 

@@ -37,8 +37,8 @@ import sys
 import torch
 
 from ..layout import GroupLayout
-from .transformers import token_log_probs
-from .transformers.forward import _packed_forward
+from ..logprobs.tokens import token_log_probs
+from ..models.packed import packed_forward
 
 __all__ = ["ENGINE_FLAG", "PrefixGrouperFSDPEngine", "activate", "balanced_group_order", "group_sizes_of",
            "micro_batch_layout", "patch_trainer", "prompt_lengths", "sequence_values"]
@@ -116,8 +116,8 @@ def grouped_log_probs(model, module, micro_batch, temperature: float, calculate_
     input_ids = micro_batch["input_ids"]
     prompt_lens = prompt_lengths(micro_batch)
     layout, prompts, completions = micro_batch_layout(input_ids, prompt_lens)
-    output, packed = _packed_forward(model, module, layout, prompts, completions, backend,
-                                     logits_to_keep=layout.completion_logit_positions())
+    output, packed = packed_forward(model, module, layout, prompts, completions, backend,
+                                    logits_to_keep=layout.completion_logit_positions())
     logits, targets = output.logits[0], packed[layout.completion_positions()]
     values = token_log_probs(logits, targets, temperature, return_entropy=calculate_entropy)
     log_probs, entropy = values if calculate_entropy else (values, None)

@@ -10,7 +10,8 @@ from ..checks import check_choice
 
 __all__ = ["CONVENTIONS", "GRPO"]
 
-# eps added to the group std by each framework (algorithms.md, section 2).
+# eps added to the group std by each framework's GRPO advantage: verl's compute_grpo_outcome_advantage
+# (1e-6), TRL's GRPOTrainer (1e-4), OpenRLHF's group_norm (1e-9).
 CONVENTIONS = {"verl": 1e-6, "trl": 1e-4, "openrlhf": 1e-9}
 
 

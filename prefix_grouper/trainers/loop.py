@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ..integrations.transformers import completion_log_probs
+from ..models.packed import completion_log_probs
 from ..layout import GroupLayout
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed

@@ -1,8 +1,6 @@
 """The policy: a tiny transformers causal LM from random init, or any transformers checkpoint."""
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import types
@@ -69,17 +67,39 @@ def _is_char_tokenizer_dir(path: str) -> bool:
     return isinstance(saved, dict) and set(saved) == {"special_tokens", "alphabet"}
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
-
-
 def _float64_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _float32_rms_norm(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` formula (input rounded to float32 and back)."""
+    x = hidden_states.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return module.weight * x.to(hidden_states.dtype)
+
+
+def _rounds_to_float32(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a float64 RMSNorm whose forward computes exactly the
+    ``LlamaRMSNorm`` formula through float32: its output on a random float64 probe equals
+    that formula's bit for bit. Read from what the forward does, not from its source, so a
+    copied class (Qwen2RMSNorm...) or a wrapped forward is recognized, and a norm with
+    another formula (Gemma's ``1 + weight``, one already in float64) is left alone."""
+    weight = getattr(module, "weight", None)
+    epsilon = getattr(module, "variance_epsilon", None)
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype != torch.float64
+            or not isinstance(epsilon, float)):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, weight.numel(), dtype=torch.float64, generator=generator).to(weight.device)
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    except Exception:  # a module that merely has these attributes; not a norm we know how to run
+        return False
+    with torch.no_grad():
+        expected = _float32_rms_norm(module, probe)
+    return isinstance(output, torch.Tensor) and torch.equal(output, expected)
 
 
 def keep_norms_in_float64(model: torch.nn.Module) -> int:
@@ -88,14 +108,12 @@ def keep_norms_in_float64(model: torch.nn.Module) -> int:
     transformers' ``LlamaRMSNorm`` (copied as Qwen2, Qwen3, Mistral, ... RMSNorm) casts its
     input to float32, which in a float64 model is a downcast: the norm's backward then
     rounds to float32, and float64 equivalence checks would measure float32 rounding. Only
-    modules whose forward is that exact code are changed, to the same formula in float64.
+    modules whose forward computes exactly that formula (checked numerically, see
+    :func:`_rounds_to_float32`) are changed, to the same formula in float64.
     """
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    reference = _forward_source(LlamaRMSNorm)
     changed = 0
     for module in model.modules():
-        if _forward_source(type(module)) == reference:
+        if _rounds_to_float32(module):
             module.forward = types.MethodType(_float64_rms_norm, module)
             changed += 1
     return changed

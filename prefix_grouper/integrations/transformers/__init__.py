@@ -33,15 +33,20 @@ Each attention layer's own settings are honored per call: its ``scaling``, slidi
 and attention sinks (gpt-oss). A keyword the attention does not implement, non-causal
 attention and attention dropout in training mode are refused with an error that names them.
 
-Modules: ``attention`` (the attention and mask functions, :func:`install`), ``forward``
-(the packed forward and its log-probs), ``heads`` (log-probs from logits, the fused head).
+The code lives in the core package :mod:`prefix_grouper.models` (``attention``: the attention
+and mask functions, :func:`install`; ``packed``: the packed forward and its log-probs;
+``heads``: the fused path's LM head) and :func:`token_log_probs` in
+:mod:`prefix_grouper.logprobs.tokens`; this module is their public path. ``attention``
+below is :mod:`prefix_grouper.models.attention` itself, so patching it patches the one the
+model calls.
 """
 from __future__ import annotations
 
-from .attention import (ATTENTION_NAME, HARMLESS_KWARGS, install, prefix_grouper_attention, prefix_grouper_mask,
-                        register)
-from .forward import completion_hidden_states, completion_log_probs, completion_logits
-from .heads import token_log_probs
+from ...logprobs.tokens import token_log_probs
+from ...models import attention
+from ...models.attention import (ATTENTION_NAME, HARMLESS_KWARGS, install, prefix_grouper_attention,
+                                 prefix_grouper_mask, register)
+from ...models.packed import completion_hidden_states, completion_log_probs, completion_logits
 
 __all__ = [
     "ATTENTION_NAME",

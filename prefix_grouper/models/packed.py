@@ -3,20 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from ...checks import check_bool, check_positive_real
-from ...layout import GroupLayout
-from ...logprobs import fused_linear_log_probs
+from ..checks import check_bool, check_positive_real
+from ..layout import GroupLayout
+from ..logprobs import fused_linear_log_probs
+from ..logprobs.tokens import token_log_probs
 from .attention import BACKEND_KWARG, LAYOUT_KWARG, PACKED_CALL, PackedCall, install
-from .heads import fused_head, token_log_probs
+from .heads import fused_head
 
-__all__ = ["completion_hidden_states", "completion_log_probs", "completion_logits"]
+__all__ = ["completion_hidden_states", "completion_log_probs", "completion_logits", "packed_forward"]
 
 
-def _packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_ids, backend: str,
-                    **call_kwargs):
+def packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_ids, backend: str,
+                   **call_kwargs):
     """``module(...)`` (``model`` or its body) on the packed row with prefix attention:
-    ``(module's output, input_ids [T])``. Refuses a run in which no attention layer took
-    the packed path, or whose sliding-window mask no attention layer received."""
+    ``(module's output, input_ids [T])``. ``call_kwargs`` go to the module call (e.g.
+    ``logits_to_keep``). Refuses a run in which no attention layer took the packed path, or
+    whose sliding-window mask no attention layer received.
+
+    The building block of :func:`completion_logits` and :func:`completion_hidden_states`,
+    public for integrations that call the model their own way (verl's engine)."""
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
     install(model)
@@ -47,7 +52,7 @@ def completion_logits(model, layout: GroupLayout, prompt_ids, completion_ids, *,
     Returns ``(logits [num_completion_tokens, vocab] in the model's dtype, targets
     [num_completion_tokens] int64)``, completion after completion.
     """
-    output, input_ids = _packed_forward(model, model, layout, prompt_ids, completion_ids, backend,
+    output, input_ids = packed_forward(model, model, layout, prompt_ids, completion_ids, backend,
                                         logits_to_keep=layout.completion_logit_positions())
     return output.logits[0], input_ids[layout.completion_positions()]
 
@@ -66,7 +71,7 @@ def completion_hidden_states(model, layout: GroupLayout, prompt_ids, completion_
     if body is None or body is model:
         raise TypeError(f"model must be a transformers causal LM whose get_decoder() returns its body without "
                         f"the LM head, got {type(model).__name__} (body {type(body).__name__})")
-    output, input_ids = _packed_forward(model, body, layout, prompt_ids, completion_ids, backend)
+    output, input_ids = packed_forward(model, body, layout, prompt_ids, completion_ids, backend)
     hidden = getattr(output, "last_hidden_state", None)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{type(body).__name__} (the body of {type(model).__name__}) returned "

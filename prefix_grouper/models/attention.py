@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...attention import prefix_attention
-from ...layout import GroupLayout
+from ..attention import prefix_attention
+from ..layout import GroupLayout
 
 __all__ = ["ATTENTION_NAME", "BACKEND_KWARG", "HARMLESS_KWARGS", "LAYOUT_KWARG", "install",
            "prefix_grouper_attention", "prefix_grouper_mask", "register"]

@@ -73,11 +73,11 @@ def test_gigpo_prefix_groups_are_anchor_groups():
     start = 0
     seen = set()
     for prompt, size in zip(rollout.prompt_ids, rollout.group_sizes):
-        key = {(int(g), int(a)) for g, a in zip(rows["group"][start:start + size], rows["anchor"][start:start + size])}
+        key = {(int(g), int(a)) for g, a in zip(rows.group[start:start + size], rows.anchor[start:start + size])}
         assert len(key) == 1 and not key & seen  # one anchor state per prefix group, each once
         seen |= key
         start += size
-    assert start == rollout.num_rows == len(rows["traj"])
+    assert start == rollout.num_rows == len(rows.traj)
     assert len(rollout.group_sizes) < rollout.num_rows  # states recur: groups share prompts
 
 

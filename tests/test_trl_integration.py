@@ -11,6 +11,7 @@ completions after another group's prompt change the log-probs by 1e-2 (median), 
 mask or packing cannot pass. float64 cannot tighten this: TRL's head keeps its statistics
 in float32 whatever the model dtype.
 """
+import inspect
 import warnings
 
 import pytest
@@ -21,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from prefix_grouper.integrations.transformers import ATTENTION_NAME  # noqa: E402
-from prefix_grouper.integrations.trl import GRPOTrainer, forward_chunks  # noqa: E402
+from prefix_grouper.integrations.trl import (OVERRIDDEN_METHOD, TESTED_TRL_VERSION, GRPOTrainer,  # noqa: E402
+                                             check_trl_override, forward_chunks)
 
 TOL = 1e-5  # see the module docstring
 WORDS = [f"w{i}" for i in range(36)]
@@ -93,6 +95,41 @@ def trl_shaped_batch(seed=0, prompt_lens=(5, 2, 7)):
     input_ids = torch.cat([torch.stack(prompt_rows), torch.stack(completion_rows)], 1)[order]
     attention_mask = torch.cat([torch.stack(prompt_masks), torch.stack(completion_masks)], 1).long()[order]
     return input_ids, attention_mask, 6
+
+
+def test_trl_still_has_the_overridden_method_with_our_signature():
+    """Fails loudly when TRL renames the private method the drop-in overrides, or changes its
+    parameters: TRL would then silently stop calling the grouped forward."""
+    assert tuple(int(part) for part in trl.__version__.split(".")[:2]) == TESTED_TRL_VERSION, (
+        f"trl {trl.__version__} is installed; the override was written for {TESTED_TRL_VERSION}: check "
+        f"trl.GRPOTrainer.{OVERRIDDEN_METHOD} and update TESTED_TRL_VERSION")
+    theirs = getattr(trl.GRPOTrainer, OVERRIDDEN_METHOD, None)
+    assert theirs is not None, f"trl.GRPOTrainer has no {OVERRIDDEN_METHOD} any more: the override is dead code"
+    ours = GRPOTrainer.__dict__[OVERRIDDEN_METHOD]
+
+    def parameters(function):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    assert parameters(theirs) == parameters(ours), (
+        f"trl.GRPOTrainer.{OVERRIDDEN_METHOD}{inspect.signature(theirs)} != ours{inspect.signature(ours)}")
+    check_trl_override()  # what the module runs at import passes too
+
+
+def test_the_override_check_refuses_a_renamed_or_changed_method():
+    class Renamed:
+        def _get_per_token_logps(self, model, input_ids, attention_mask, logits_to_keep):
+            pass
+
+    class Changed:
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None):
+            pass
+
+    with pytest.raises(ImportError, match=f"has no {OVERRIDDEN_METHOD}"):
+        check_trl_override(Renamed)
+    with pytest.raises(ImportError, match="differs from prefix_grouper's override"):
+        check_trl_override(Changed)
+    with pytest.warns(UserWarning, match="tested with trl 1.16, found 1.17.0"):
+        check_trl_override(version="1.17.0")
 
 
 def test_forward_chunks_never_split_a_group():

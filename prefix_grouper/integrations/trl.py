@@ -24,19 +24,29 @@ runs whole.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from types import SimpleNamespace
 
 import torch
+import trl
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer as _TRLGRPOTrainer
 
 from ..checks import as_length_list
 from ..layout import GroupLayout
-from ..trainers.model import disable_dropout
 from ..models import completion_logits, install
+from ..segments import micro_batch_groups
+from ..trainers.model import disable_dropout
 
-__all__ = ["GRPOTrainer", "forward_chunks"]
+__all__ = ["GRPOTrainer", "OVERRIDDEN_METHOD", "TESTED_TRL_VERSION", "check_trl_override", "forward_chunks"]
+
+# The one private method of trl.GRPOTrainer this trainer overrides, and the TRL release
+# (major, minor) whose signature of it the override copies. TRL has no public hook for the
+# per-token log-probs of its loss, so the override is checked against TRL when this module
+# is imported: a renamed method or another signature is an error, not a silent bypass.
+OVERRIDDEN_METHOD = "_get_per_token_logps_and_entropies"
+TESTED_TRL_VERSION = (1, 16)
 
 
 def forward_chunks(group_sizes: list[int], batch_size: int) -> list[list[int]]:
@@ -46,12 +56,33 @@ def forward_chunks(group_sizes: list[int], batch_size: int) -> list[list[int]]:
     (batch_size,) = as_length_list([batch_size], "batch_size")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (rows per forward pass), got {batch_size}")
-    chunks: list[list[int]] = [[]]
-    for size in as_length_list(group_sizes, "group_sizes"):
-        if chunks[-1] and sum(chunks[-1]) + size > batch_size:
-            chunks.append([])
-        chunks[-1].append(size)
-    return chunks
+    sizes = as_length_list(group_sizes, "group_sizes")
+    return [sizes[groups.start:groups.stop] for groups in micro_batch_groups(sizes, max_rows=batch_size)]
+
+
+def _parameters(function) -> list[tuple[str, object, object]]:
+    """``(name, kind, default)`` of every parameter: a signature without its annotations."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def check_trl_override(trl_trainer: type = _TRLGRPOTrainer, override=None, version: str = trl.__version__) -> None:
+    """Refuse a TRL whose ``GRPOTrainer`` lacks :data:`OVERRIDDEN_METHOD` or takes other
+    parameters than the override (TRL would then never call it, or call it with arguments it
+    does not expect); warn on a TRL release other than :data:`TESTED_TRL_VERSION` whose
+    method still matches."""
+    override = GRPOTrainer._get_per_token_logps_and_entropies if override is None else override
+    theirs = getattr(trl_trainer, OVERRIDDEN_METHOD, None)
+    if not callable(theirs):
+        raise ImportError(f"trl {version}: GRPOTrainer has no {OVERRIDDEN_METHOD}, which prefix_grouper's "
+                          f"GRPOTrainer overrides (written for trl {'.'.join(map(str, TESTED_TRL_VERSION))}); "
+                          f"install trl=={'.'.join(map(str, TESTED_TRL_VERSION))}.*")
+    if _parameters(theirs) != _parameters(override):
+        raise ImportError(f"trl {version}: GRPOTrainer.{OVERRIDDEN_METHOD}{inspect.signature(theirs)} differs from "
+                          f"prefix_grouper's override of it, {OVERRIDDEN_METHOD}{inspect.signature(override)} "
+                          f"(written for trl {'.'.join(map(str, TESTED_TRL_VERSION))}); install that version")
+    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) != TESTED_TRL_VERSION:
+        warnings.warn(f"prefix_grouper's GRPOTrainer was tested with trl {'.'.join(map(str, TESTED_TRL_VERSION))}, "
+                      f"found {version}; {OVERRIDDEN_METHOD} still has the same parameters", stacklevel=2)
 
 
 def _rows_grouped_by_prompt(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -204,3 +235,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
             self._fallbacks_warned.add(reason)
             warnings.warn(f"prefix_grouper GRPOTrainer: the grouped forward does not handle {reason}; these "
                           f"log-probs come from TRL's own (ungrouped) computation", stacklevel=3)
+
+
+check_trl_override()

@@ -12,8 +12,8 @@ from .loop import TrainConfig, Trainer
 from .loss import LOSS_TYPES, policy_loss
 from .metrics import append_metrics, plot_rewards, read_metrics, summary_table
 from .model import TINY_MODEL, Policy, load_policy
-from .rollout import Rollout
+from .rollout import Rollout, RolloutRows
 
 __all__ = ["ALGORITHMS", "CONVENTIONS", "CRPO", "DEFAULT_TASKS", "Distributed", "GRPO", "GiGPO", "LOSS_TYPES",
-           "Policy", "Rollout", "TINY_MODEL", "TrainConfig", "Trainer", "append_metrics", "build_trainer",
+           "Policy", "Rollout", "RolloutRows", "TINY_MODEL", "TrainConfig", "Trainer", "append_metrics", "build_trainer",
            "init_distributed", "load_policy", "plot_rewards", "policy_loss", "read_metrics", "summary_table"]

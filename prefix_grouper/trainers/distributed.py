@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from .rollout import RolloutRows
 
 __all__ = ["Distributed", "GroupedDDP", "init_distributed"]
 
@@ -49,22 +52,23 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def gather_rows(self, rows: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        """Every rank's per-row CPU tensors concatenated in rank order, and this rank's first row.
+    def gather_rows(self, rows: "RolloutRows") -> tuple["RolloutRows", int]:
+        """Every rank's rows concatenated in rank order, and this rank's first row.
 
-        Integer ids (int64 tensors) become ``id * world_size + rank``: distinct across ranks.
+        The id fields (:attr:`RolloutRows.ID_FIELDS`: group, trajectory, anchor) become
+        ``id * world_size + rank``, distinct across ranks; every other field (rewards, the
+        step index ``time``...) is left as it is.
         """
         if not self.enabled:
             return rows, 0
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, rows)
-        merged = {key: torch.cat([self._global_ids(part[key], r) for r, part in enumerate(gathered)])
-                  for key in rows}
-        first_row = sum(len(next(iter(part.values()))) for part in gathered[:self.rank])
+        merged = type(rows).cat([self._global_ids(part, r) for r, part in enumerate(gathered)])
+        first_row = sum(len(part) for part in gathered[:self.rank])
         return merged, first_row
 
-    def _global_ids(self, values: torch.Tensor, rank: int) -> torch.Tensor:
-        return values * self.world_size + rank if values.dtype == torch.int64 else values
+    def _global_ids(self, rows: "RolloutRows", rank: int) -> "RolloutRows":
+        return rows.map(lambda name, values: values * self.world_size + rank if name in rows.ID_FIELDS else values)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.enabled:

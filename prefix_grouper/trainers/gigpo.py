@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..advantages import discounted_returns, gigpo_advantages
+
+if TYPE_CHECKING:
+    from .rollout import RolloutRows
 
 __all__ = ["GiGPO"]
 
@@ -23,10 +27,10 @@ class GiGPO:
     mode: str = "mean_norm"
     name: str = "gigpo"
 
-    def advantages(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        span = int(rows["time"].max()) + 1
-        order = torch.argsort(rows["traj"] * span + rows["time"])
-        step_returns = torch.empty_like(rows["step_reward"])
-        step_returns[order] = discounted_returns(rows["step_reward"][order], rows["traj"][order], self.gamma)
-        return gigpo_advantages(rows["reward"], step_returns, rows["group"], rows["anchor"], omega=self.omega,
+    def advantages(self, rows: RolloutRows) -> torch.Tensor:
+        span = int(rows.time.max()) + 1
+        order = torch.argsort(rows.traj * span + rows.time)
+        step_returns = torch.empty_like(rows.step_reward)
+        step_returns[order] = discounted_returns(rows.step_reward[order], rows.traj[order], self.gamma)
+        return gigpo_advantages(rows.reward, step_returns, rows.group, rows.anchor, omega=self.omega,
                                 mode=self.mode)

@@ -18,11 +18,12 @@ import torch
 
 from ..models.packed import completion_log_probs
 from ..layout import GroupLayout
+from ..segments import group_row_ranges, micro_batch_groups
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed
 from .loss import micro_batch_share, policy_loss
 from .model import Policy
-from .rollout import Rollout, sample_episodes, sample_task
+from .rollout import Rollout, RolloutRows, sample_episodes, sample_task
 from .tasks import Environment, Task
 
 __all__ = ["Algorithm", "MicroBatch", "Prepared", "TrainConfig", "Trainer"]
@@ -49,8 +50,8 @@ class Algorithm(Protocol):
     """What makes GRPO, CRPO and GiGPO differ: the advantage of every row."""
     name: str
 
-    def advantages(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[N]`` float64 advantages of the batch's rows (see :class:`Rollout` for ``rows``)."""
+    def advantages(self, rows: RolloutRows) -> torch.Tensor:
+        """``[N]`` float64 advantages of the batch's rows."""
 
 
 @dataclass
@@ -99,21 +100,14 @@ class Trainer:
 
     def micro_batches(self, rollout: Rollout) -> list[MicroBatch]:
         """Consecutive whole prefix groups of at most ``micro_batch_rows`` rows (a bigger group alone)."""
-        batches, group, row = [], 0, 0
-        while group < len(rollout.group_sizes):
-            first_group, first_row = group, row
-            while group < len(rollout.group_sizes) and (
-                    group == first_group or row + rollout.group_sizes[group] - first_row <= self.config.micro_batch_rows):
-                row += rollout.group_sizes[group]
-                group += 1
-            completions = rollout.completion_ids[first_row:row]
-            suffix_lens, start = [], 0
-            for size in rollout.group_sizes[first_group:group]:
-                suffix_lens.append([len(c) for c in completions[start:start + size]])
-                start += size
-            prompts = rollout.prompt_ids[first_group:group]
+        rows_of_group = group_row_ranges(rollout.group_sizes)
+        batches = []
+        for groups in micro_batch_groups(rollout.group_sizes, max_rows=self.config.micro_batch_rows):
+            start, stop = rows_of_group[groups.start].start, rows_of_group[groups.stop - 1].stop
+            prompts = rollout.prompt_ids[groups.start:groups.stop]
+            suffix_lens = [[len(rollout.completion_ids[r]) for r in rows_of_group[g]] for g in groups]
             layout = GroupLayout.from_lengths([len(p) for p in prompts], suffix_lens, device=self.device)
-            batches.append(MicroBatch(layout, prompts, completions, first_row, row))
+            batches.append(MicroBatch(layout, prompts, rollout.completion_ids[start:stop], start, stop))
         return batches
 
     # ------------------------------------------------------------------ update
@@ -208,16 +202,16 @@ class Trainer:
         return metrics
 
 
-def reward_metrics(rows: dict[str, torch.Tensor], channels: tuple[str, ...]) -> dict[str, float]:
+def reward_metrics(rows: RolloutRows, channels: tuple[str, ...]) -> dict[str, float]:
     """``reward_mean`` (mean outcome reward per trajectory), ``reward/<channel>`` for tasks;
     ``success_rate``, ``invalid_frac`` and ``episode_steps`` for environments."""
-    _, traj, counts = torch.unique(rows["traj"], return_inverse=True, return_counts=True)
+    _, traj, counts = torch.unique(rows.traj, return_inverse=True, return_counts=True)
     num_traj = counts.numel()
     per_traj_weight = 1.0 / counts[traj].double()  # a trajectory counts once, however many rows it has
-    metrics = {"reward_mean": float((rows["reward"] * per_traj_weight).sum() / num_traj)}
+    metrics = {"reward_mean": float((rows.reward * per_traj_weight).sum() / num_traj)}
     for k, name in enumerate(channels):
-        metrics[f"reward/{name}"] = float(rows["channels"][:, k].mean())
-    if "success" in rows:
-        metrics.update(success_rate=float((rows["success"] * per_traj_weight).sum() / num_traj),
-                       invalid_frac=float(rows["invalid"].mean()), episode_steps=len(traj) / num_traj)
+        metrics[f"reward/{name}"] = float(rows.channels[:, k].mean())
+    if rows.success is not None:
+        metrics.update(success_rate=float((rows.success * per_traj_weight).sum() / num_traj),
+                       invalid_frac=float(rows.invalid.mean()), episode_steps=len(traj) / num_traj)
     return metrics

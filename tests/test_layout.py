@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prefix_grouper import GroupLayout
+from prefix_grouper.layout import Segment, Segmentation, cached_per_layout, segmentation_of
 
 # Two groups: prefix [a0 a1] with completions [x0 x1], [y0]; prefix [b0] with [z0 z1], [].
 PREFIX, SUFFIX = [2, 1], [[2, 1], [2, 0]]
@@ -278,3 +279,72 @@ def test_pack_takes_one_prompt_row_per_completion():
     repadded[4, 2] = 3
     with pytest.raises(ValueError, match="prompts: rows 2 and 4 belong to group 1 but hold different prompts"):
         layout.pack(repadded, completions)
+
+
+def test_segments_and_key_runs(layout):
+    # packed: a0 a1 | x0 x1 | y0 | b0 | z0 z1 | (empty)
+    assert layout.segments == (Segment(0, 2, -1), Segment(2, 2, 0), Segment(4, 1, 0),
+                               Segment(5, 1, -1), Segment(6, 2, 3), Segment(8, 0, 3))
+    # One segment per cu_seqlens entry, token_segment indexes them.
+    assert [s.start for s in layout.segments] == layout.cu_seqlens.tolist()[:-1]
+    for token, segment in enumerate(layout.token_segment.tolist()):
+        start, length, _ = layout.segments[segment]
+        assert start <= token < start + length
+    assert layout.key_runs(0) == ((0, 2),)
+    assert layout.key_runs(1) == ((0, 2), (2, 2))
+    assert layout.key_runs(2) == ((0, 2), (4, 1))
+    assert layout.key_runs(3) == ((5, 1),)
+    assert layout.key_runs(4) == ((5, 1), (6, 2))
+    assert layout.key_runs(5) == ((5, 1), (8, 0))
+    assert layout.segmentation.groups == (range(0, 3), range(3, 6))
+    assert layout.segmentation.nonempty() == [0, 1, 2, 3, 4]
+    assert layout.segmentation.longest_row == 4  # a0 a1 x0 x1
+
+
+def test_key_runs_match_the_attention_mask():
+    from prefix_grouper.attention.reference import prefix_sharing_mask
+    layout = GroupLayout.from_lengths([3, 1, 4], [[2, 0, 5], [1], [0, 3]])
+    mask = prefix_sharing_mask(layout)
+    for index, (start, length, _) in enumerate(layout.segments):
+        keys = {k for run_start, run_length in layout.key_runs(index)
+                for k in range(run_start, run_start + run_length)}
+        for q in range(start, start + length):
+            assert set(mask[q].nonzero().flatten().tolist()) == {k for k in keys if k <= q}
+
+
+def test_segmentation_is_built_once_and_shared_with_host_lengths(layout):
+    assert layout.segmentation is layout.segmentation
+    assert segmentation_of(layout.host_lengths) is layout.segmentation
+
+
+def test_segmentation_generalizes_to_nested_parents():
+    # A prefix tree: root 0, a shared middle 1, two leaves under it, one leaf under the root.
+    tree = Segmentation([Segment(0, 3, -1), Segment(3, 2, 0), Segment(5, 1, 1), Segment(6, 4, 1),
+                         Segment(10, 2, 0), Segment(12, 1, -1), Segment(13, 2, 5)])
+    assert tree.key_runs(3) == ((0, 3), (3, 2), (6, 4))
+    assert tree.key_runs(4) == ((0, 3), (10, 2))
+    assert tree.groups == (range(0, 5), range(5, 7))
+    assert tree.longest_row == 9 and tree.total_tokens == 15
+
+
+@pytest.mark.parametrize("segments, match", [
+    ([Segment(0, 2, 0)], "parent 0"),
+    ([Segment(1, 2, -1)], "does not continue"),
+    ([Segment(0, 2, -1), Segment(2, 1, 3)], "parent 3"),
+    ([Segment(0, -1, -1)], "length -1"),
+])
+def test_segmentation_errors(segments, match):
+    with pytest.raises(ValueError, match=match):
+        Segmentation(segments)
+
+
+def test_cache_has_one_key_format(layout):
+    built = []
+    value = layout.cached(("probe", 4), lambda: built.append(1) or "x")
+    assert value == "x" and layout.cached(("probe", 4), lambda: "y") == "x"
+    assert cached_per_layout(layout.host_lengths, ("probe", 4), lambda: "z") == "x" and built == [1]
+    # A bare name is the key (name,).
+    assert layout.cached("probe_name", lambda: 1) == layout.cached(("probe_name",), lambda: 2) == 1
+    for bad in (("probe",)[0:0], (4, "probe"), 7):
+        with pytest.raises(TypeError, match="key must be"):
+            layout.cached(bad, lambda: None)

@@ -33,17 +33,13 @@ def prefix_sharing_mask(layout: GroupLayout, window: int | None = None) -> torch
 
 def _segment_keys(layout: GroupLayout) -> list[tuple[range, list[int]]]:
     """``(rows, keys)`` of every non-empty segment in packed order: its packed rows and the
-    packed keys its rows may see (its group's prefix, then itself for a completion)."""
-    segments, start = [], 0
-    for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
-        prefix = range(start, start + prefix_len)
-        segments.append((prefix, list(prefix)))
-        start += prefix_len
-        for suffix_len in suffix_lens:
-            suffix = range(start, start + suffix_len)
-            if suffix_len:
-                segments.append((suffix, [*prefix, *suffix]))
-            start += suffix_len
+    packed keys its rows may see (``layout.key_runs``: its group's prefix, then itself)."""
+    segments = []
+    for index in layout.segmentation.nonempty():
+        start, length, _ = layout.segments[index]
+        keys = [key for run_start, run_length in layout.key_runs(index)
+                for key in range(run_start, run_start + run_length)]
+        segments.append((range(start, start + length), keys))
     return segments
 
 

@@ -218,20 +218,24 @@ def engine_for(device: torch.device, window: int | None = None, softcap: float |
 
 def _plan(layout: GroupLayout) -> dict:
     """Length buckets of the causal part, the (completion tokens, prompt) slices of the dense part (per group, and
-    per completion for windows), where every packed token's causal-part row lies, and the longest row."""
+    per completion for windows), where every packed token's causal-part row lies, and the longest row; all read
+    from the layout's segmentation."""
+    segmentation = layout.segmentation
     segments, cross, completions = [], [], []  # (packed start, length) of non-empty segments; slices
-    start = 0
-    for prefix_len, suffix_lens in zip(layout.prefix_lens_list, layout.suffix_lens_per_group):
-        prompt = slice(start, start + prefix_len)
-        segments.append((start, prefix_len))
-        start += prefix_len
-        for suffix_len in suffix_lens:
-            if suffix_len:
-                segments.append((start, suffix_len))
-                completions.append((slice(start, start + suffix_len), prompt))
-            start += suffix_len
-        if start > prompt.stop:
-            cross.append((slice(prompt.stop, start), prompt))
+    for index in segmentation.nonempty():
+        start, length, parent = segmentation.segments[index]
+        segments.append((start, length))
+        if parent < 0:
+            continue
+        # A completion's key runs: its prompt's, then its own (one ancestor in a flat layout).
+        (prompt_start, prompt_len), _ = segmentation.key_runs(index)
+        queries, prompt = slice(start, start + length), slice(prompt_start, prompt_start + prompt_len)
+        completions.append((queries, prompt))
+        if cross and cross[-1][1] == prompt:
+            # A group's completions are contiguous: one dense call for all of them.
+            cross[-1] = (slice(cross[-1][0].start, queries.stop), prompt)
+        else:
+            cross.append((queries, prompt))
 
     def bucket(segment):
         return (segment[1] - 1).bit_length()
@@ -248,9 +252,8 @@ def _plan(layout: GroupLayout) -> dict:
     row_of_token = torch.empty(layout.total_tokens, dtype=torch.long, device=device)
     is_token = self_index != zero_row
     row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
-    longest_row = max(p + max(s, default=0) for p, s in zip(layout.prefix_lens_list, layout.suffix_lens_per_group))
     return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross,
-            "completions": completions, "longest_row": longest_row}
+            "completions": completions, "longest_row": segmentation.longest_row}
 
 
 def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice, slice, int]]:
@@ -363,7 +366,7 @@ def torch_prefix_attention(
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
     None when not ``need_lse``)``. Half-precision inputs (and sinks) are computed in float32.
     """
-    plan = layout.cached(("torch_backend_plan",), lambda: _plan(layout))
+    plan = layout.cached(("torch_plan",), lambda: _plan(layout))
     if window is not None and window >= plan["longest_row"]:
         window = None  # every row already sees all its causal keys: the flash kernel may run
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32

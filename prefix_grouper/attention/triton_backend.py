@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, split_by_group
+from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, segmentation_of, split_by_group
 from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
 from .triton_common import (
@@ -44,7 +44,7 @@ from .triton_common import (
     padded_head_dim,
 )
 from .triton_fwd import launch_forward
-from .triton_schedule import dkdv_chunk_rows, key_tile_rows, longest_row, query_tile_rows
+from .triton_schedule import dkdv_chunk_rows, key_tile_rows, query_tile_rows
 
 __all__ = ["dkdv_chunk_rows", "key_tile_rows", "query_tile_rows", "triton_prefix_attention"]
 
@@ -98,10 +98,8 @@ def _features(host_lengths: torch.Tensor, q: torch.Tensor, window: Optional[int]
     """The kernels' :class:`ScoreFeatures`: a window that hides nothing (at least the
     longest row) is dropped, so it costs nothing; sinks as float32."""
     if window is not None:
-        prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
-        longest = cached_per_layout(host_lengths, ("triton_longest_row",),
-                                    lambda: longest_row(prefix_lens, suffix_lens_per_group))
-        if window >= longest:
+        _layout_lengths(host_lengths, q)  # checks the layout against q first
+        if window >= segmentation_of(host_lengths).longest_row:
             window = None
     return ScoreFeatures(window, softcap, None if sinks is None else sinks.float().contiguous())
 
@@ -114,7 +112,7 @@ def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: i
     packing = head_packing(block_m, q.shape[1] // num_kv_heads)
     prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
     q_tiles = cached_per_layout(
-        host_lengths, ("triton_schedule", "q", packing.tile_tokens, window, q.device),
+        host_lengths, ("triton_query_tiles", packing.tile_tokens, window, q.device),
         lambda: _schedule_tensor(query_tile_rows(prefix_lens, suffix_lens_per_group, packing.tile_tokens, window),
                                  QUERY_TILE_COLUMNS.value, q.device))
     return q_tiles, packing
@@ -145,7 +143,7 @@ def _key_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int
                 sum(row.num_slots for row in split))
 
     kv_tiles, split_kv_tiles, num_slots = cached_per_layout(
-        host_lengths, ("triton_schedule", "kv", kv_tile, num_kv_heads, window, q.device), build)
+        host_lengths, ("triton_key_tiles", kv_tile, num_kv_heads, window, q.device), build)
     return kv_tiles, split_kv_tiles, num_slots, kv_tile
 
 

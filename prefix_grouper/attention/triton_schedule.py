@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..layout.segmentation import Segmentation
 from .triton_common import KeyTile, QueryTile, SplitKeyTile
 
 __all__ = ["dkdv_chunk_rows", "key_tile_rows", "longest_row", "query_tile_rows"]
@@ -25,22 +26,23 @@ __all__ = ["dkdv_chunk_rows", "key_tile_rows", "longest_row", "query_tile_rows"]
 def longest_row(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]]) -> int:
     """Tokens of the longest unpacked row (prompt + completion): a window at least this long
     hides nothing."""
-    return max(prefix_len + max(suffix_lens, default=0)
-               for prefix_len, suffix_lens in zip(prefix_lens, suffix_lens_per_group))
+    return Segmentation.from_lengths(prefix_lens, suffix_lens_per_group).longest_row
 
 
-def _group_segments(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[Sequence[int]]):
-    """Per group: ``(prefix_start, prefix_len, [(suffix_start, suffix_len), ...], group_end)``."""
-    groups, start = [], 0
-    for prefix_len, suffix_lens in zip(prefix_lens, suffix_lens_per_group):
-        prefix_start = start
-        start += prefix_len
-        suffixes = []
-        for suffix_len in suffix_lens:
-            suffixes.append((start, suffix_len))
-            start += suffix_len
-        groups.append((prefix_start, prefix_len, suffixes, start))
-    return groups
+def _shared_run(segmentation: Segmentation, index: int) -> tuple[int, int]:
+    """``(start, length)`` of the keys segment ``index``'s queries see before its own: a
+    completion's prefix; for a prefix, nothing (an empty run at its start). The kernels take
+    one such run: a flat layout's key runs are at most the prefix's, then the segment's own."""
+    *ancestors, (own_start, _) = segmentation.key_runs(index)
+    if not ancestors:
+        return own_start, 0
+    (shared,) = ancestors
+    return shared
+
+
+def _group_end(segmentation: Segmentation, group: range) -> int:
+    last = segmentation.segments[group[-1]]
+    return last.start + last.length
 
 
 def _heaviest_first(per_group: list[list[tuple[int, tuple]]]) -> list[tuple]:
@@ -53,12 +55,13 @@ def query_tile_rows(prefix_lens: Sequence[int], suffix_lens_per_group: Sequence[
                     tile: int, window: Optional[int] = None) -> list[QueryTile]:
     """The :class:`QueryTile` of every query tile of ``tile`` rows, in launch order (a
     ``window`` only changes the order: the work of a tile)."""
+    segmentation = Segmentation.from_lengths(prefix_lens, suffix_lens_per_group)
     per_group = []
-    for prefix_start, prefix_len, suffixes, _ in _group_segments(prefix_lens, suffix_lens_per_group):
-        segments = [(prefix_start, prefix_len, prefix_start, 0)]
-        segments += [(start, length, prefix_start, prefix_len) for start, length in suffixes]
+    for group in segmentation.groups:
         tiles = []
-        for seg_start, seg_len, shared_start, shared_len in segments:
+        for index in group:
+            seg_start, seg_len, _ = segmentation.segments[index]
+            shared_start, shared_len = _shared_run(segmentation, index)
             for q_start in range(seg_start, seg_start + seg_len, tile):
                 keys_before = shared_len + q_start - seg_start
                 work = (keys_before if window is None else min(keys_before, window)) + tile
@@ -80,13 +83,17 @@ def _key_tile_query_ranges(prefix_lens: Sequence[int], suffix_lens_per_group: Se
     lists ``(start, end, pos_shift)`` packed query ranges holding every query that sees a
     key of the tile (:class:`KeyTile` defines ``pos_shift``). Without a window that is one
     range, of exactly the queries that see the tile's first key."""
+    segmentation = Segmentation.from_lengths(prefix_lens, suffix_lens_per_group)
     per_group = []
-    for prefix_start, prefix_len, suffixes, group_end in _group_segments(prefix_lens,
-                                                                         suffix_lens_per_group):
+    for group in segmentation.groups:
+        group_end = _group_end(segmentation, group)
+        prefix_start, prefix_len, _ = segmentation.segments[group.start]
         prefix_end = prefix_start + prefix_len
+        completions = [segmentation.segments[index] for index in group[1:]]
         tiles = []
-        for seg_start, seg_end, is_prefix in [(prefix_start, prefix_end, True)] + [
-                (start, start + length, False) for start, length in suffixes]:
+        for index in group:
+            seg_start, seg_len, parent = segmentation.segments[index]
+            seg_end, is_prefix = seg_start + seg_len, parent < 0
             for k_start in range(seg_start, seg_end, tile):
                 if window is None:
                     # Prefix keys are seen by the causal prefix queries and every suffix
@@ -101,7 +108,7 @@ def _key_tile_query_ranges(prefix_lens: Sequence[int], suffix_lens_per_group: Se
                     ranges = _windowed_range(k_start, seg_end, last + window - k_start, 0)
                     if is_prefix:
                         reach = (last - prefix_start) + window - prefix_len
-                        for start, length in suffixes:
+                        for start, length, _ in completions:
                             ranges += _windowed_range(start, start + length, reach, prefix_end - start)
                 tiles.append((k_start, seg_end, ranges))
         per_group.append(tiles)

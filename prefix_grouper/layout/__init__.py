@@ -1,0 +1,40 @@
+"""Packed shared-prefix layout of a GRPO batch.
+
+A batch holds B groups. Group b has one prompt (prefix) of ``P_b`` tokens and ``G_b``
+completions (suffixes) of ``S_b1 .. S_bG`` tokens. The packed token axis holds, group
+after group, ``prefix_b, suffix_b1, ..., suffix_bG``; its length is
+``T = sum_b (P_b + sum_i S_bi)``.
+
+Vocabulary: the layout and attention say *prefix* and *suffix* (``prefix_lens``,
+``suffix_lens``: lengths on the packed axis); functions that take model inputs say
+*prompt* and *completion* (``prompt_ids``, ``completion_mask``). A group's prefix is its
+prompt, suffix ``i`` its completion ``i``.
+
+Everything here is computed once per batch, from host-side lengths, so that attention
+forward and backward never have to synchronize with the device to learn a shape.
+
+Modules: :mod:`.host` (the lengths as one CPU tensor, and the per-layout cache keyed by it),
+:mod:`.segmentation` (segments and the key runs each one's queries see: the one owner of
+segmentation, which the attention backends read), :mod:`.construction` (checked lengths from
+lengths or padded masks, index tensors), :mod:`.group_layout` (the :class:`GroupLayout`
+object), :mod:`.broadcast` (per-completion values onto tokens or padded rows).
+"""
+from .broadcast import broadcast_to_padded, broadcast_to_tokens
+from .group_layout import GroupLayout
+from .host import cache_key, cached_per_layout, decode_host_lengths, encode_host_lengths, split_by_group
+from .segmentation import KeyRun, Segment, Segmentation, segmentation_of
+
+__all__ = [
+    "GroupLayout",
+    "KeyRun",
+    "Segment",
+    "Segmentation",
+    "broadcast_to_padded",
+    "broadcast_to_tokens",
+    "cache_key",
+    "cached_per_layout",
+    "decode_host_lengths",
+    "encode_host_lengths",
+    "segmentation_of",
+    "split_by_group",
+]

@@ -1,0 +1,221 @@
+"""Building a layout: checked lengths from Python lengths or from padded masks (one row per
+group, or one row per completion as TRL and verl hold a batch), and the index tensors.
+
+:class:`~prefix_grouper.layout.GroupLayout`'s constructors delegate here; nothing here
+knows the class, so the object module stays about what a layout answers.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from typing import Any, Sequence
+
+import torch
+
+from ..checks import MAX_LENGTH, as_length_list
+from .host import split_by_group
+from .segmentation import Segmentation
+
+__all__ = ["checked_lengths", "index_tensors", "lengths_from_padded"]
+
+
+def checked_lengths(prefix_lens: Sequence[int],
+                    suffix_lens: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """``(prefix_lens, suffix_lens per group)`` as Python ints, every error naming its argument."""
+    prefix = as_length_list(prefix_lens, "prefix_lens")
+    if isinstance(suffix_lens, (int, float, str, bytes)) or not hasattr(suffix_lens, "__len__"):
+        raise TypeError(f"suffix_lens must hold one sequence of completion lengths per group, "
+                        f"got {type(suffix_lens).__name__}")
+    if isinstance(suffix_lens, (Set, Mapping)):
+        # A set has no group order to line up with prefix_lens (and drops repeats).
+        raise TypeError(f"suffix_lens must be an ordered sequence (one entry per group), "
+                        f"got a {type(suffix_lens).__name__}")
+    if len(prefix) == 0:
+        raise ValueError("prefix_lens is empty: a layout needs at least one group")
+    if len(suffix_lens) != len(prefix):
+        raise ValueError(f"suffix_lens must list one sequence of completion lengths per group: "
+                         f"got {len(suffix_lens)} entries for {len(prefix)} prefixes")
+    groups = [as_length_list(s, f"suffix_lens[{b}]") for b, s in enumerate(suffix_lens)]
+    for b, p in enumerate(prefix):
+        if p < 1:
+            raise ValueError(f"prefix_lens[{b}] = {p}: every prefix needs at least 1 token (its last "
+                             f"token predicts the first completion token); prepend a BOS token")
+    for b, g in enumerate(groups):
+        if len(g) == 0:
+            raise ValueError(f"suffix_lens[{b}] is empty: every group needs at least one completion")
+        for i, s in enumerate(g):
+            if s < 0:
+                raise ValueError(f"suffix_lens[{b}][{i}] = {s}: completion lengths must be >= 0")
+    total = sum(prefix) + sum(sum(g) for g in groups)
+    if total > MAX_LENGTH:
+        raise ValueError(f"the layout packs {total} tokens, more than any packable length ({MAX_LENGTH}); "
+                         f"split the batch")
+    return prefix, groups
+
+
+# ---------------------------------------------------------------------- from padded masks
+def _check_inputs(prompt_mask: Any, completion_mask: Any, prompt_ids: Any) -> None:
+    for name, mask in (("prompt_mask", prompt_mask), ("completion_mask", completion_mask)):
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{name} must be a 2-D tensor, got {shape}")
+        if mask.dtype.is_floating_point:
+            raise TypeError(f"{name} must be bool or integer, got {mask.dtype}")
+    if completion_mask.device != prompt_mask.device:
+        raise ValueError(f"prompt_mask is on {prompt_mask.device} but completion_mask on {completion_mask.device}")
+    if prompt_ids is None:
+        return
+    if (not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dtype.is_floating_point
+            or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool):
+        kind = prompt_ids.dtype if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+        raise TypeError(f"prompt_ids must be an integer tensor, got {kind}")
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.device != prompt_mask.device:
+        raise ValueError(f"prompt_ids must match prompt_mask's shape {tuple(prompt_mask.shape)} and device "
+                         f"{prompt_mask.device}, got {tuple(prompt_ids.shape)} on {prompt_ids.device}")
+
+
+def _real_token_counts(pm: torch.Tensor, cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real tokens per prompt row and per completion row, after checking the padding sides
+    (padding on the wrong side would make pack() pick the wrong tokens)."""
+    prompt_counts, completion_counts = pm.sum(1), cm.sum(1)
+    prompt_cols = torch.arange(pm.shape[1], device=pm.device)
+    completion_cols = torch.arange(cm.shape[1], device=cm.device)
+    if not bool((pm == (prompt_cols[None] >= pm.shape[1] - prompt_counts[:, None])).all()):
+        raise ValueError("prompt_mask must be left-padded: zeros first, then ones, in every row")
+    if not bool((cm == (completion_cols[None] < completion_counts[:, None])).all()):
+        raise ValueError("completion_mask must be right-padded: ones first, then zeros, in every row")
+    empty_prompts = (prompt_counts == 0).nonzero().flatten().tolist()
+    if empty_prompts:
+        raise ValueError(f"prompt_mask row {empty_prompts[0]} has no real token: every prompt needs at "
+                         f"least 1 (its last token predicts the first completion token)")
+    return prompt_counts, completion_counts
+
+
+class _PromptRows:
+    """Compares prompt rows: same mask, and same ids under it when ids are given."""
+
+    def __init__(self, pm: torch.Tensor, prompt_ids: torch.Tensor | None) -> None:
+        self.pm, self.prompt_ids = pm, prompt_ids
+
+    def same(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``[len(a)]`` bool: prompt rows ``a`` and ``b`` hold the same prompt."""
+        same = (self.pm[a] == self.pm[b]).all(1)
+        if self.prompt_ids is not None:
+            same &= ((self.prompt_ids[a] == self.prompt_ids[b]) | ~self.pm[a]).all(1)
+        return same
+
+
+def _sizes_from_repeated_prompts(prompts: _PromptRows, rows: int) -> list[int]:
+    """Group sizes when consecutive rows holding identical prompts form a group."""
+    index = torch.arange(rows, device=prompts.pm.device)
+    new_group = torch.ones(rows, dtype=torch.bool, device=prompts.pm.device)
+    new_group[1:] = ~prompts.same(index[1:], index[:-1])
+    starts = new_group.nonzero().flatten().tolist() + [rows]
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _checked_group_sizes(group_sizes: Any, rows: int, num_completions: int) -> list[int]:
+    sizes = as_length_list(group_sizes, "group_sizes")
+    for b, g in enumerate(sizes):
+        if g < 1:
+            raise ValueError(f"group_sizes[{b}] = {g}: every group needs at least one completion")
+    if sum(sizes) != num_completions:
+        raise ValueError(f"group_sizes sums to {sum(sizes)} but completion_mask has {num_completions} rows")
+    if rows not in (len(sizes), num_completions):
+        raise ValueError(f"prompt_mask has {rows} rows: expected one per group (group_sizes has "
+                         f"{len(sizes)} entries) or one per completion ({num_completions})")
+    return sizes
+
+
+def _first_rows_of_groups(prompts: _PromptRows, sizes: list[int]) -> list[int]:
+    """With one prompt row per completion: the first row of every group, after checking
+    that every group's rows repeat it."""
+    rows = sum(sizes)
+    size_t = torch.tensor(sizes, device=prompts.pm.device)
+    group_first = torch.cumsum(size_t, 0) - size_t
+    first = torch.repeat_interleave(group_first, size_t, output_size=rows)
+    differs = (~prompts.same(torch.arange(rows, device=prompts.pm.device), first)).nonzero().flatten().tolist()
+    if differs:
+        r = differs[0]
+        what = "different prompts" if prompts.prompt_ids is not None else "prompts of different lengths"
+        raise ValueError(f"prompt rows {int(first[r])} and {r} are given as one group but hold {what}")
+    return group_first.tolist()
+
+
+def lengths_from_padded(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_sizes: Any,
+                        prompt_ids: torch.Tensor | None) -> tuple[list[int], list[tuple[int, ...]]]:
+    """``(prefix_lens, suffix_lens per group)`` of padded masks (see ``GroupLayout.from_padded``)."""
+    _check_inputs(prompt_mask, completion_mask, prompt_ids)
+    pm, cm = prompt_mask.bool(), completion_mask.bool()
+    prompt_counts, completion_counts = _real_token_counts(pm, cm)
+    rows, num_completions = pm.shape[0], cm.shape[0]
+    prompts = _PromptRows(pm, prompt_ids)
+    if group_sizes is not None:
+        sizes = _checked_group_sizes(group_sizes, rows, num_completions)
+    elif rows != num_completions:
+        raise ValueError(f"group_sizes is required unless prompt_mask has one row per completion: it has "
+                         f"{rows} rows, completion_mask {num_completions}")
+    elif prompt_ids is None:
+        raise ValueError(f"prompt_mask has one row per completion (N={num_completions}) and no group_sizes: "
+                         f"pass prompt_ids (consecutive rows with identical prompts form a group) or "
+                         f"group_sizes")
+    else:
+        sizes = _sizes_from_repeated_prompts(prompts, rows)
+    prefix_lens = prompt_counts.tolist()
+    if rows == num_completions and len(sizes) != rows:
+        prefix_lens = [prefix_lens[row] for row in _first_rows_of_groups(prompts, sizes)]
+    return prefix_lens, split_by_group(completion_counts.tolist(), sizes)
+
+
+# ---------------------------------------------------------------------- index tensors
+def index_tensors(segmentation: Segmentation, prefix_lens: Sequence[int], group_sizes: Sequence[int],
+                  suffix_lens: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every index tensor of ``GroupLayout`` (its docstring lists them), on ``device``, from
+    the segmentation (its segment ``s`` is ``cu_seqlens[s]``) and the host lengths."""
+    long = dict(dtype=torch.long, device=device)
+    segments, total = segmentation.segments, segmentation.total_tokens
+    roots = [group.start for group in segmentation.groups]
+    completions = [s for s, segment in enumerate(segments) if segment.parent >= 0]
+    seg_group = [0] * len(segments)
+    for b, group in enumerate(segmentation.groups):
+        for s in group:
+            seg_group[s] = b
+
+    t: dict[str, torch.Tensor] = {}
+    t["prefix_lens"] = torch.tensor(prefix_lens, **long)
+    t["group_sizes"] = torch.tensor(group_sizes, **long)
+    t["suffix_lens"] = torch.tensor(suffix_lens, **long)
+    t["completion_group"] = torch.tensor([seg_group[s] for s in completions], **long)
+    t["first_completion"] = torch.cumsum(t["group_sizes"], 0) - t["group_sizes"]
+    t["cu_group_seqlens"] = torch.tensor([segments[r].start for r in roots] + [total], **long)
+    t["prefix_starts"] = torch.tensor([segments[r].start for r in roots], **long)
+    t["suffix_starts"] = torch.tensor([segments[s].start for s in completions], **long)
+    t["cu_seqlens"] = torch.tensor([segment.start for segment in segments] + [total], **long)
+
+    # Per-token tables, vectorized from the segment tables.
+    seg_len_t = torch.tensor([segment.length for segment in segments], **long)
+    seg_id = torch.repeat_interleave(torch.arange(len(segments), **long), seg_len_t, output_size=total)
+    is_prefix_seg = torch.tensor([segment.parent < 0 for segment in segments], dtype=torch.bool, device=device)
+    seg_group_t = torch.tensor(seg_group, **long)
+    seg_completion = torch.cumsum((~is_prefix_seg).long(), 0) - 1
+    seg_completion = torch.where(is_prefix_seg, torch.full_like(seg_completion, -1), seg_completion)
+    seg_pos0 = torch.where(is_prefix_seg, torch.zeros_like(seg_group_t), t["prefix_lens"][seg_group_t])
+    offset_in_seg = torch.arange(total, **long) - t["cu_seqlens"][seg_id]
+    t["token_group"] = seg_group_t[seg_id]
+    t["token_completion"] = seg_completion[seg_id]
+    t["position_ids"] = seg_pos0[seg_id] + offset_in_seg
+    t["token_segment"] = seg_id
+
+    n_ct, max_suffix = sum(suffix_lens), max(suffix_lens)
+    completion_of = torch.repeat_interleave(torch.arange(len(suffix_lens), **long), t["suffix_lens"],
+                                            output_size=n_ct)
+    first_of_completion = torch.cumsum(t["suffix_lens"], 0) - t["suffix_lens"]
+    offset_in_completion = torch.arange(n_ct, **long) - first_of_completion[completion_of]
+    positions = t["suffix_starts"][completion_of] + offset_in_completion
+    t["_completion_positions"] = positions
+    t["_completion_padded_index"] = completion_of * max_suffix + offset_in_completion
+    # The first token of a completion is predicted by its group's last prefix token;
+    # any later one by the token right before it.
+    first = t["position_ids"][positions] == t["prefix_lens"][t["token_group"][positions]]
+    last_prefix = t["prefix_starts"] + t["prefix_lens"] - 1
+    t["_completion_logit_positions"] = torch.where(first, last_prefix[t["token_group"][positions]], positions - 1)
+    return t

@@ -1,0 +1,301 @@
+"""The layout object: a packed ``prefix, suffix_1..suffix_G`` batch's lengths, segmentation
+and index tensors, and the packing of padded rows onto its token axis.
+
+Building one (checked lengths, padded masks, index tensors) lives in :mod:`.construction`;
+:class:`GroupLayout`'s constructors delegate there.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .construction import checked_lengths, index_tensors, lengths_from_padded
+from .host import cached_per_layout, encode_host_lengths, split_by_group
+from .segmentation import KeyRun, Segment, Segmentation, segmentation_of
+
+__all__ = ["GroupLayout"]
+
+
+class GroupLayout:
+    """Lengths and index tensors of a packed ``prefix, suffix_1..suffix_G`` batch.
+
+    Prefix = prompt, suffix = completion (see the package docstring for the vocabulary).
+    Build it with :meth:`from_lengths` or :meth:`from_padded`. Host-side lengths are kept
+    as Python tuples (``prefix_lens_list``, ``suffix_lens_list``, ``group_sizes_list``);
+    the tensor attributes below live on ``device``:
+
+    ========================  =================  ===============================================
+    attribute                 shape, dtype       meaning
+    ========================  =================  ===============================================
+    ``prefix_lens``           [B] int64          P_b
+    ``group_sizes``           [B] int64          G_b (completions of group b)
+    ``suffix_lens``           [N] int64          length of every completion, group by group
+    ``completion_group``      [N] int64          group of every completion
+    ``first_completion``      [B] int64          index of every group's first completion
+    ``cu_group_seqlens``      [B+1] int64        packed start of every group, then T
+    ``prefix_starts``         [B] int64          packed start of every prefix
+    ``suffix_starts``         [N] int64          packed start of every completion
+    ``cu_seqlens``            [B+N+1] int64      starts of all segments in packed order, then T
+    ``position_ids``          [T] int64          0..P_b-1 on a prefix, P_b.. on every suffix
+    ``token_group``           [T] int64          group of every packed token
+    ``token_completion``      [T] int64          completion of every token, -1 on prefixes
+    ``token_segment``         [T] int64          segment of every token (index into ``segments``)
+    ========================  =================  ===============================================
+
+    Segmentation, host-side and built once (:mod:`.segmentation`): ``segments`` (one
+    :class:`Segment` ``(start, length, parent)`` per entry of ``cu_seqlens``) and
+    :meth:`key_runs` (the packed key runs a segment's queries see).
+
+    ``host_lengths`` is the one CPU tensor: the lengths as :func:`encode_host_lengths` encodes
+    them (:func:`decode_host_lengths` reads them back), for ops that must not synchronize.
+
+    ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
+    first completion token); completions may be empty (they then own no packed token).
+    """
+
+    def __init__(
+        self,
+        prefix_lens: Sequence[int],
+        suffix_lens: Sequence[Sequence[int]],
+        device: torch.device | str | None = None,
+    ) -> None:
+        prefix, groups = checked_lengths(prefix_lens, suffix_lens)
+        self.prefix_lens_list: tuple[int, ...] = tuple(prefix)
+        self.group_sizes_list: tuple[int, ...] = tuple(len(g) for g in groups)
+        self.suffix_lens_list: tuple[int, ...] = tuple(s for g in groups for s in g)
+        self.num_groups = len(prefix)
+        self.num_completions = len(self.suffix_lens_list)
+        self.num_completion_tokens = sum(self.suffix_lens_list)
+        self.total_tokens = sum(prefix) + self.num_completion_tokens
+        self.max_prefix_len = max(prefix)
+        self.max_suffix_len = max(self.suffix_lens_list)
+        self.max_group_suffix_tokens = max(sum(g) for g in groups)
+        self.host_lengths = encode_host_lengths(prefix, self.group_sizes_list, self.suffix_lens_list)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for name, tensor in index_tensors(self.segmentation, self.prefix_lens_list, self.group_sizes_list,
+                                          self.suffix_lens_list, device).items():
+            setattr(self, name, tensor)
+        # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
+        self.device = self.prefix_lens.device
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_lengths(
+        cls,
+        prefix_lens: Sequence[int],
+        suffix_lens: Sequence[Sequence[int]],
+        device: torch.device | str | None = None,
+    ) -> "GroupLayout":
+        """``prefix_lens[b]`` = P_b; ``suffix_lens[b]`` lists group b's completion lengths."""
+        return cls(prefix_lens, suffix_lens, device=device)
+
+    @classmethod
+    def from_padded(
+        cls,
+        prompt_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        group_sizes: Sequence[int] | torch.Tensor | None = None,
+        *,
+        prompt_ids: torch.Tensor | None = None,
+    ) -> "GroupLayout":
+        """Layout of what a GRPO loop holds: left-padded prompts and right-padded completions.
+
+        Args:
+            prompt_mask: bool/int, 1 on real prompt tokens (left padding): ``[B, Lp]``, one
+                row per group, or ``[N, Lp]``, one row per completion as TRL and verl hold a
+                batch (a group's prompt repeated on its consecutive rows).
+            completion_mask: ``[N, Ls]`` bool/int, 1 on real completion tokens (right
+                padding); the completions of a group are consecutive rows.
+            group_sizes: ``[B]`` number of completions of each group, summing to N. May be
+                omitted when ``prompt_mask`` has N rows and ``prompt_ids`` is given:
+                consecutive rows holding identical prompts then form a group.
+            prompt_ids: ``[rows of prompt_mask, Lp]`` integer prompt tokens (read only under
+                the mask). With N rows, rows given as one group must hold identical prompts.
+
+        Reads the mask lengths back to the host (a few synchronizations, once per batch).
+        """
+        prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
+        return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
+
+    # ------------------------------------------------------------------ segmentation
+    @property
+    def segmentation(self) -> Segmentation:
+        """The layout's :class:`Segmentation` (host-side, built once per layout)."""
+        return segmentation_of(self.host_lengths)
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """One :class:`Segment` ``(start, length, parent)`` per packed segment, in packed order:
+        each group's prefix (``parent == -1``), then its completions (``parent`` = the index of
+        the group's prefix segment), empty completions included; host ints."""
+        return self.segmentation.segments
+
+    def key_runs(self, segment: int) -> tuple[KeyRun, ...]:
+        """``(start, length)`` packed key runs segment ``segment``'s queries see, in order:
+        for a completion, its prefix's run then its own; for a prefix, its own."""
+        return self.segmentation.key_runs(segment)
+
+    # ------------------------------------------------------------------ helpers
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Memoize per-layout metadata (e.g. a kernel's tile schedule) under ``key``:
+        ``(name, *parameters)`` (:func:`~prefix_grouper.layout.host.cache_key`)."""
+        return cached_per_layout(self.host_lengths, key, build)
+
+    def to(self, device: torch.device | str) -> "GroupLayout":
+        """The same layout with its tensors on ``device``."""
+        device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
+        if device == self.device:
+            return self
+        return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
+
+    @property
+    def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
+        return split_by_group(self.suffix_lens_list, self.group_sizes_list)
+
+    def unpacked_tokens(self) -> int:
+        """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_b sum_i (P_b + S_bi)``."""
+        return sum(
+            self.prefix_lens_list[b] * g for b, g in enumerate(self.group_sizes_list)
+        ) + self.num_completion_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupLayout(groups={self.num_groups}, completions={self.num_completions}, "
+            f"tokens={self.total_tokens}, max_prefix={self.max_prefix_len}, "
+            f"max_suffix={self.max_suffix_len}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ packing
+    def completion_mask(self) -> torch.Tensor:
+        """``[N, max_S]`` bool: True on the real tokens of every right-padded completion row."""
+        columns = torch.arange(self.max_suffix_len, device=self.device)
+        return columns[None, :] < self.suffix_lens[:, None]
+
+    def completion_positions(self) -> torch.Tensor:
+        """``[num_completion_tokens]`` packed index of every completion token, in order."""
+        return self._completion_positions
+
+    def completion_logit_positions(self) -> torch.Tensor:
+        """``[num_completion_tokens]`` packed index whose logits predict each completion token.
+
+        ``log_softmax(logits[completion_logit_positions()])`` gathered at
+        ``input_ids[completion_positions()]`` gives the completion log-probs.
+        """
+        return self._completion_logit_positions
+
+    def pack(self, prompts: Any, completions: Any) -> torch.Tensor:
+        """Pack prompts and completions into the ``[T, ...]`` token axis.
+
+        Args:
+            prompts: ``[B, Lp, ...]`` left-padded (real tokens at the end of every row),
+                or a list of B tensors ``[P_b, ...]``; or the same with one row per
+                completion (``[N, Lp, ...]`` or N tensors, as TRL and verl hold prompts),
+                whose rows within a group must be identical (the first one is used;
+                checking it reads one flag back from the device).
+            completions: ``[N, Ls, ...]`` right-padded, the completions of a group on
+                consecutive rows, or a list of N tensors ``[S_j, ...]``.
+
+        Returns ``[T, ...]``: ``prefix_b, suffix_b1..suffix_bG`` per group (e.g. input ids).
+        """
+        prompt_rows = self._prompt_rows(prompts)
+        completion_rows = self._rows(completions, "completions", self.suffix_lens_list, left_padded=False)
+        if prompt_rows.device != self.device or completion_rows.device != self.device:
+            raise ValueError(
+                f"prompts and completions must be on the layout's device {self.device}, got "
+                f"{prompt_rows.device} and {completion_rows.device}"
+            )
+        if prompt_rows.shape[2:] != completion_rows.shape[2:] or prompt_rows.dtype != completion_rows.dtype:
+            raise ValueError(
+                f"prompts and completions must share trailing shape and dtype, got "
+                f"{tuple(prompt_rows.shape[2:])}/{prompt_rows.dtype} and "
+                f"{tuple(completion_rows.shape[2:])}/{completion_rows.dtype}"
+            )
+        lp, ls = prompt_rows.shape[1], completion_rows.shape[1]
+        is_prefix = self.token_completion < 0
+        prompt_col = lp - self.prefix_lens[self.token_group] + self.position_ids
+        completion_col = self.position_ids - self.prefix_lens[self.token_group]
+        prompt_flat = prompt_rows.reshape(-1, *prompt_rows.shape[2:])
+        completion_flat = completion_rows.reshape(-1, *completion_rows.shape[2:])
+        src = torch.cat([prompt_flat, completion_flat], 0)
+        index = torch.where(
+            is_prefix,
+            self.token_group * lp + prompt_col,
+            prompt_flat.shape[0] + self.token_completion.clamp(min=0) * ls + completion_col,
+        )
+        return src.index_select(0, index)
+
+    def _prompt_rows(self, prompts: Any) -> torch.Tensor:
+        """``[B, Lp, ...]`` left-padded prompt rows from one row per group or per completion."""
+        count = len(prompts) if isinstance(prompts, (list, tuple)) else getattr(prompts, "shape", (None,))[0]
+        if count == self.num_groups or count != self.num_completions:
+            return self._rows(prompts, "prompts", self.prefix_lens_list, left_padded=True)
+        per_completion = tuple(self.prefix_lens_list[b] for b in self.completion_group.tolist())
+        rows = self._rows(prompts, "prompts", per_completion, left_padded=True)
+        width = rows.shape[1]
+        first = self.first_completion[self.completion_group].to(rows.device)
+        in_prompt = (torch.arange(width, device=rows.device)[None]
+                     >= width - self.prefix_lens[self.completion_group].to(rows.device)[:, None])
+        differs = (rows != rows[first]).reshape(*rows.shape[:2], -1).any(-1) & in_prompt
+        bad = differs.any(1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"prompts: rows {int(first[bad[0]])} and {bad[0]} belong to group "
+                             f"{int(self.completion_group[bad[0]])} but hold different prompts")
+        return rows[self.first_completion.to(rows.device)]
+
+    def _rows(self, x: Any, name: str, lens: tuple[int, ...], left_padded: bool) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(lens):
+                raise ValueError(f"{name}: expected {len(lens)} tensors, got {len(x)}")
+            for i, (t, n) in enumerate(zip(x, lens)):
+                if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != n:
+                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name}[{i}]: expected a tensor with {n} rows, got {shape}")
+                if t.dtype != x[0].dtype or t.device != x[0].device or t.shape[1:] != x[0].shape[1:]:
+                    raise ValueError(f"{name}[{i}] is a {tuple(t.shape)} {t.dtype} tensor on {t.device} but "
+                                     f"{name}[0] a {tuple(x[0].shape)} {x[0].dtype} one on {x[0].device}: "
+                                     f"the tensors must share dtype, device and trailing shape")
+            width = max(lens)
+            out = x[0].new_zeros((len(lens), width, *x[0].shape[1:]))
+            for i, (t, n) in enumerate(zip(x, lens)):
+                if left_padded:
+                    out[i, width - n:] = t
+                else:
+                    out[i, :n] = t
+            return out
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a padded [rows, length, ...] tensor or a list of tensors, got {shape}")
+        if x.shape[0] != len(lens):
+            expected = (f"{self.num_groups} (one per group) or {self.num_completions} (one per completion)"
+                        if name == "prompts" else str(len(lens)))
+            raise ValueError(f"{name} has {x.shape[0]} rows, the layout needs {expected}")
+        if x.shape[1] < max(lens):
+            raise ValueError(f"{name} has length {x.shape[1]} but the layout needs {max(lens)}")
+        return x
+
+    def unpack_completions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-completion padded view of per-token values.
+
+        Args:
+            x: ``[T, ...]`` values on the packed axis, or ``[num_completion_tokens, ...]``
+                values of the completion tokens only (e.g. log-probs).
+
+        Returns ``(values [N, max_S, ...], mask [N, max_S] bool)``, zeros where padded.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"x must be a tensor with a leading token dim, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")
+        if x.shape[0] == self.total_tokens:
+            x = x.index_select(0, self._completion_positions.to(x.device))
+        elif x.shape[0] != self.num_completion_tokens:
+            raise ValueError(
+                f"x must have T={self.total_tokens} or num_completion_tokens="
+                f"{self.num_completion_tokens} rows, got shape {tuple(x.shape)}"
+            )
+        mask = self.completion_mask()
+        out = x.new_zeros((self.num_completions * self.max_suffix_len, *x.shape[1:]))
+        out = out.index_copy(0, self._completion_padded_index.to(x.device), x)
+        return out.view(self.num_completions, self.max_suffix_len, *x.shape[1:]), mask.to(x.device)
+
+

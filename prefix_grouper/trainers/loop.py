@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from ..models.packed import completion_log_probs
 from ..layout import GroupLayout
+from ..models.packed import completion_log_probs
 from ..segments import group_row_ranges, micro_batch_groups
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed

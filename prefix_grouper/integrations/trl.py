@@ -156,6 +156,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
                           f"and GRPO's ratios assume a deterministic policy; pass GRPOConfig(disable_dropout=True) "
                           f"to say so", stacklevel=2)
 
+    # The one override of a private TRL method (OVERRIDDEN_METHOD, checked by check_trl_override
+    # at import): it only picks TRL's own path or the grouped one.
     def _get_per_token_logps_and_entropies(
         self,
         model,

@@ -348,3 +348,13 @@ def test_cache_has_one_key_format(layout):
     for bad in (("probe",)[0:0], (4, "probe"), 7):
         with pytest.raises(TypeError, match="key must be"):
             layout.cached(bad, lambda: None)
+
+
+def test_layout_micro_batch_groups():
+    # Group tokens: 3 + 2 + 1 = 6, 1 + 4 = 5, 2 + 0 + 0 + 1 = 3; rows 2, 1, 3.
+    layout = GroupLayout.from_lengths([3, 1, 2], [[2, 1], [4], [0, 0, 1]])
+    assert layout.micro_batch_groups(max_rows=3) == [range(0, 2), range(2, 3)]
+    assert layout.micro_batch_groups(max_tokens=8) == [range(0, 1), range(1, 3)]
+    assert layout.micro_batch_groups(max_rows=3, max_tokens=5) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError, match="max_rows and/or max_tokens"):
+        layout.micro_batch_groups()

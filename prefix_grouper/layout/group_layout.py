@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..segments import micro_batch_groups
 from .construction import checked_lengths, index_tensors, lengths_from_padded
 from .host import cached_per_layout, encode_host_lengths, split_by_group
 from .segmentation import KeyRun, Segment, Segmentation, segmentation_of
@@ -135,6 +136,16 @@ class GroupLayout:
         """``(start, length)`` packed key runs segment ``segment``'s queries see, in order:
         for a completion, its prefix's run then its own; for a prefix, its own."""
         return self.segmentation.key_runs(segment)
+
+    def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:
+        """Consecutive whole groups per micro-batch (ranges of group indices), each within
+        ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
+        runs alone (:func:`prefix_grouper.segments.micro_batch_groups`)."""
+        group_tokens = [prefix + sum(suffixes)
+                        for prefix, suffixes in zip(self.prefix_lens_list, self.suffix_lens_per_group)]
+        return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
+                                  tokens_per_group=None if max_tokens is None else group_tokens,
+                                  max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ helpers
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:

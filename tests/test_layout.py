@@ -332,6 +332,7 @@ def test_segmentation_generalizes_to_nested_parents():
     ([Segment(1, 2, -1)], "does not continue"),
     ([Segment(0, 2, -1), Segment(2, 1, 3)], "parent 3"),
     ([Segment(0, -1, -1)], "length -1"),
+    ([Segment(0, 2, -1), Segment(2, 1, -1), Segment(3, 1, 0)], "before its group's root 1"),
 ])
 def test_segmentation_errors(segments, match):
     with pytest.raises(ValueError, match=match):

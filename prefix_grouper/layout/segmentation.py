@@ -56,13 +56,16 @@ class Segmentation:
                 raise ValueError(f"segment {index} has parent {parent}: a parent is an earlier segment, or -1")
             if parent == -1:
                 group_starts.append(index)
+            elif parent < group_starts[-1]:
+                raise ValueError(f"segment {index} has parent {parent}, before its group's root {group_starts[-1]}: "
+                                 f"a group's segments follow its root")
             own = (start, length)
             key_runs.append((own,) if parent == -1 else key_runs[parent] + (own,))
             end = start + length
         self._key_runs = tuple(key_runs)
+        # Segment indices of each group (a root and its descendants), in packed order.
         self.groups: tuple[range, ...] = tuple(
             range(first, stop) for first, stop in zip(group_starts, group_starts[1:] + [len(self.segments)]))
-        """Segment indices of each group (a root and its descendants), in packed order."""
         self.total_tokens = end
         # Tokens of the longest unpacked row (e.g. prompt + completion): the most keys a query sees.
         self.longest_row = max((sum(length for _, length in runs) for runs in key_runs), default=0)

@@ -11,16 +11,30 @@ transformers passes to an attention function are honored or refused, never dropp
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from .attention import prefix_attention
+from .layout import GroupLayout
 
-if TYPE_CHECKING:
-    from .grouper import PrefixGrouper
+__all__ = ["AttentionForward", "AttnFuncType", "GroupedRows", "attention_options"]
 
-__all__ = ["AttentionForward", "AttnFuncType", "attention_options"]
+
+@runtime_checkable
+class GroupedRows(Protocol):
+    """What :class:`AttentionForward` needs of a :class:`~prefix_grouper.PrefixGrouper`: the
+    rows' shape, the backend, and the packed layout of the valid tokens. A protocol rather
+    than an import, so that this module sits below the grouper that calls it."""
+
+    x_shape: tuple[int, int]
+    backend: str
+
+    def layout_and_index(self, device: torch.device) -> tuple[GroupLayout, torch.Tensor]:
+        """``(layout, index)``: the packed layout and the row positions of its tokens."""
+
+    def record_attention_call(self) -> None:
+        """Note that an attention layer ran on the grouper's rows."""
 
 # attn_func(q, k, v, attn_mask, *args, **kwargs) -> [b, seq, heads, head_dim]
 AttnFuncType = Callable[..., torch.Tensor]
@@ -93,7 +107,7 @@ class AttentionForward:
     def __init__(self, attn_func: AttnFuncType | None = None) -> None:
         self.attn_func = attn_func
 
-    def __call__(self, prefix_grouper: "PrefixGrouper", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def __call__(self, prefix_grouper: GroupedRows, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  *args, **kwargs) -> torch.Tensor:
         options = attention_options(args, kwargs)
         groups, length = prefix_grouper.x_shape
@@ -102,7 +116,7 @@ class AttentionForward:
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"{name} must have shape [{groups}, heads, {length}, head_dim] (the grouper's rows, "
                                  f"head-first), got {got}")
-        layout, index = prefix_grouper._layout_and_index(q.device)
+        layout, index = prefix_grouper.layout_and_index(q.device)
         device_type = q.device.type
         if torch.is_autocast_enabled(device_type):
             # Under autocast, rotary embeddings leave q and k in float32 while v is in the
@@ -113,6 +127,6 @@ class AttentionForward:
                 for x in (q, k, v)]
         out = prefix_attention(*flat, layout, backend=prefix_grouper.backend,
                                **{key: value for key, value in options.items() if value is not None})
-        prefix_grouper._attention_calls += 1
+        prefix_grouper.record_attention_call()
         rows = out.new_zeros((groups * length, *out.shape[1:]))
         return rows.index_copy(0, index, out).view(groups, length, *out.shape[1:])

@@ -255,9 +255,13 @@ class PrefixGrouper:
     # ------------------------------------------------------------------ the packed layout
     def layout(self, device=None) -> GroupLayout:
         """The :class:`GroupLayout` of the valid tokens (row after row), built once per device."""
-        return self._layout_and_index(torch.device(device) if device is not None else self.padding_mask.device)[0]
+        return self.layout_and_index(torch.device(device) if device is not None else self.padding_mask.device)[0]
 
-    def _layout_and_index(self, device: torch.device) -> tuple[GroupLayout, torch.Tensor]:
+    def record_attention_call(self) -> None:  # by AttentionForward, once per layer it runs
+        self._attention_calls += 1
+
+    def layout_and_index(self, device: torch.device) -> tuple[GroupLayout, torch.Tensor]:
+        """``(layout, index [T])``: the valid tokens' layout and rows in ``[b * seq]``, once per device."""
         self._require_init()
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:N", one cache entry
         if device not in self._layouts:

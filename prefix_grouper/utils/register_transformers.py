@@ -19,8 +19,7 @@ import sys
 
 import torch
 
-from ..forward import AttentionForward
-from ..grouper import PrefixGrouper
+from ..forward import AttentionForward, GroupedRows
 
 __all__ = ["ATTENTION_NAME", "eager_attention_dispatch", "prefix_grouper_attention_forward", "register_attention",
            "route_eager_attention"]
@@ -41,7 +40,7 @@ def prefix_grouper_attention_forward(module: torch.nn.Module, query: torch.Tenso
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs prefix_grouper= in every model call; for "
                          f"calls without one (generate, evaluation) set the model's attention implementation to "
                          f"{prefix_grouper_attn_func!r} (model.set_attn_implementation)")
-    if not isinstance(prefix_grouper, PrefixGrouper):
+    if not isinstance(prefix_grouper, GroupedRows):
         raise TypeError(f"prefix_grouper must be a prefix_grouper.PrefixGrouper, got {type(prefix_grouper).__name__}")
     return AttentionForward()(prefix_grouper, query, key, value, module, *args, **kwargs), None
 

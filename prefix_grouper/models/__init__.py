@@ -11,7 +11,8 @@ from __future__ import annotations
 from .attention import (ATTENTION_NAME, HARMLESS_KWARGS, install, prefix_grouper_attention, prefix_grouper_mask,
                         register)
 from .heads import fused_head
-from .packed import completion_hidden_states, completion_log_probs, completion_logits, packed_forward
+from .packed import (completion_hidden_states, completion_log_probs, completion_logits, packed_forward, packed_logits,
+                     sequence_log_probs)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -22,7 +23,9 @@ __all__ = [
     "fused_head",
     "install",
     "packed_forward",
+    "packed_logits",
     "prefix_grouper_attention",
     "prefix_grouper_mask",
     "register",
+    "sequence_log_probs",
 ]

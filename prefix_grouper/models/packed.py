@@ -10,7 +10,8 @@ from ..logprobs.tokens import token_log_probs
 from .attention import BACKEND_KWARG, LAYOUT_KWARG, PACKED_CALL, PackedCall, install
 from .heads import fused_head
 
-__all__ = ["completion_hidden_states", "completion_log_probs", "completion_logits", "packed_forward"]
+__all__ = ["completion_hidden_states", "completion_log_probs", "completion_logits", "packed_forward", "packed_logits",
+           "sequence_log_probs"]
 
 
 def packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_ids, backend: str,
@@ -22,10 +23,15 @@ def packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_id
 
     The building block of :func:`completion_logits` and :func:`completion_hidden_states`,
     public for integrations that call the model their own way (verl's engine)."""
-    if not isinstance(layout, GroupLayout):
-        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
-    install(model)
+    _check_layout(layout)
     input_ids = layout.pack(prompt_ids, completion_ids)
+    return _run_packed(model, module, layout, input_ids, backend, **call_kwargs), input_ids
+
+
+def _run_packed(model, module, layout: GroupLayout, input_ids: torch.Tensor, backend: str, **call_kwargs):
+    """``module(...)`` on the packed ``input_ids [T]`` with the layout's position ids, checked
+    afterwards that attention really took the packed path."""
+    install(model)
     packed_call = PackedCall()
     token = PACKED_CALL.set(packed_call)
     try:
@@ -34,7 +40,12 @@ def packed_forward(model, module, layout: GroupLayout, prompt_ids, completion_id
     finally:
         PACKED_CALL.reset(token)
     packed_call.check(model)
-    return output, input_ids
+    return output
+
+
+def _check_layout(layout) -> None:
+    if not isinstance(layout, GroupLayout):
+        raise TypeError(f"layout must be a GroupLayout, got {type(layout).__name__}")
 
 
 def completion_logits(model, layout: GroupLayout, prompt_ids, completion_ids, *,
@@ -127,3 +138,90 @@ def completion_log_probs(
         return layout.unpack_completions(per_token)
     log_probs, mask = layout.unpack_completions(per_token[0])
     return log_probs, layout.unpack_completions(per_token[1])[0], mask
+
+
+def _check_packed_ids(layout: GroupLayout, packed_ids) -> None:
+    if (not isinstance(packed_ids, torch.Tensor) or packed_ids.dim() != 1 or packed_ids.dtype.is_floating_point
+            or packed_ids.dtype.is_complex or packed_ids.dtype == torch.bool):
+        shape = (f"a {tuple(packed_ids.shape)} {packed_ids.dtype} tensor" if isinstance(packed_ids, torch.Tensor)
+                 else type(packed_ids).__name__)
+        raise TypeError(f"packed_ids must be a 1-D integer tensor [T] (layout.pack_sequences(sequences)), got {shape}")
+    if packed_ids.shape[0] != layout.total_tokens:
+        raise ValueError(f"packed_ids has {packed_ids.shape[0]} tokens but the layout packs {layout.total_tokens}")
+    if packed_ids.device != layout.device:
+        raise ValueError(f"packed_ids is on {packed_ids.device} but the layout is on {layout.device}")
+
+
+def packed_logits(model, layout: GroupLayout, packed_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """The model's logits for the packed tokens of any layout (a prefix tree included), from
+    one packed forward pass.
+
+    Args:
+        model: a transformers causal LM; :func:`install` is applied to it.
+        layout: a :class:`GroupLayout` on the model's device (``from_sequences``,
+            ``from_lengths``, ``from_padded``).
+        packed_ids: ``[T]`` the packed token ids (``layout.pack_sequences(sequences)``).
+        positions: optional ``[K]`` long packed indices: only their logits are computed
+            (e.g. the first tensor of ``layout.token_log_prob_positions(i)``).
+        backend: the :func:`prefix_attention` backend.
+
+    Returns ``[T, vocab]`` (or ``[K, vocab]``) in the model's dtype: row ``t`` is what the
+    model predicts after packed token ``t``, i.e. after the sequence that ends at ``t``. Refuses
+    a run in which no attention layer took the packed path.
+    """
+    _check_layout(layout)
+    _check_packed_ids(layout, packed_ids)
+    call_kwargs = {}
+    if positions is not None:
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.dtype != torch.long:
+            raise TypeError("positions must be a 1-D int64 tensor of packed indices")
+        call_kwargs["logits_to_keep"] = positions
+    return _run_packed(model, model, layout, packed_ids, backend, **call_kwargs).logits[0]
+
+
+def _sequence_targets(layout: GroupLayout, completion_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed ``(logit positions, target positions)`` of the last ``completion_lens[i]`` tokens
+    of every sequence ``i``, sequence after sequence."""
+    logits_at, targets_at = [], []
+    for i, count in enumerate(completion_lens):
+        logit_positions, target_positions = layout.token_log_prob_positions(i)
+        first = logit_positions.shape[0] - count
+        if count < 0 or first < 0:
+            raise ValueError(f"completion_lens[{i}] = {count}: sequence {i} has {logit_positions.shape[0] + 1} "
+                             f"tokens, and its first token is never predicted (expected 0..{logit_positions.shape[0]})")
+        logits_at.append(logit_positions[first:])
+        targets_at.append(target_positions[first:])
+    return torch.cat(logits_at), torch.cat(targets_at)
+
+
+def sequence_log_probs(model, layout: GroupLayout, packed_ids: torch.Tensor, completion_lens, *,
+                       backend: str = "auto", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the last ``completion_lens[i]`` tokens of every sequence ``i`` of a
+    ``from_sequences`` layout (its completion), from one packed forward pass: the tree
+    counterpart of :func:`completion_log_probs`.
+
+    Args:
+        model, layout, packed_ids, backend: as for :func:`packed_logits`; ``layout`` packs
+            ``layout.num_sequences`` sequences (e.g. prompt + completion each).
+        completion_lens: one int per sequence, ``0 <= completion_lens[i] < L_i``.
+        temperature: positive; logits are divided by it.
+
+    Returns ``(log_probs [N, max_S], mask [N, max_S] bool)``, float32 (float64 for a float64
+    model), zeros where padded; row ``i`` holds sequence ``i``'s scored tokens in order.
+    """
+    temperature = check_positive_real(temperature, "temperature")
+    completion_lens = [int(c) for c in completion_lens]
+    if len(completion_lens) != layout.num_sequences:
+        raise ValueError(f"completion_lens has {len(completion_lens)} entries, the layout packs "
+                         f"{layout.num_sequences} sequences")
+    _check_packed_ids(layout, packed_ids)
+    logits_at, targets_at = layout.cached(("sequence_targets", tuple(completion_lens)),
+                                          lambda: _sequence_targets(layout, completion_lens))
+    logits = packed_logits(model, layout, packed_ids, positions=logits_at, backend=backend)
+    per_token = token_log_probs(logits, packed_ids[targets_at], temperature)
+    lengths = torch.tensor(completion_lens, device=per_token.device)
+    mask = torch.arange(max(completion_lens, default=0), device=per_token.device)[None, :] < lengths[:, None]
+    values = per_token.new_zeros(mask.shape)
+    values[mask] = per_token
+    return values, mask

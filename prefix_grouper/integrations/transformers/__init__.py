@@ -9,6 +9,12 @@ Llama, Qwen2/3, Mistral, Gemma)::
     log_probs, entropy, mask = completion_log_probs(model, layout, prompt_ids, completion_ids,
                                                     fused=True, return_entropy=True)
 
+On any layout, a prefix tree of whole sequences included (``GroupLayout.from_sequences``)::
+
+    layout = GroupLayout.from_sequences(sequences)
+    logits = packed_logits(model, layout, layout.pack_sequences(sequences))  # [T, vocab]
+    log_probs, mask = sequence_log_probs(model, layout, layout.pack_sequences(sequences), completion_lens)
+
 The model runs once over the packed ``prompt, completion_1..completion_G`` axis of each
 group, with the layout's position ids and the model-call keyword ``prefix_layout=layout``;
 logits are computed only at the positions that predict completion tokens. With
@@ -46,7 +52,8 @@ from ...logprobs.tokens import token_log_probs
 from ...models import attention
 from ...models.attention import (ATTENTION_NAME, HARMLESS_KWARGS, install, prefix_grouper_attention,
                                  prefix_grouper_mask, register)
-from ...models.packed import completion_hidden_states, completion_log_probs, completion_logits
+from ...models.packed import (completion_hidden_states, completion_log_probs, completion_logits, packed_logits,
+                              sequence_log_probs)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -55,8 +62,10 @@ __all__ = [
     "completion_log_probs",
     "completion_logits",
     "install",
+    "packed_logits",
     "prefix_grouper_attention",
     "prefix_grouper_mask",
     "register",
+    "sequence_log_probs",
     "token_log_probs",
 ]

@@ -169,10 +169,10 @@ def verify_equivalence(trainer: Trainer) -> bool:
     loss_diff = abs(loss_g - loss_u) / max(1.0, abs(loss_u))
     name, grad_diff = max(((n, relative_difference(grads_g[n], grads_u[n])) for n in grads_g), key=lambda x: x[1])
     ok = loss_diff <= tolerance and grad_diff <= tolerance
-    packed = sum(b.layout.total_tokens for b in prepared.batches)
+    packed = sum(b.packed_tokens for b in prepared.batches)
     unpacked = sum(b.layout.unpacked_tokens() for b in prepared.batches)
-    print(f"rows {rollout.num_rows} in {len(rollout.group_sizes)} prefix groups; tokens packed {packed}, "
-          f"unpacked {unpacked}")
+    layout = "a prefix tree per micro-batch" if rollout.history else f"{len(rollout.group_sizes)} prefix groups"
+    print(f"rows {rollout.num_rows} in {layout}; tokens packed {packed}, unpacked {unpacked}")
     print(f"loss grouped {loss_g:.12g} unpacked {loss_u:.12g}: relative difference {loss_diff:.3e}")
     print(f"max relative gradient difference over {len(grads_g)} parameters: {grad_diff:.3e} ({name})")
     print(f"tolerance ({dtype}): {tolerance:g} -> {'PASS' if ok else 'FAIL'}")

@@ -273,10 +273,11 @@ def test_keydoor_errors():
 # ---- registry ----------------------------------------------------------------------------------
 
 def test_make_task():
-    assert set(TASKS) == {"digits", "diagnosis"} and set(ENVIRONMENTS) == {"keydoor"}
+    assert set(TASKS) == {"digits", "diagnosis"} and set(ENVIRONMENTS) == {"keydoor", "keydoor-history"}
+    assert make_task("keydoor-history").history and not make_task("keydoor").history
     assert make_task("digits", operation="copy").operation == "copy" and DigitsTask().operation == "sort"
     assert make_task("keydoor", max_steps=12).max_steps == 12
-    with pytest.raises(ValueError, match="unknown task 'chess'; tasks: digits, diagnosis; environments: keydoor"):
+    with pytest.raises(ValueError, match="unknown task 'chess'; tasks: digits, diagnosis; environments: keydoor, keydoor-history"):
         make_task("chess")
     with pytest.raises(TypeError):
         make_task("digits", 3)

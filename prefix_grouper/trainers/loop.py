@@ -3,7 +3,9 @@
 Per step: roll out (prompts x G completions, or G episodes per reset state); compute the
 algorithm's advantages over the whole batch (all ranks); then ``num_iterations`` optimizer
 steps on it, the old log-probs recorded before the first. Log-probs come from one grouped
-forward per micro-batch (``completion_log_probs`` on the layout) or from the unpacked rows.
+forward per micro-batch (``completion_log_probs`` on the layout; ``sequence_log_probs`` on a
+prefix tree of the rows' ``prompt + completion`` for an environment with history) or from the
+unpacked rows.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Protocol
 import torch
 
 from ..layout import GroupLayout
-from ..models.packed import completion_log_probs
+from ..models.packed import completion_log_probs, sequence_log_probs
 from ..segments import group_row_ranges, micro_batch_groups
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed
@@ -56,12 +58,24 @@ class Algorithm(Protocol):
 
 @dataclass
 class MicroBatch:
-    """Whole prefix groups of a rollout: ``layout`` and the ids it packs, rows ``start:stop``."""
+    """Whole prefix groups of a rollout: ``layout`` and the ids it packs, rows ``start:stop``.
+
+    A history rollout's micro-batch also has ``tree``, the prefix tree of its rows'
+    ``prompt + completion`` sequences (``GroupLayout.from_sequences``), and ``packed_ids``,
+    its packed tokens: the grouped forward runs on the tree, the unpacked one on ``layout``
+    (one group per row)."""
     layout: GroupLayout
     prompt_ids: list[torch.Tensor]
     completion_ids: list[torch.Tensor]
     start: int
     stop: int
+    tree: GroupLayout | None = None
+    packed_ids: torch.Tensor | None = None
+
+    @property
+    def packed_tokens(self) -> int:
+        """Tokens of the grouped forward: the tree's, or the layout's."""
+        return (self.tree or self.layout).total_tokens
 
 
 @dataclass
@@ -107,12 +121,20 @@ class Trainer:
             prompts = rollout.prompt_ids[groups.start:groups.stop]
             suffix_lens = [[len(rollout.completion_ids[r]) for r in rows_of_group[g]] for g in groups]
             layout = GroupLayout.from_lengths([len(p) for p in prompts], suffix_lens, device=self.device)
-            batches.append(MicroBatch(layout, prompts, rollout.completion_ids[start:stop], start, stop))
+            batch = MicroBatch(layout, prompts, rollout.completion_ids[start:stop], start, stop)
+            if rollout.history:
+                sequences = [torch.cat([p, c]) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+                batch.tree = GroupLayout.from_sequences(sequences, device=self.device)
+                batch.packed_ids = batch.tree.pack_sequences(sequences)
+            batches.append(batch)
         return batches
 
     # ------------------------------------------------------------------ update
     def log_probs(self, model, batch: MicroBatch, use_prefix_grouper: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_probs [n, max_S], mask [n, max_S])`` of the micro-batch's completions."""
+        if use_prefix_grouper and batch.tree is not None:
+            return sequence_log_probs(model, batch.tree, batch.packed_ids, [len(c) for c in batch.completion_ids],
+                                      backend=self.config.attention_backend, temperature=self.config.temperature)
         if use_prefix_grouper:
             return completion_log_probs(model, batch.layout, batch.prompt_ids, batch.completion_ids,
                                         backend=self.config.attention_backend,
@@ -186,9 +208,9 @@ class Trainer:
         metrics = {key: sum(m[key] for m in per_iteration) / len(per_iteration) for key in per_iteration[0]}
         metrics["entropy"] = per_iteration[0]["entropy"]  # of the sampling policy
         batches = prepared.batches
-        packed, unpacked = self.dist.all_sum([float(sum(b.layout.total_tokens for b in batches)),
+        packed, unpacked = self.dist.all_sum([float(sum(b.packed_tokens for b in batches)),
                                               float(sum(b.layout.unpacked_tokens() for b in batches))], self.device)
-        metrics.update(tokens_packed=int(packed), tokens_unpacked=int(unpacked))
+        metrics.update(tokens_packed=int(packed), tokens_unpacked=int(unpacked), tokens_saved=int(unpacked - packed))
         return metrics
 
     def step(self) -> dict[str, float]:

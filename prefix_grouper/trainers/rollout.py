@@ -109,6 +109,9 @@ class Rollout:
     completion_ids: list[torch.Tensor]
     group_sizes: list[int]
     rows: RolloutRows
+    # True for an environment with history: every row is its own prefix group (one prompt per
+    # row), and rows share history prefixes across groups, which the trainer packs as a tree.
+    history: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -120,7 +123,7 @@ class Rollout:
         row_index = [r for b in groups for r in ranges[b]]
         index = torch.tensor(row_index, dtype=torch.long)
         return Rollout([self.prompt_ids[b] for b in groups], [self.completion_ids[r] for r in row_index],
-                       [self.group_sizes[b] for b in groups], self.rows.index_select(index))
+                       [self.group_sizes[b] for b in groups], self.rows.index_select(index), self.history)
 
 
 def generate(policy: Policy, prompts: list[torch.Tensor], *, max_new_tokens: int,
@@ -181,19 +184,28 @@ def sample_episodes(policy: Policy, env: Environment, rng: random.Random, *, num
     All live episodes act in one ``generate`` call per time step. Rows are regrouped into
     anchor groups (identical observation within an episode group); ``rows`` also holds
     ``anchor``, ``time``, ``step_reward``, ``success`` and ``invalid`` (see :class:`RolloutRows`).
+    An environment with ``history`` prompts each step with its trajectory's previous prompt,
+    action ids and the new observation; its rollout has one prefix group per row
+    (``Rollout.history``), in the same anchor order.
     """
     starts = [env.reset(rng) for _ in range(num_groups)]
     states = [starts[t // group_size] for t in range(num_groups * group_size)]
     records = []  # (traj, time, observation, prompt ids, action ids, reward, invalid)
+    histories: list[torch.Tensor | None] = [None] * len(states)  # last prompt + action, per trajectory
     live = list(range(len(states)))
     for time in range(env.max_steps):
         observations = [env.observe(states[t]) for t in live]
-        prompt_ids = [policy.prompt_ids(o, device) for o in observations]
+        prompt_ids = [policy.prompt_ids(o, device) if histories[t] is None else
+                      torch.cat([histories[t], torch.tensor(policy.tokenizer.encode(o), dtype=torch.long,
+                                                            device=device)])
+                      for t, o in zip(live, observations)]
         actions = generate(policy, prompt_ids, max_new_tokens=env.max_new_tokens, temperature=temperature)
         still_live = []
         for t, observation, prompt, action in zip(live, observations, prompt_ids, actions):
             states[t], reward, done, invalid = env.step(states[t], policy.tokenizer.decode(action.tolist()))
             records.append((t, time, observation, prompt, action, reward, invalid))
+            if env.history:
+                histories[t] = torch.cat([prompt, action])
             if not done:
                 still_live.append(t)
         live = still_live
@@ -214,6 +226,9 @@ def sample_episodes(policy: Policy, env: Environment, rng: random.Random, *, num
                        invalid=torch.tensor([float(r[6]) for r in records], dtype=torch.float64))
     rows = rows.index_select(order)
     sorted_records = [records[i] for i in order.tolist()]
+    if env.history:
+        return Rollout([r[3] for r in sorted_records], [r[4] for r in sorted_records], [1] * len(sorted_records),
+                       rows, history=True)
     group_sizes = torch.unique_consecutive(rows.anchor, return_counts=True)[1].tolist()
     first_rows = torch.cumsum(torch.tensor([0] + group_sizes[:-1]), 0).tolist()
     return Rollout([sorted_records[i][3] for i in first_rows], [r[4] for r in sorted_records], group_sizes, rows)

@@ -8,10 +8,11 @@ from __future__ import annotations
 from .base import Environment, Prompt, Task
 from .diagnosis import Diagnosis, DiagnosisTask
 from .digits import DigitsTask
-from .keydoor import KeyDoorEnvironment, KeyDoorState
+from .keydoor import KeyDoorEnvironment, KeyDoorHistoryEnvironment, KeyDoorState
 
 TASKS: dict[str, type[Task]] = {"digits": DigitsTask, "diagnosis": DiagnosisTask}
-ENVIRONMENTS: dict[str, type[Environment]] = {"keydoor": KeyDoorEnvironment}
+ENVIRONMENTS: dict[str, type[Environment]] = {"keydoor": KeyDoorEnvironment,
+                                              "keydoor-history": KeyDoorHistoryEnvironment}
 
 
 def make_task(name: str, **kwargs) -> Task | Environment:
@@ -24,4 +25,4 @@ def make_task(name: str, **kwargs) -> Task | Environment:
 
 
 __all__ = ["Diagnosis", "DiagnosisTask", "DigitsTask", "ENVIRONMENTS", "Environment", "KeyDoorEnvironment",
-           "KeyDoorState", "Prompt", "TASKS", "Task", "make_task"]
+           "KeyDoorHistoryEnvironment", "KeyDoorState", "Prompt", "TASKS", "Task", "make_task"]

@@ -55,6 +55,10 @@ class Environment(ABC):
     max_new_tokens: int
     max_steps: int
     invalid_penalty: float
+    # False: a step's prompt is its observation. True: it is the whole interaction history,
+    # the previous step's prompt, its action, then this observation (verl-agent's per-step
+    # training with history), so the steps of a trajectory form a chain of prefixes.
+    history: ClassVar[bool] = False
 
     @abstractmethod
     def reset(self, rng: random.Random) -> Hashable:

@@ -11,7 +11,7 @@ trajectories of a group and within one, which is what GiGPO's anchor groups need
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from ...checks import check_finite_real, check_int
 from .base import Environment, check_completion, check_rng
@@ -97,3 +97,13 @@ class KeyDoorEnvironment(Environment):
         walkable = range(self.length - 1)
         if state.agent not in walkable or (state.key is not None and state.key not in walkable):
             raise ValueError(f"state {state} has a cell outside this corridor's walkable cells 0..{self.length - 2}")
+
+
+class KeyDoorHistoryEnvironment(KeyDoorEnvironment):
+    """The corridor, with the whole interaction history as every step's prompt: BOS, the first
+    observation, then per step taken its action and the next observation ("a.kdr.akd..."). The
+    anchor state of a step (GiGPO) is still its current observation. A batch's step rows share
+    their trajectory's history, and its episodes share their common first steps: the trainer
+    packs them as a prefix tree."""
+    name = "keydoor-history"
+    history: ClassVar[bool] = True

@@ -124,7 +124,7 @@ def test_packed_logits_on_a_grpo_layout_equal_completion_logits():
     torch.testing.assert_close(kept, expected, rtol=TOL, atol=TOL)
 
 
-def test_packed_logits_refuse_bad_arguments(monkeypatch):
+def test_packed_logits_refuse_bad_arguments():
     model = tiny_model()
     layout = GroupLayout.from_lengths([3], [[2]])
     ids = torch.arange(5)

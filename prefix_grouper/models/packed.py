@@ -216,7 +216,7 @@ def sequence_log_probs(model, layout: GroupLayout, packed_ids: torch.Tensor, com
         raise ValueError(f"completion_lens has {len(completion_lens)} entries, the layout packs "
                          f"{layout.num_sequences} sequences")
     _check_packed_ids(layout, packed_ids)
-    logits_at, targets_at = layout.cached(("sequence_targets", tuple(completion_lens)),
+    logits_at, targets_at = layout.cached(("sequence_targets", str(layout.device), tuple(completion_lens)),
                                           lambda: _sequence_targets(layout, completion_lens))
     logits = packed_logits(model, layout, packed_ids, positions=logits_at, backend=backend)
     per_token = token_log_probs(logits, packed_ids[targets_at], temperature)

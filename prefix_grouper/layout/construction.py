@@ -15,7 +15,7 @@ from ..checks import MAX_LENGTH, as_length_list
 from .host import split_by_group
 from .segmentation import Segmentation
 
-__all__ = ["checked_lengths", "index_tensors", "lengths_from_padded"]
+__all__ = ["checked_lengths", "index_tensors", "lengths_from_padded", "sequence_tables", "tree_index_tensors"]
 
 
 def checked_lengths(prefix_lens: Sequence[int],
@@ -201,6 +201,7 @@ def index_tensors(segmentation: Segmentation, prefix_lens: Sequence[int], group_
     seg_pos0 = torch.where(is_prefix_seg, torch.zeros_like(seg_group_t), t["prefix_lens"][seg_group_t])
     offset_in_seg = torch.arange(total, **long) - t["cu_seqlens"][seg_id]
     t["token_group"] = seg_group_t[seg_id]
+    t["token_root"] = t["token_group"]
     t["token_completion"] = seg_completion[seg_id]
     t["position_ids"] = seg_pos0[seg_id] + offset_in_seg
     t["token_segment"] = seg_id
@@ -219,3 +220,43 @@ def index_tensors(segmentation: Segmentation, prefix_lens: Sequence[int], group_
     last_prefix = t["prefix_starts"] + t["prefix_lens"] - 1
     t["_completion_logit_positions"] = torch.where(first, last_prefix[t["token_group"][positions]], positions - 1)
     return t
+
+
+# ---------------------------------------------------------------------- prefix trees
+def tree_index_tensors(segmentation: Segmentation, device: torch.device) -> dict[str, torch.Tensor]:
+    """``position_ids``, ``token_segment``, ``token_root`` ``[T]`` of any layout, on ``device``."""
+    long = dict(dtype=torch.long, device=device)
+    segments, total = segmentation.segments, segmentation.total_tokens
+    seg_root = [0] * len(segments)
+    for root, group in enumerate(segmentation.groups):
+        for s in group:
+            seg_root[s] = root
+    seg_len = torch.tensor([segment.length for segment in segments], **long)
+    seg_id = torch.repeat_interleave(torch.arange(len(segments), **long), seg_len, output_size=total)
+    # A token's position: its segment's first position plus its offset in the segment.
+    seg_shift = torch.tensor([first - segment.start for first, segment in zip(segmentation.first_positions, segments)],
+                             **long)
+    return {"position_ids": seg_shift[seg_id] + torch.arange(total, **long),
+            "token_segment": seg_id,
+            "token_root": torch.tensor(seg_root, **long)[seg_id]}
+
+
+def sequence_tables(segmentation: Segmentation, sequence_segments: Sequence[int],
+                    device: torch.device) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """``(positions, offsets, source)``: ``positions[offsets[i]:offsets[i+1]]`` are the packed
+    indices of sequence ``i``'s tokens (the runs of its path, root first), and ``source[t]``
+    the first entry of ``positions`` that is packed token ``t`` (what packing gathers)."""
+    starts, lens, offsets = [], [], [0]
+    for segment in sequence_segments:
+        runs = segmentation.key_runs(segment)
+        starts.extend(start for start, _ in runs)
+        lens.extend(length for _, length in runs)
+        offsets.append(offsets[-1] + sum(length for _, length in runs))
+    long = dict(dtype=torch.long, device=device)
+    run_lens = torch.tensor(lens, **long)
+    run_shift = torch.tensor(starts, **long) - (torch.cumsum(run_lens, 0) - run_lens)
+    total = offsets[-1]
+    positions = torch.repeat_interleave(run_shift, run_lens, output_size=total) + torch.arange(total, **long)
+    source = torch.full((segmentation.total_tokens,), total, **long).scatter_reduce(
+        0, positions, torch.arange(total, **long), "amin")
+    return positions, offsets, source

@@ -11,14 +11,33 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..segments import micro_batch_groups
-from .construction import checked_lengths, index_tensors, lengths_from_padded
-from .host import cached_per_layout, encode_host_lengths, split_by_group
-from .segmentation import KeyRun, Segment, Segmentation, segmentation_of
+from .construction import checked_lengths, index_tensors, lengths_from_padded, tree_index_tensors
+from .host import cached_per_layout, encode_host_lengths, encode_host_segments, split_by_group
+from .segmentation import Segment, Segmentation, segmentation_of
+from .sequences import SequenceMembers
+from .tree import SequenceTree, checked_sequences, sequence_tree
 
-__all__ = ["GroupLayout"]
+__all__ = ["GroupLayout", "NotOneLevelError"]
+
+# Members that only a layout of prompts and completions has (from_lengths / from_padded).
+_ONE_LEVEL_MEMBERS = frozenset({
+    "prefix_lens", "group_sizes", "suffix_lens", "completion_group", "first_completion", "cu_group_seqlens",
+    "prefix_starts", "suffix_starts", "cu_seqlens", "token_group", "token_completion", "host_lengths",
+    "prefix_lens_list", "suffix_lens_list", "group_sizes_list", "num_groups", "num_completions",
+    "num_completion_tokens", "max_prefix_len", "max_suffix_len", "max_group_suffix_tokens",
+    "suffix_lens_per_group", "_completion_positions", "_completion_padded_index", "_completion_logit_positions",
+    "_token_prompt_group",
+})
+_TREE_API = ("sequence_positions, pack_sequences, token_log_prob_positions, position_ids, token_segment, "
+             "token_root, segments, key_runs, subtree_end, host_segments")
 
 
-class GroupLayout:
+class NotOneLevelError(ValueError, AttributeError):
+    """A one-level member (prompts and completions) asked of a prefix-tree layout. An
+    AttributeError too, so that ``hasattr`` answers False."""
+
+
+class GroupLayout(SequenceMembers):
     """Lengths and index tensors of a packed ``prefix, suffix_1..suffix_G`` batch.
 
     Prefix = prompt, suffix = completion (see the package docstring for the vocabulary).
@@ -45,11 +64,23 @@ class GroupLayout:
     ========================  =================  ===============================================
 
     Segmentation, host-side and built once (:mod:`.segmentation`): ``segments`` (one
-    :class:`Segment` ``(start, length, parent)`` per entry of ``cu_seqlens``) and
-    :meth:`key_runs` (the packed key runs a segment's queries see).
+    :class:`Segment` ``(start, length, parent)`` per entry of ``cu_seqlens``),
+    :meth:`key_runs` (the packed key runs a segment's queries see) and :meth:`subtree_end`.
 
     ``host_lengths`` is the one CPU tensor: the lengths as :func:`encode_host_lengths` encodes
     them (:func:`decode_host_lengths` reads them back), for ops that must not synchronize.
+
+    Prefix trees (:meth:`from_sequences`): the layout is the radix tree of full token
+    sequences, its segments packed in pre-order (every subtree one packed range). Every
+    layout, one-level ones included, has ``host_segments`` (``[S, 3]`` int64 CPU tensor of
+    the segments, :func:`encode_host_segments`), ``position_ids``, ``token_segment`` and
+    ``token_root`` ``[T]`` (the root whose subtree holds the token; ``token_group`` on a
+    one-level layout), ``num_sequences``, ``sequence_lens_list`` and the members of
+    :class:`~prefix_grouper.layout.sequences.SequenceMembers` (:meth:`sequence_positions`,
+    :meth:`pack_sequences`, :meth:`token_log_prob_positions`). ``is_flat`` is True on the
+    one-level layouts of :meth:`from_lengths` and :meth:`from_padded`; on a tree the
+    one-level members above raise :class:`NotOneLevelError` (a ValueError) naming the tree API.
+    A one-level layout's sequence ``i`` is completion ``i`` after its group's prompt.
 
     ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
     first completion token); completions may be empty (they then own no packed token).
@@ -73,12 +104,48 @@ class GroupLayout:
         self.max_suffix_len = max(self.suffix_lens_list)
         self.max_group_suffix_tokens = max(sum(g) for g in groups)
         self.host_lengths = encode_host_lengths(prefix, self.group_sizes_list, self.suffix_lens_list)
+        self.is_flat = True
         device = torch.device(device) if device is not None else torch.device("cpu")
         for name, tensor in index_tensors(self.segmentation, self.prefix_lens_list, self.group_sizes_list,
                                           self.suffix_lens_list, device).items():
             setattr(self, name, tensor)
         # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
         self.device = self.prefix_lens.device
+        self.host_segments = encode_host_segments(self.segmentation.segments)
+        self.num_sequences = self.num_completions
+        self._sequence_segments = tuple(s for s, segment in enumerate(self.segmentation.segments)
+                                        if segment.parent >= 0)
+        self.sequence_lens_list = tuple(prefix[b] + suffix for b, g in enumerate(groups) for suffix in g)
+
+    def _init_tree(self, tree: SequenceTree, device: torch.device | str | None) -> None:
+        """A prefix-tree layout: ``tree``'s segments (pre-order) and sequence ends."""
+        segmentation = Segmentation(tree.segments)
+        self.is_flat = False
+        self.host_segments = encode_host_segments(segmentation.segments)
+        cached_per_layout(self.host_segments, ("segmentation",), lambda: segmentation)
+        self.total_tokens = segmentation.total_tokens
+        self.num_sequences = len(tree.sequence_segments)
+        self._sequence_segments = tuple(tree.sequence_segments)
+        self.sequence_lens_list = tuple(segmentation.first_positions[s] + segmentation.segments[s].length
+                                        for s in self._sequence_segments)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for name, tensor in tree_index_tensors(segmentation, device).items():
+            setattr(self, name, tensor)
+        self.device = self.position_ids.device
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a one-level member of a tree layout.
+        if name in _ONE_LEVEL_MEMBERS:
+            raise NotOneLevelError(
+                f"GroupLayout.{name} belongs to one-level layouts (prompts and completions, from_lengths / "
+                f"from_padded); this layout is a prefix tree: use {_TREE_API}")
+        raise AttributeError(f"'GroupLayout' object has no attribute '{name}'")
+
+    def _require_one_level(self, member: str) -> None:
+        if not self.is_flat:
+            raise NotOneLevelError(
+                f"GroupLayout.{member}() needs a one-level layout (prompts and completions, from_lengths / "
+                f"from_padded); this layout is a prefix tree: use {_TREE_API}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -119,11 +186,39 @@ class GroupLayout:
         prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
         return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
 
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Sequence[Any],
+        *,
+        min_shared: int = 1,
+        device: torch.device | str | None = None,
+    ) -> "GroupLayout":
+        """The radix tree of full token sequences: every prefix two or more of them share is
+        packed once.
+
+        Args:
+            sequences: N 1-D integer tensors or lists of token ids (>= 0), at least one token
+                each. Exact duplicates and sequences that are prefixes of others are allowed
+                (they end on the same node, or on an inner node).
+            min_shared: a shared run shorter than this many tokens is not split out: the
+                sequences below it keep their own copies. With 1, ``total_tokens`` is the
+                number of distinct prefixes (trie nodes).
+            device: where the index tensors live (default CPU).
+
+        Sorts the sequences and compares sorted neighbours once, vectorized; the tree is
+        built in one pass over the N sequences.
+        """
+        tree = sequence_tree(checked_sequences(sequences), min_shared)
+        layout = cls.__new__(cls)
+        layout._init_tree(tree, device)
+        return layout
+
     # ------------------------------------------------------------------ segmentation
     @property
     def segmentation(self) -> Segmentation:
         """The layout's :class:`Segmentation` (host-side, built once per layout)."""
-        return segmentation_of(self.host_lengths)
+        return segmentation_of(self.host_lengths if self.is_flat else self.host_segments)
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -132,15 +227,11 @@ class GroupLayout:
         the group's prefix segment), empty completions included; host ints."""
         return self.segmentation.segments
 
-    def key_runs(self, segment: int) -> tuple[KeyRun, ...]:
-        """``(start, length)`` packed key runs segment ``segment``'s queries see, in order:
-        for a completion, its prefix's run then its own; for a prefix, its own."""
-        return self.segmentation.key_runs(segment)
-
     def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:
         """Consecutive whole groups per micro-batch (ranges of group indices), each within
         ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
         runs alone (:func:`prefix_grouper.segments.micro_batch_groups`)."""
+        self._require_one_level("micro_batch_groups")
         group_tokens = [prefix + sum(suffixes)
                         for prefix, suffixes in zip(self.prefix_lens_list, self.suffix_lens_per_group)]
         return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
@@ -150,27 +241,35 @@ class GroupLayout:
     # ------------------------------------------------------------------ helpers
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """Memoize per-layout metadata (e.g. a kernel's tile schedule) under ``key``:
-        ``(name, *parameters)`` (:func:`~prefix_grouper.layout.host.cache_key`)."""
-        return cached_per_layout(self.host_lengths, key, build)
+        ``(name, *parameters)`` (:func:`~prefix_grouper.layout.host.cache_key`); keyed by
+        ``host_lengths`` on a one-level layout, ``host_segments`` on a tree."""
+        return cached_per_layout(self.host_lengths if self.is_flat else self.host_segments, key, build)
 
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its tensors on ``device``."""
         device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
         if device == self.device:
             return self
-        return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
+        if self.is_flat:
+            return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
+        layout = GroupLayout.__new__(GroupLayout)
+        layout._init_tree(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
+        return layout
 
     @property
     def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
+        self._require_one_level("suffix_lens_per_group")
         return split_by_group(self.suffix_lens_list, self.group_sizes_list)
 
     def unpacked_tokens(self) -> int:
-        """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_b sum_i (P_b + S_bi)``."""
-        return sum(
-            self.prefix_lens_list[b] * g for b, g in enumerate(self.group_sizes_list)
-        ) + self.num_completion_tokens
+        """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_i L_i``
+        (one-level: ``sum_b sum_i (P_b + S_bi)``)."""
+        return sum(self.sequence_lens_list)
 
     def __repr__(self) -> str:
+        if not self.is_flat:
+            return (f"GroupLayout(tree: segments={len(self.host_segments)}, sequences={self.num_sequences}, "
+                    f"tokens={self.total_tokens}, unpacked={self.unpacked_tokens()}, device={self.device})")
         return (
             f"GroupLayout(groups={self.num_groups}, completions={self.num_completions}, "
             f"tokens={self.total_tokens}, max_prefix={self.max_prefix_len}, "
@@ -180,11 +279,13 @@ class GroupLayout:
     # ------------------------------------------------------------------ packing
     def completion_mask(self) -> torch.Tensor:
         """``[N, max_S]`` bool: True on the real tokens of every right-padded completion row."""
+        self._require_one_level("completion_mask")
         columns = torch.arange(self.max_suffix_len, device=self.device)
         return columns[None, :] < self.suffix_lens[:, None]
 
     def completion_positions(self) -> torch.Tensor:
         """``[num_completion_tokens]`` packed index of every completion token, in order."""
+        self._require_one_level("completion_positions")
         return self._completion_positions
 
     def completion_logit_positions(self) -> torch.Tensor:
@@ -193,6 +294,7 @@ class GroupLayout:
         ``log_softmax(logits[completion_logit_positions()])`` gathered at
         ``input_ids[completion_positions()]`` gives the completion log-probs.
         """
+        self._require_one_level("completion_logit_positions")
         return self._completion_logit_positions
 
     def pack(self, prompts: Any, completions: Any) -> torch.Tensor:
@@ -209,6 +311,7 @@ class GroupLayout:
 
         Returns ``[T, ...]``: ``prefix_b, suffix_b1..suffix_bG`` per group (e.g. input ids).
         """
+        self._require_one_level("pack")
         prompt_rows = self._prompt_rows(prompts)
         completion_rows = self._rows(completions, "completions", self.suffix_lens_list, left_padded=False)
         if prompt_rows.device != self.device or completion_rows.device != self.device:
@@ -294,6 +397,7 @@ class GroupLayout:
 
         Returns ``(values [N, max_S, ...], mask [N, max_S] bool)``, zeros where padded.
         """
+        self._require_one_level("unpack_completions")
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"x must be a tensor with a leading token dim, got "
                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")

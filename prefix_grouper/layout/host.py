@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["cached_per_layout", "decode_host_lengths", "encode_host_lengths", "split_by_group"]
+__all__ = ["cached_per_layout", "decode_host_lengths", "decode_host_segments", "encode_host_lengths",
+           "encode_host_segments", "split_by_group"]
 
 
 def split_by_group(flat: Sequence[Any], group_sizes: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -51,7 +52,24 @@ def decode_host_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], tu
     return prefix, sizes, suffix
 
 
-# host_lengths tensor -> {key: value}: the one cache of per-layout data (segmentation, tile
+def encode_host_segments(segments: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The layout's segments ``(start, length, parent)`` in packed order as one read-only
+    CPU int64 tensor ``[S, 3]``: the prefix tree, for ops that must not synchronize."""
+    return torch.tensor([tuple(segment) for segment in segments], dtype=torch.long, device="cpu").reshape(-1, 3)
+
+
+def decode_host_segments(host_segments: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(start, length, parent)`` per segment of :func:`encode_host_segments`'s tensor
+    (:class:`~prefix_grouper.layout.Segmentation` checks them)."""
+    if (not isinstance(host_segments, torch.Tensor) or host_segments.device.type != "cpu"
+            or host_segments.dtype != torch.int64 or host_segments.dim() != 2 or host_segments.shape[1] != 3
+            or host_segments.shape[0] == 0):
+        raise ValueError("host_segments must be a non-empty [S, 3] CPU int64 tensor of (start, length, parent) "
+                         "rows (GroupLayout.host_segments)")
+    return [tuple(row) for row in host_segments.tolist()]  # a CPU tensor: no device synchronization
+
+
+# host tensor (host_lengths or host_segments) -> {key: value}: the one cache of per-layout data (segmentation, tile
 # schedules, plans). Keyed by identity (tensors compare by value); an entry vanishes with its
 # tensor, hence with its layout. Ops that receive only host_lengths reach it too.
 _PER_LAYOUT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
@@ -69,7 +87,7 @@ def cache_key(key: Any) -> tuple:
 
 def cached_per_layout(host_lengths: torch.Tensor, key: Any, build: Callable[[], Any]) -> Any:
     """Memoize ``build()`` under ``key`` (``(name, *parameters)``, see :func:`cache_key`) for
-    the layout whose ``host_lengths`` this is."""
+    the layout whose ``host_lengths`` or ``host_segments`` this is."""
     key = cache_key(key)
     entry = _PER_LAYOUT.get(host_lengths)
     if entry is None:

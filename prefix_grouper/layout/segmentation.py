@@ -7,7 +7,8 @@ once per layout (memoized with its ``host_lengths``).
 A segment is a run of packed tokens: a prefix (a root, ``parent == -1``) or a completion
 (``parent`` = the index of its group's prefix segment). Its queries see, causally, the keys
 of its ancestors' runs, then its own. Prefix trees generalize this unchanged: a segment's
-parent may itself have a parent, and its key runs are its ancestors' runs then its own.
+parent may itself have a parent, and its key runs are its ancestors' runs then its own
+(a prefix tree, packed in pre-order so that every subtree is one packed range).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .host import cached_per_layout, decode_host_lengths, split_by_group
+from .host import cached_per_layout, decode_host_lengths, decode_host_segments, split_by_group
 
 __all__ = ["KeyRun", "Segment", "Segmentation", "segmentation_of"]
 
@@ -35,18 +36,25 @@ KeyRun = tuple[int, int]
 class Segmentation:
     """The segments of a packed batch in packed order, and what each one's queries see.
 
-    Segments are listed in packed order, a root before its descendants, which follow it
-    up to the next root (the group's tokens are ``[start of root, start of next root)``).
+    Segments are listed in packed order, the pre-order of a forest: every segment follows
+    its parent, and a segment's whole subtree is one packed range ``[start, subtree_end)``
+    (a group, a root's subtree, is ``[start of root, start of next root)``). ``groups`` holds
+    the segment indices of every root's subtree; ``first_positions[s]`` is the position of
+    segment ``s``'s first token in its sequences (its ancestors' lengths summed).
     With the flat layout, segment ``s`` is the ``s``-th entry of ``GroupLayout.cu_seqlens``:
     each group's prefix, then its completions, empty ones included (length 0).
     """
 
-    __slots__ = ("segments", "groups", "total_tokens", "longest_row", "_key_runs")
+    __slots__ = ("segments", "groups", "total_tokens", "longest_row", "first_positions", "_key_runs",
+                 "_subtree_ends")
 
     def __init__(self, segments: Sequence[Segment]) -> None:
         self.segments: tuple[Segment, ...] = tuple(Segment(*s) for s in segments)
         key_runs: list[tuple[KeyRun, ...]] = []
         group_starts, end = [], 0
+        first_positions: list[int] = []
+        subtree_ends = [0] * len(self.segments)
+        open_path: list[int] = []  # the segments whose subtrees are still open, root first
         for index, (start, length, parent) in enumerate(self.segments):
             if start != end:
                 raise ValueError(f"segment {index} = {self.segments[index]} does not continue the packed axis at {end}")
@@ -59,10 +67,21 @@ class Segmentation:
             elif parent < group_starts[-1]:
                 raise ValueError(f"segment {index} has parent {parent}, before its group's root {group_starts[-1]}: "
                                  f"a group's segments follow its root")
+            while open_path and open_path[-1] != parent:
+                subtree_ends[open_path.pop()] = start
+            if parent != -1 and not open_path:
+                raise ValueError(f"segment {index} has parent {parent}, whose subtree ended before it: "
+                                 f"segments must be in pre-order (a subtree is one packed range)")
+            open_path.append(index)
             own = (start, length)
             key_runs.append((own,) if parent == -1 else key_runs[parent] + (own,))
+            first_positions.append(0 if parent == -1 else first_positions[parent] + self.segments[parent].length)
             end = start + length
+        for index in open_path:
+            subtree_ends[index] = end
         self._key_runs = tuple(key_runs)
+        self._subtree_ends = tuple(subtree_ends)
+        self.first_positions: tuple[int, ...] = tuple(first_positions)
         # Segment indices of each group (a root and its descendants), in packed order.
         self.groups: tuple[range, ...] = tuple(
             range(first, stop) for first, stop in zip(group_starts, group_starts[1:] + [len(self.segments)]))
@@ -89,6 +108,18 @@ class Segmentation:
         order: its ancestors' runs (a completion: its prefix), then its own (causal)."""
         return self._key_runs[segment]
 
+    def subtree_end(self, segment: int) -> int:
+        """Packed end of segment ``segment``'s subtree: its descendants are the segments
+        packed in ``[start, subtree_end)``. The queries that see its keys are its own
+        later tokens (causal) and every token of that range after its own run."""
+        return self._subtree_ends[segment]
+
+    @property
+    def is_flat(self) -> bool:
+        """Every segment is a root or a root's child (a one-level layout: prompts and
+        their completions)."""
+        return all(parent == -1 or self.segments[parent].parent == -1 for _, _, parent in self.segments)
+
     def nonempty(self) -> list[int]:
         """Indices of the segments that own tokens (an empty completion owns none)."""
         return [index for index, segment in enumerate(self.segments) if segment.length]
@@ -100,9 +131,12 @@ class Segmentation:
         return f"Segmentation(segments={len(self.segments)}, groups={len(self.groups)}, tokens={self.total_tokens})"
 
 
-def segmentation_of(host_lengths: torch.Tensor) -> Segmentation:
-    """The :class:`Segmentation` of the layout whose ``host_lengths`` this is, built once."""
+def segmentation_of(host: torch.Tensor) -> Segmentation:
+    """The :class:`Segmentation` of the layout whose ``host_lengths`` (1-D, one-level
+    layouts) or ``host_segments`` (``[S, 3]``, every layout) this is, built once per tensor."""
     def build() -> Segmentation:
-        prefix_lens, group_sizes, suffix_lens = decode_host_lengths(host_lengths)
+        if isinstance(host, torch.Tensor) and host.dim() == 2:
+            return Segmentation(decode_host_segments(host))
+        prefix_lens, group_sizes, suffix_lens = decode_host_lengths(host)
         return Segmentation.from_lengths(prefix_lens, split_by_group(suffix_lens, group_sizes))
-    return cached_per_layout(host_lengths, ("segmentation",), build)
+    return cached_per_layout(host, ("segmentation",), build)

@@ -1,0 +1,217 @@
+"""GroupLayout.from_sequences (the radix tree of token sequences) against brute force on
+random trees: random depth, branching, ragged runs, duplicates, sequences that prefix others."""
+import random
+
+import pytest
+import torch
+
+from prefix_grouper import GroupLayout
+from prefix_grouper.layout import NotOneLevelError, Segmentation, decode_host_segments, segmentation_of
+
+
+def random_sequences(seed: int, vocab: int = 3) -> list[list[int]]:
+    """Branching random walks from a few roots, with duplicates and prefixes of others."""
+    rng = random.Random(seed)
+    sequences: list[list[int]] = []
+    for _ in range(rng.randint(1, 3)):
+        frontier = [[rng.randrange(vocab) for _ in range(rng.randint(1, 4))]]
+        for _depth in range(rng.randint(0, 4)):
+            children = []
+            for node in frontier:
+                for _ in range(rng.randint(1, 3)):
+                    children.append(node + [rng.randrange(vocab) for _ in range(rng.randint(0, 5))])
+            frontier = children
+        sequences.extend(s for s in frontier if s)
+    picks = [rng.choice(sequences) for _ in range(rng.randint(0, 3))]
+    sequences += [list(s) for s in picks]  # exact duplicates
+    sequences += [s[:rng.randint(1, len(s))] for s in picks]  # prefixes of others
+    rng.shuffle(sequences)
+    return sequences
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def check_tree(layout: GroupLayout, sequences: list[list[int]], min_shared: int) -> None:
+    packed = layout.pack_sequences([torch.tensor(s) for s in sequences])
+    assert packed.shape == (layout.total_tokens,)
+    positions = [layout.sequence_positions(i).tolist() for i in range(len(sequences))]
+    for i, sequence in enumerate(sequences):
+        assert packed[positions[i]].tolist() == sequence
+        assert layout.position_ids[positions[i]].tolist() == list(range(len(sequence)))
+    # Every packed token belongs to some sequence.
+    assert sorted({p for ps in positions for p in ps}) == list(range(layout.total_tokens))
+    for i, a in enumerate(sequences):
+        for j, b in enumerate(sequences):
+            lcp = common_prefix(a, b)
+            shared = common_prefix(positions[i], positions[j])
+            # Shared tokens form a common prefix, kept whole unless shorter than min_shared.
+            assert shared <= lcp and (shared == lcp or lcp - shared < min_shared), (a, b, shared)
+            assert not set(positions[i][shared:]) & set(positions[j][shared:])
+    segmentation = layout.segmentation
+    segments = segmentation.segments
+    for s, (start, length, parent) in enumerate(segments):
+        assert length >= 1
+        own = (start, length)
+        assert layout.key_runs(s) == ((own,) if parent == -1 else layout.key_runs(parent) + (own,))
+        descendants = [t for t in range(len(segments)) if s in ancestors(segments, t)]
+        assert layout.subtree_end(s) == max([start + length] + [segments[t].start + segments[t].length
+                                                                 for t in descendants])
+        assert descendants == list(range(s + 1, s + 1 + len(descendants)))  # pre-order: contiguous
+        if descendants:
+            assert length >= min_shared
+    roots = [s for s, segment in enumerate(segments) if segment.parent == -1]
+    token_segment = layout.token_segment.tolist()
+    for t in range(layout.total_tokens):
+        root = max(r for r in range(len(roots)) if segments[roots[r]].start <= t)
+        assert layout.token_root[t] == root
+        assert segments[token_segment[t]].start <= t < segments[token_segment[t]].start + segments[token_segment[t]].length
+
+
+def ancestors(segments, s: int) -> list[int]:
+    out = []
+    while segments[s].parent != -1:
+        s = segments[s].parent
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_trees_share_every_common_prefix(seed):
+    sequences = random_sequences(seed)
+    layout = GroupLayout.from_sequences(sequences)
+    distinct_prefixes = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
+    assert layout.total_tokens == len(distinct_prefixes)
+    assert layout.num_sequences == len(sequences)
+    assert layout.sequence_lens_list == tuple(len(s) for s in sequences)
+    assert layout.unpacked_tokens() == sum(len(s) for s in sequences)
+    assert not layout.is_flat
+    check_tree(layout, sequences, 1)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("min_shared", [2, 3, 6])
+def test_min_shared_keeps_short_shared_runs_apart(seed, min_shared):
+    sequences = random_sequences(seed)
+    layout = GroupLayout.from_sequences(sequences, min_shared=min_shared)
+    check_tree(layout, sequences, min_shared)
+    assert layout.total_tokens >= GroupLayout.from_sequences(sequences).total_tokens
+
+
+def test_min_shared_example():
+    # Two tokens shared by all, then [5, 6, 7] shared by two of them.
+    sequences = [[1, 2, 5, 6, 7, 8], [1, 2, 5, 6, 7, 9], [1, 2, 3]]
+    assert GroupLayout.from_sequences(sequences).total_tokens == 2 + 3 + 1 + 1 + 1
+    layout = GroupLayout.from_sequences(sequences, min_shared=3)
+    # [1, 2] is not split out: the first two sequences share [1 2 5 6 7], the third its own copy.
+    assert layout.total_tokens == 5 + 1 + 1 + 3
+    assert sorted(s.length for s in layout.segments if s.parent == -1) == [3, 5]
+    assert GroupLayout.from_sequences(sequences, min_shared=6).total_tokens == 6 + 6 + 3
+
+
+def test_duplicates_and_prefixes_end_on_shared_nodes():
+    sequences = [[4, 5, 6], [4, 5], [4, 5, 6], [4, 5, 6, 7]]
+    layout = GroupLayout.from_sequences(sequences)
+    assert layout.total_tokens == 4
+    assert layout.sequence_positions(0).tolist() == layout.sequence_positions(2).tolist() == [0, 1, 2]
+    assert layout.sequence_positions(1).tolist() == [0, 1]
+    assert layout.sequence_positions(3).tolist() == [0, 1, 2, 3]
+
+
+def test_token_log_prob_positions():
+    sequences = [[1, 2, 3], [1, 2, 4, 5], [9]]
+    layout = GroupLayout.from_sequences(sequences)
+    packed = layout.pack_sequences(sequences)
+    logits_at, targets_at = layout.token_log_prob_positions(1)
+    assert packed[targets_at].tolist() == [2, 4, 5]
+    assert layout.position_ids[logits_at].tolist() == [0, 1, 2]
+    all_logits, all_targets = layout.token_log_prob_positions()
+    assert all_targets.tolist() == (layout.sequence_positions(0)[1:].tolist()
+                                    + layout.sequence_positions(1)[1:].tolist())
+    assert all_logits.tolist() == (layout.sequence_positions(0)[:-1].tolist()
+                                   + layout.sequence_positions(1)[:-1].tolist())
+    assert [t.numel() for t in layout.token_log_prob_positions(2)] == [0, 0]
+
+
+def test_pack_sequences_features_and_checks():
+    sequences = [[1, 2, 3], [1, 2, 4]]
+    layout = GroupLayout.from_sequences(sequences)
+    features = [torch.arange(6.0).reshape(3, 2), torch.arange(6.0).reshape(3, 2) + 10]
+    packed = layout.pack_sequences(features)
+    assert packed.shape == (4, 2)
+    assert packed[layout.sequence_positions(0)].tolist() == features[0].tolist()
+    assert packed[3].tolist() == features[1][2].tolist()  # shared tokens: the first sequence's values
+    with pytest.raises(ValueError, match=r"sequences\[1\] token 1 differs"):
+        layout.pack_sequences([[1, 2, 3], [1, 7, 4]])
+    with pytest.raises(ValueError, match="expected 2 entries"):
+        layout.pack_sequences([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"sequences\[0\]: expected 3 tokens"):
+        layout.pack_sequences([[1, 2], [1, 2, 4]])
+    with pytest.raises(ValueError, match="share dtype"):
+        layout.pack_sequences([torch.zeros(3), torch.zeros(3, dtype=torch.long)])
+
+
+def test_host_segments_rebuild_the_segmentation():
+    layout = GroupLayout.from_sequences([[1, 2, 3], [1, 2, 4], [5]])
+    host = layout.host_segments
+    assert host.dtype == torch.long and host.device.type == "cpu" and host.shape == (len(layout.segments), 3)
+    assert [tuple(s) for s in layout.segments] == decode_host_segments(host)
+    assert segmentation_of(host) is layout.segmentation  # one cached Segmentation per layout
+    rebuilt = segmentation_of(host.clone())
+    assert rebuilt is not layout.segmentation and rebuilt.segments == layout.segmentation.segments
+    assert layout.to("cpu") is layout
+
+
+def test_one_level_layouts_answer_the_tree_api():
+    layout = GroupLayout.from_lengths([2, 1], [[2, 1], [2, 0]])
+    assert layout.is_flat and layout.num_sequences == 4
+    assert layout.sequence_lens_list == (4, 3, 3, 1)
+    assert layout.sequence_positions(1).tolist() == [0, 1, 4]
+    assert layout.sequence_positions(3).tolist() == [5]
+    assert torch.equal(layout.token_root, layout.token_group)
+    assert [layout.subtree_end(s) for s in range(len(layout.segments))] == [5, 4, 5, 8, 8, 8]
+    assert segmentation_of(layout.host_segments).segments == layout.segments
+    ids = [torch.tensor([7, 8, 1, 2]), torch.tensor([7, 8, 3]), torch.tensor([9, 4, 5]), torch.tensor([9])]
+    assert layout.pack_sequences(ids).tolist() == [7, 8, 1, 2, 3, 9, 4, 5]
+
+
+def test_one_level_members_refuse_a_tree():
+    layout = GroupLayout.from_sequences([[1, 2, 3], [1, 2, 4]])
+    for name in ("prefix_lens", "host_lengths", "token_group", "cu_seqlens", "suffix_lens_per_group"):
+        with pytest.raises(ValueError, match="prefix tree: use sequence_positions"):
+            getattr(layout, name)
+    assert not hasattr(layout, "completion_group")
+    for call in (layout.completion_mask, layout.completion_positions, layout.completion_logit_positions,
+                 lambda: layout.pack([], []), lambda: layout.unpack_completions(torch.zeros(4)),
+                 lambda: layout.micro_batch_groups(max_rows=1)):
+        with pytest.raises(NotOneLevelError, match="prefix tree"):
+            call()
+
+
+@pytest.mark.parametrize("sequences, error, match", [
+    ([], ValueError, "sequences is empty"),
+    (torch.zeros(2, 3, dtype=torch.long), TypeError, "list of 1-D integer"),
+    ([[1, 2], []], ValueError, r"sequences\[1\] is empty"),
+    ([[1, -2]], ValueError, r"sequences\[0\] holds a negative token id"),
+    ([torch.zeros(3)], TypeError, r"sequences\[0\] must hold integer token ids"),
+    ([[0.5, 1.0]], TypeError, r"sequences\[0\] must hold integer token ids"),
+    ([torch.zeros(2, 2, dtype=torch.long)], ValueError, r"sequences\[0\] must be 1-D"),
+])
+def test_from_sequences_errors(sequences, error, match):
+    with pytest.raises(error, match=match):
+        GroupLayout.from_sequences(sequences)
+
+
+@pytest.mark.parametrize("min_shared", [0, -1, 1.5])
+def test_min_shared_errors(min_shared):
+    with pytest.raises((TypeError, ValueError), match="min_shared"):
+        GroupLayout.from_sequences([[1, 2]], min_shared=min_shared)
+
+
+def test_segmentation_refuses_a_split_subtree():
+    with pytest.raises(ValueError, match="pre-order"):
+        Segmentation([(0, 1, -1), (1, 1, 0), (2, 1, 0), (3, 1, 1)])

@@ -11,6 +11,7 @@ Suites (each also runs on its own as ``python -m benchmarks.bench_<suite>``):
   training    seconds per step of the reference trainers, grouped vs unpacked (bench_training)
   log_probs   fused completion log-probs vs full logits (bench_log_probs)
   trl         trl.GRPOTrainer vs the drop-in GRPOTrainer (bench_trl)
+  tree        prefix trees (system prompt, multi-turn, history, GRPO) vs unpacked rows and one level (bench_tree)
 
 Every suite writes ``<suite>_<device>.csv`` (one row per measurement, starting with the
 device, versions, git commit and UTC timestamp) and a PNG into ``--out`` (default
@@ -26,12 +27,12 @@ import sys
 import time
 import traceback
 
-from . import bench_advantages, bench_attention, bench_log_probs, bench_model, bench_training, bench_trl
+from . import bench_advantages, bench_attention, bench_log_probs, bench_model, bench_training, bench_tree, bench_trl
 from .common import (RUNS_DIR, add_device_arguments, add_size_arguments, device_name, device_of, provenance,
                      run_suite, slug, write_csv)
 
 SUITES = {"attention": bench_attention, "advantages": bench_advantages, "model": bench_model,
-          "training": bench_training, "log_probs": bench_log_probs, "trl": bench_trl}
+          "training": bench_training, "log_probs": bench_log_probs, "trl": bench_trl, "tree": bench_tree}
 
 
 def build_parser():

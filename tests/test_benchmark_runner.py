@@ -20,6 +20,8 @@ SUITE_COLUMNS = {
                  "tokens_unpacked_per_step"],
     "log_probs": ["config", "approach", "fwd_bwd_ms", "peak_extra_mib", "max_abs_diff_vs_plain"],
     "trl": ["config", "trl_ms", "prefix_grouper_ms", "speedup", "max_abs_diff_old_log_probs"],
+    "tree": ["config", "approach", "measured", "unpacked_tokens", "one_level_tokens", "tree_tokens", "ms", "ms_min",
+             "ms_max", "peak_extra_mib", "max_abs_diff_vs_unpacked", "agrees", "error"],
 }
 
 
@@ -77,10 +79,29 @@ def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
     assert rows["unpacked"]["ideal_token_ratio"] == f"{80 / 48:.2f}"
 
 
+def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
+    folder, printed = smoke_run
+    rows = read_rows(folder, "tree")
+    assert {r["config"] for r in rows} == {"(a) system prompt", "(b) multi-turn", "(c) history", "(d) GRPO depth 1",
+                                           "build 64x512"}
+    for row in rows:
+        assert row["error"] == "" and row["agrees"] == "True", row
+    tokens = {r["config"]: tuple(int(r[c] or 0) for c in ("unpacked_tokens", "one_level_tokens", "tree_tokens"))
+              for r in rows}
+    # --smoke divides lengths by 64. (a): system prompt 32, 8 questions of 4, G=8 completions of 8.
+    assert tokens["(a) system prompt"] == (64 * (32 + 4 + 8), 8 * (32 + 4 + 8 * 8), 32 + 8 * 4 + 64 * 8)
+    # (b): prompt 16, turns of 4 branching 4, 2, 2, 2: 4 + 8 + 16 + 32 turn nodes.
+    assert tokens["(b) multi-turn"] == (32 * (16 + 4 * 4), 16 + 32 * 4 * 4, 16 + 60 * 4)
+    unpacked, one_level, tree = tokens["(d) GRPO depth 1"]
+    assert one_level == tree < unpacked
+    assert tokens["(c) history"][2] < tokens["(c) history"][1] < tokens["(c) history"][0]
+    assert "(a) system prompt: tree holds 1/" in printed
+
+
 # Every timed column and the range beside it, per suite (the ratio's significance reads them).
 TIMED_COLUMNS = {"attention": ["fwd_ms", "fwd_bwd_ms"], "advantages": ["ms"], "model": ["step_ms"],
                  "training": ["rollout_s", "update_s", "step_s"], "log_probs": ["fwd_bwd_ms"],
-                 "trl": ["trl_ms", "prefix_grouper_ms"]}
+                 "trl": ["trl_ms", "prefix_grouper_ms"], "tree": ["ms"]}
 
 
 @pytest.mark.parametrize("suite", list(TIMED_COLUMNS))

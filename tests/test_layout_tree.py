@@ -215,3 +215,92 @@ def test_min_shared_errors(min_shared):
 def test_segmentation_refuses_a_split_subtree():
     with pytest.raises(ValueError, match="pre-order"):
         Segmentation([(0, 1, -1), (1, 1, 0), (2, 1, 0), (3, 1, 1)])
+
+
+def padded_batch(prompts: list[list[int]], completions: list[list[int]], group_sizes: list[int]):
+    """One left-padded prompt row per completion (TRL/verl style), right-padded completions."""
+    rows = [prompts[b] for b, g in enumerate(group_sizes) for _ in range(g)]
+    lp, ls = max(map(len, prompts)), max(1, max(map(len, completions)))
+    prompt_ids = torch.zeros(len(rows), lp, dtype=torch.long)
+    prompt_mask = torch.zeros(len(rows), lp, dtype=torch.bool)
+    completion_ids = torch.zeros(len(rows), ls, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), ls, dtype=torch.bool)
+    for r, (p, c) in enumerate(zip(rows, completions)):
+        prompt_ids[r, lp - len(p):], prompt_mask[r, lp - len(p):] = torch.tensor(p), True
+        completion_ids[r, :len(c)], completion_mask[r, :len(c)] = torch.tensor(c, dtype=torch.long), True
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def random_system_prompt_batch(seed: int):
+    rng = random.Random(seed)
+    system = [rng.randrange(50) for _ in range(rng.randint(1, 6))]
+    prompts = []
+    for _ in range(rng.randint(1, 5)):
+        own = [rng.randrange(3) for _ in range(rng.randint(0, 3))]
+        prompts.append((system if rng.random() < 0.8 else [7]) + own)
+    sizes = [rng.randint(1, 3) for _ in prompts]
+    completions = [[rng.randrange(50) for _ in range(rng.randint(0, 4))] for _ in range(sum(sizes))]
+    return prompts, completions, sizes
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_share_across_groups_keeps_the_one_level_members(seed):
+    prompts, completions, sizes = random_system_prompt_batch(seed)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(prompts, completions, sizes)
+    flat = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids)
+    shared = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
+                                     share_across_groups=True)
+    distinct = {tuple(p[:k]) for p in prompts for k in range(1, len(p) + 1)}
+    assert shared.total_tokens == len(distinct) + sum(map(len, completions))
+    assert shared.is_flat == (len(distinct) == sum(map(len, prompts)) and len(set(map(tuple, prompts))) == len(prompts))
+    for name in ("prefix_lens_list", "group_sizes_list", "suffix_lens_list", "num_completion_tokens",
+                 "max_suffix_len", "sequence_lens_list"):
+        assert getattr(shared, name) == getattr(flat, name)
+    for name in ("prefix_lens", "suffix_lens", "completion_group", "first_completion"):
+        assert torch.equal(getattr(shared, name), getattr(flat, name))
+    assert torch.equal(shared.completion_mask(), flat.completion_mask())
+    assert shared.unpacked_tokens() == flat.unpacked_tokens()
+    packed_flat = flat.pack(prompt_ids, completion_ids)
+    packed = shared.pack(prompt_ids, completion_ids)
+    assert torch.equal(packed, shared.pack([torch.tensor(p) for p in prompts],
+                                           [torch.tensor(c, dtype=torch.long) for c in completions]))
+    sequences = [torch.tensor(prompts[b] + completions[j], dtype=torch.long)
+                 for j, b in enumerate(flat.completion_group.tolist())]
+    assert torch.equal(packed, shared.pack_sequences(sequences))
+    for layout, ids in ((flat, packed_flat), (shared, packed)):
+        for i, sequence in enumerate(sequences):
+            assert torch.equal(ids[layout.sequence_positions(i)], sequence)
+            assert layout.position_ids[layout.sequence_positions(i)].tolist() == list(range(len(sequence)))
+    for member in ("completion_positions", "completion_logit_positions"):
+        assert torch.equal(packed[getattr(shared, member)()], packed_flat[getattr(flat, member)()])
+        assert torch.equal(shared.position_ids[getattr(shared, member)()],
+                           flat.position_ids[getattr(flat, member)()])
+    for x, y in zip(shared.unpack_completions(packed), flat.unpack_completions(packed_flat)):
+        assert torch.equal(x, y)
+    assert torch.equal(shared.token_completion[shared.completion_positions()],
+                       torch.repeat_interleave(torch.arange(len(completions)), flat.suffix_lens))
+    if not shared.is_flat:
+        for name in ("host_lengths", "cu_seqlens", "prefix_starts", "token_group", "cu_group_seqlens"):
+            with pytest.raises(NotOneLevelError, match="prefix tree"):
+                getattr(shared, name)
+        with pytest.raises(NotOneLevelError, match="shares runs across groups"):
+            shared.micro_batch_groups(max_rows=1)
+
+
+def test_share_across_groups_example_and_checks():
+    prompts, completions, sizes = [[5, 6, 7, 1, 2], [5, 6, 7, 3], [9, 8]], [[11, 12], [13], [14], [], [17]], [2, 2, 1]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(prompts, completions, sizes)
+    shared = GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=True)
+    assert not shared.is_flat and shared.has_completions
+    assert shared.total_tokens == 3 + 2 + 1 + 2 + 5  # [5 6 7] once
+    # With min_shared=4 the 3-token system run is not split out: the flat layout.
+    assert GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=True,
+                                   min_shared=4).is_flat
+    bad = prompt_ids.clone()
+    bad[2:4, -4] = 99  # group 1 rewrites the shared run
+    with pytest.raises(ValueError, match="shares across groups"):
+        shared.pack(bad, completion_ids)
+    with pytest.raises(ValueError, match="needs prompt_ids"):
+        GroupLayout.from_padded(prompt_mask, completion_mask, sizes, share_across_groups=True)
+    with pytest.raises(ValueError, match="min_shared"):
+        GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, min_shared=2)

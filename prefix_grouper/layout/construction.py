@@ -15,7 +15,8 @@ from ..checks import MAX_LENGTH, as_length_list
 from .host import split_by_group
 from .segmentation import Segmentation
 
-__all__ = ["checked_lengths", "index_tensors", "lengths_from_padded", "sequence_tables", "tree_index_tensors"]
+__all__ = ["checked_lengths", "grouped_tree_tensors", "index_tensors", "lengths_from_padded", "sequence_tables",
+           "tree_index_tensors"]
 
 
 def checked_lengths(prefix_lens: Sequence[int],
@@ -202,6 +203,7 @@ def index_tensors(segmentation: Segmentation, prefix_lens: Sequence[int], group_
     offset_in_seg = torch.arange(total, **long) - t["cu_seqlens"][seg_id]
     t["token_group"] = seg_group_t[seg_id]
     t["token_root"] = t["token_group"]
+    t["_token_prompt_group"] = t["token_group"]  # the group whose prompt row pack() reads
     t["token_completion"] = seg_completion[seg_id]
     t["position_ids"] = seg_pos0[seg_id] + offset_in_seg
     t["token_segment"] = seg_id
@@ -260,3 +262,66 @@ def sequence_tables(segmentation: Segmentation, sequence_segments: Sequence[int]
     source = torch.full((segmentation.total_tokens,), total, **long).scatter_reduce(
         0, positions, torch.arange(total, **long), "amin")
     return positions, offsets, source
+
+
+def grouped_tree_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
+                         suffix_lens_per_group: Sequence[Sequence[int]], completion_segments: Sequence[int],
+                         token_segment: torch.Tensor, source: torch.Tensor,
+                         device: torch.device) -> dict[str, torch.Tensor]:
+    """The one-level tensors that stay meaningful when prompts share runs across groups
+    (``GroupLayout.from_padded(..., share_across_groups=True)``): completion ``j`` is the
+    leaf ``completion_segments[j]`` under its group's prompt path. ``source`` is the
+    layout's pack source (the first sequence entry holding each packed token)."""
+    long = dict(dtype=torch.long, device=device)
+    segments = segmentation.segments
+    sizes = [len(g) for g in suffix_lens_per_group]
+    suffix = [s for g in suffix_lens_per_group for s in g]
+    t: dict[str, torch.Tensor] = {}
+    t["prefix_lens"] = torch.tensor(prefix_lens, **long)
+    t["group_sizes"] = torch.tensor(sizes, **long)
+    t["suffix_lens"] = torch.tensor(suffix, **long)
+    t["completion_group"] = torch.repeat_interleave(torch.arange(len(sizes), **long), t["group_sizes"])
+    t["first_completion"] = torch.cumsum(t["group_sizes"], 0) - t["group_sizes"]
+    t["suffix_starts"] = torch.tensor([segments[s].start for s in completion_segments], **long)
+    seg_completion = [-1] * len(segments)
+    for j, s in enumerate(completion_segments):
+        seg_completion[s] = j
+    t["token_completion"] = torch.tensor(seg_completion, **long)[token_segment]
+    # A prompt token is packed from one group holding it (the first sequence's, as in
+    # pack_sequences); a completion token from its own group.
+    sequence_lens = t["prefix_lens"][t["completion_group"]] + t["suffix_lens"]
+    entry_sequence = torch.repeat_interleave(torch.arange(len(suffix), **long), sequence_lens,
+                                             output_size=sum(p * g for p, g in zip(prefix_lens, sizes)) + sum(suffix))
+    t["_token_prompt_group"] = t["completion_group"][entry_sequence[source]]
+
+    n_ct, max_suffix = sum(suffix), max(suffix)
+    completion_of = torch.repeat_interleave(torch.arange(len(suffix), **long), t["suffix_lens"], output_size=n_ct)
+    first_of_completion = torch.cumsum(t["suffix_lens"], 0) - t["suffix_lens"]
+    offset_in_completion = torch.arange(n_ct, **long) - first_of_completion[completion_of]
+    positions = t["suffix_starts"][completion_of] + offset_in_completion
+    t["_completion_positions"] = positions
+    t["_completion_padded_index"] = completion_of * max_suffix + offset_in_completion
+    # The first token of a completion is predicted by the last token of its prompt, the
+    # end of its parent segment; any later one by the token right before it.
+    prompt_last = torch.tensor([segments[segments[s].parent].start + segments[segments[s].parent].length - 1
+                                for s in completion_segments], **long)
+    t["_completion_logit_positions"] = torch.where(offset_in_completion == 0, prompt_last[completion_of],
+                                                   positions - 1)
+    return t
+
+
+def group_prompt_tokens(prompt_ids: torch.Tensor, prefix_lens: Sequence[int],
+                        group_sizes: Sequence[int]) -> list[Any]:
+    """Every group's real prompt tokens (host arrays) from left-padded ``prompt_ids``, one
+    row per group or one per completion (a group's first row; rows already checked)."""
+    if prompt_ids.shape[0] == len(group_sizes):
+        rows = list(range(len(group_sizes)))
+    else:
+        rows = [sum(group_sizes[:b]) for b in range(len(group_sizes))]
+    chosen = prompt_ids[torch.tensor(rows, device=prompt_ids.device)].to("cpu", torch.long).numpy()
+    width = chosen.shape[1]
+    tokens = [chosen[b, width - p:] for b, p in enumerate(prefix_lens)]
+    for b, t in enumerate(tokens):
+        if t.min() < 0:
+            raise ValueError(f"prompt_ids row {rows[b]} holds a negative token id under the mask: ids must be >= 0")
+    return tokens

@@ -11,11 +11,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..segments import micro_batch_groups
-from .construction import checked_lengths, index_tensors, lengths_from_padded, tree_index_tensors
+from .construction import (checked_lengths, group_prompt_tokens, grouped_tree_tensors, index_tensors,
+                           lengths_from_padded, tree_index_tensors)
 from .host import cached_per_layout, encode_host_lengths, encode_host_segments, split_by_group
 from .segmentation import Segment, Segmentation, segmentation_of
 from .sequences import SequenceMembers
-from .tree import SequenceTree, checked_sequences, sequence_tree
+from .tree import SequenceTree, checked_sequences, sequence_tree, tree_from_groups
 
 __all__ = ["GroupLayout", "NotOneLevelError"]
 
@@ -93,18 +94,10 @@ class GroupLayout(SequenceMembers):
         device: torch.device | str | None = None,
     ) -> None:
         prefix, groups = checked_lengths(prefix_lens, suffix_lens)
-        self.prefix_lens_list: tuple[int, ...] = tuple(prefix)
-        self.group_sizes_list: tuple[int, ...] = tuple(len(g) for g in groups)
-        self.suffix_lens_list: tuple[int, ...] = tuple(s for g in groups for s in g)
-        self.num_groups = len(prefix)
-        self.num_completions = len(self.suffix_lens_list)
-        self.num_completion_tokens = sum(self.suffix_lens_list)
+        self._set_group_lengths(prefix, groups)
         self.total_tokens = sum(prefix) + self.num_completion_tokens
-        self.max_prefix_len = max(prefix)
-        self.max_suffix_len = max(self.suffix_lens_list)
-        self.max_group_suffix_tokens = max(sum(g) for g in groups)
         self.host_lengths = encode_host_lengths(prefix, self.group_sizes_list, self.suffix_lens_list)
-        self.is_flat = True
+        self.is_flat = self.has_completions = True
         device = torch.device(device) if device is not None else torch.device("cpu")
         for name, tensor in index_tensors(self.segmentation, self.prefix_lens_list, self.group_sizes_list,
                                           self.suffix_lens_list, device).items():
@@ -132,6 +125,31 @@ class GroupLayout(SequenceMembers):
         for name, tensor in tree_index_tensors(segmentation, device).items():
             setattr(self, name, tensor)
         self.device = self.position_ids.device
+        self.has_completions = False
+
+    def _set_group_lengths(self, prefix: Sequence[int], groups: Sequence[Sequence[int]]) -> None:
+        self.prefix_lens_list: tuple[int, ...] = tuple(prefix)
+        self.group_sizes_list: tuple[int, ...] = tuple(len(g) for g in groups)
+        self.suffix_lens_list: tuple[int, ...] = tuple(s for g in groups for s in g)
+        self.num_groups = len(prefix)
+        self.num_completions = len(self.suffix_lens_list)
+        self.num_completion_tokens = sum(self.suffix_lens_list)
+        self.max_prefix_len = max(prefix)
+        self.max_suffix_len = max(self.suffix_lens_list)
+        self.max_group_suffix_tokens = max(sum(g) for g in groups)
+
+    def _init_grouped_tree(self, prefix: Sequence[int], groups: Sequence[Sequence[int]], tree: SequenceTree,
+                           device: torch.device | str | None) -> None:
+        """Prompts sharing runs across groups: ``tree`` (sequences = completions, each a leaf
+        under its group's prompt path) with the one-level members that stay meaningful."""
+        self._init_tree(tree, device)
+        self._set_group_lengths(prefix, groups)
+        self._grouped_tree = (tuple(prefix), tuple(tuple(g) for g in groups), tree)
+        self.has_completions = True
+        source = self._tables()[2]
+        for name, tensor in grouped_tree_tensors(self.segmentation, prefix, groups, tree.sequence_segments,
+                                                 self.token_segment, source, self.device).items():
+            setattr(self, name, tensor)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: a one-level member of a tree layout.
@@ -142,7 +160,7 @@ class GroupLayout(SequenceMembers):
         raise AttributeError(f"'GroupLayout' object has no attribute '{name}'")
 
     def _require_one_level(self, member: str) -> None:
-        if not self.is_flat:
+        if not self.has_completions:
             raise NotOneLevelError(
                 f"GroupLayout.{member}() needs a one-level layout (prompts and completions, from_lengths / "
                 f"from_padded); this layout is a prefix tree: use {_TREE_API}")
@@ -166,6 +184,8 @@ class GroupLayout(SequenceMembers):
         group_sizes: Sequence[int] | torch.Tensor | None = None,
         *,
         prompt_ids: torch.Tensor | None = None,
+        share_across_groups: bool = False,
+        min_shared: int = 1,
     ) -> "GroupLayout":
         """Layout of what a GRPO loop holds: left-padded prompts and right-padded completions.
 
@@ -180,11 +200,35 @@ class GroupLayout(SequenceMembers):
                 consecutive rows holding identical prompts then form a group.
             prompt_ids: ``[rows of prompt_mask, Lp]`` integer prompt tokens (read only under
                 the mask). With N rows, rows given as one group must hold identical prompts.
+            share_across_groups: also share the leading runs that DIFFERENT groups' prompts
+                have in common (a system prompt, a tool schema): the layout is then the prefix
+                tree of the prompts, each group's completions leaves under its prompt (needs
+                ``prompt_ids``). Its one-level members (``pack``, ``completion_positions``,
+                ``completion_logit_positions``, ``unpack_completions``, ``completion_mask``,
+                the lengths) work as on a flat layout, ``is_flat`` is False and the
+                packed-range members (``host_lengths``, ``cu_seqlens``, ``prefix_starts``,
+                ``token_group``, ``micro_batch_groups``) raise. Without any shared run the
+                layout is the flat one.
+            min_shared: with ``share_across_groups``, runs shared by different prompts are
+                split out only from this many tokens (see :meth:`from_sequences`).
 
         Reads the mask lengths back to the host (a few synchronizations, once per batch).
         """
         prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
-        return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
+        if not share_across_groups:
+            if min_shared != 1:
+                raise ValueError(f"min_shared = {min_shared!r} is only read with share_across_groups=True")
+            return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
+        if prompt_ids is None:
+            raise ValueError("share_across_groups=True needs prompt_ids: runs are shared by their tokens")
+        prompts = group_prompt_tokens(prompt_ids, prefix_lens, [len(g) for g in suffix_lens])
+        tree = tree_from_groups(prompts, suffix_lens, min_shared)
+        prompt_segments = len(tree.segments) - len(tree.sequence_segments)
+        if prompt_segments == len(prefix_lens) and sum(s.parent == -1 for s in tree.segments) == prompt_segments:
+            return cls(prefix_lens, suffix_lens, device=prompt_mask.device)  # nothing shared across groups
+        layout = cls.__new__(cls)
+        layout._init_grouped_tree(prefix_lens, suffix_lens, tree, prompt_mask.device)
+        return layout
 
     @classmethod
     def from_sequences(
@@ -231,7 +275,9 @@ class GroupLayout(SequenceMembers):
         """Consecutive whole groups per micro-batch (ranges of group indices), each within
         ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
         runs alone (:func:`prefix_grouper.segments.micro_batch_groups`)."""
-        self._require_one_level("micro_batch_groups")
+        if not self.is_flat:
+            raise NotOneLevelError("GroupLayout.micro_batch_groups() cuts whole groups out of a flat layout; "
+                                   "this layout shares runs across groups (a prefix tree)")
         group_tokens = [prefix + sum(suffixes)
                         for prefix, suffixes in zip(self.prefix_lens_list, self.suffix_lens_per_group)]
         return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
@@ -253,7 +299,10 @@ class GroupLayout(SequenceMembers):
         if self.is_flat:
             return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
         layout = GroupLayout.__new__(GroupLayout)
-        layout._init_tree(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
+        if self.has_completions:
+            layout._init_grouped_tree(*self._grouped_tree[:2], self._grouped_tree[2], device)
+        else:
+            layout._init_tree(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
         return layout
 
     @property
@@ -327,17 +376,37 @@ class GroupLayout(SequenceMembers):
             )
         lp, ls = prompt_rows.shape[1], completion_rows.shape[1]
         is_prefix = self.token_completion < 0
-        prompt_col = lp - self.prefix_lens[self.token_group] + self.position_ids
-        completion_col = self.position_ids - self.prefix_lens[self.token_group]
+        group = self._token_prompt_group  # a prompt token shared across groups: one group holding it
+        prompt_col = lp - self.prefix_lens[group] + self.position_ids
+        completion_col = self.position_ids - self.prefix_lens[group]
         prompt_flat = prompt_rows.reshape(-1, *prompt_rows.shape[2:])
         completion_flat = completion_rows.reshape(-1, *completion_rows.shape[2:])
         src = torch.cat([prompt_flat, completion_flat], 0)
         index = torch.where(
             is_prefix,
-            self.token_group * lp + prompt_col,
+            group * lp + prompt_col,
             prompt_flat.shape[0] + self.token_completion.clamp(min=0) * ls + completion_col,
         )
-        return src.index_select(0, index)
+        packed = src.index_select(0, index)
+        if not self.is_flat and not (packed.dtype.is_floating_point or packed.dtype.is_complex):
+            self._check_shared_prompts(packed, prompt_flat, lp)
+        return packed
+
+    def _check_shared_prompts(self, packed: torch.Tensor, prompt_flat: torch.Tensor, width: int) -> None:
+        """Integer prompts (ids) packed across groups must agree on every shared token."""
+        positions, offsets, _, lens = self._tables()
+        sequence = torch.repeat_interleave(torch.arange(self.num_sequences, device=self.device), lens,
+                                           output_size=positions.shape[0])
+        offset = torch.arange(positions.shape[0], device=self.device) - torch.tensor(
+            offsets[:-1], dtype=torch.long, device=self.device)[sequence]
+        group = self.completion_group[sequence]
+        in_prompt = offset < self.prefix_lens[group]
+        given = prompt_flat.index_select(0, (group * width + width - self.prefix_lens[group] + offset)[in_prompt])
+        differs = (packed.index_select(0, positions[in_prompt]) != given).reshape(given.shape[0], -1).any(1)
+        if bool(differs.any()):
+            b = int(group[in_prompt][differs.nonzero()[0]])
+            raise ValueError(f"prompts: group {b}'s prompt differs from another group's on a run the layout "
+                             f"shares across groups: these are not the prompts it was built from")
 
     def _prompt_rows(self, prompts: Any) -> torch.Tensor:
         """``[B, Lp, ...]`` left-padded prompt rows from one row per group or per completion."""

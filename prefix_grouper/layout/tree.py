@@ -15,7 +15,7 @@ import torch
 from ..checks import MAX_LENGTH, check_int
 from .segmentation import Segment
 
-__all__ = ["SequenceTree", "checked_sequences", "sequence_tree"]
+__all__ = ["SequenceTree", "checked_sequences", "sequence_tree", "tree_from_groups"]
 
 
 class SequenceTree(NamedTuple):
@@ -137,10 +137,10 @@ def sequence_tree(tokens: list[np.ndarray], min_shared: int = 1) -> SequenceTree
 
 
 def tree_from_groups(prompt_tokens: list[np.ndarray], suffix_lens_per_group: Sequence[Sequence[int]],
-                     min_shared: int = 1) -> tuple[SequenceTree, list[int]]:
+                     min_shared: int = 1) -> SequenceTree:
     """The radix tree of the group prompts with every group's completions as leaves under
-    its prompt's node; returns it (sequences = completions, in order) and every group's
-    prompt segment."""
+    its prompt's node, right after it (still a pre-order); its sequences are the
+    completions, in order."""
     prompts = sequence_tree(prompt_tokens, min_shared)
     completions_of: dict[int, list[tuple[int, int]]] = {}
     completion = 0
@@ -148,7 +148,6 @@ def tree_from_groups(prompt_tokens: list[np.ndarray], suffix_lens_per_group: Seq
         for suffix_len in suffix_lens:
             completions_of.setdefault(prompts.sequence_segments[group], []).append((completion, suffix_len))
             completion += 1
-    # Insert the completions right after their prompt segment: still a pre-order.
     segments: list[Segment] = []
     new_index: list[int] = []
     sequence_segments = [0] * completion
@@ -161,4 +160,4 @@ def tree_from_groups(prompt_tokens: list[np.ndarray], suffix_lens_per_group: Seq
             sequence_segments[sequence] = len(segments)
             segments.append(Segment(start, suffix_len, new_index[index]))
             start += suffix_len
-    return SequenceTree(segments, sequence_segments), [new_index[s] for s in prompts.sequence_segments]
+    return SequenceTree(segments, sequence_segments)

@@ -304,3 +304,16 @@ def test_share_across_groups_example_and_checks():
         GroupLayout.from_padded(prompt_mask, completion_mask, sizes, share_across_groups=True)
     with pytest.raises(ValueError, match="min_shared"):
         GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, min_shared=2)
+
+
+def test_very_ragged_batch_is_sorted_without_a_padded_copy():
+    # One long sequence among short ones: the tree is built without padding them all to it.
+    long = torch.randint(1, 50, (300_000,), generator=torch.Generator().manual_seed(0))
+    head = long[:3].tolist()
+    sequences = [long, long[:5], torch.tensor(head + [0]), torch.tensor([0, 7]), torch.tensor([0, 7, 1]),
+                 long[:1], torch.tensor(head + [0, 2]), torch.tensor([0])]
+    layout = GroupLayout.from_sequences(sequences)
+    assert layout.total_tokens == 300_000 + 2 + 3  # + [.. 0, 2] branch, + [0 7 1]
+    packed = layout.pack_sequences(sequences)
+    for i, sequence in enumerate(sequences):
+        assert torch.equal(packed[layout.sequence_positions(i)], sequence)

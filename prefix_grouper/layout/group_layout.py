@@ -268,9 +268,10 @@ class GroupLayout(SequenceMembers, CompletionPacking):
 
     @property
     def segments(self) -> tuple[Segment, ...]:
-        """One :class:`Segment` ``(start, length, parent)`` per packed segment, in packed order:
-        each group's prefix (``parent == -1``), then its completions (``parent`` = the index of
-        the group's prefix segment), empty completions included; host ints."""
+        """One :class:`Segment` ``(start, length, parent)`` per packed segment, in packed order
+        (pre-order of the prefix tree); host ints. One-level: each group's prefix
+        (``parent == -1``), then its completions (``parent`` = the index of the group's prefix
+        segment), empty completions included."""
         return self.segmentation.segments
 
     def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:

@@ -114,12 +114,6 @@ class Segmentation:
         later tokens (causal) and every token of that range after its own run."""
         return self._subtree_ends[segment]
 
-    @property
-    def is_flat(self) -> bool:
-        """Every segment is a root or a root's child (a one-level layout: prompts and
-        their completions)."""
-        return all(parent == -1 or self.segments[parent].parent == -1 for _, _, parent in self.segments)
-
     def nonempty(self) -> list[int]:
         """Indices of the segments that own tokens (an empty completion owns none)."""
         return [index for index, segment in enumerate(self.segments) if segment.length]

@@ -1,9 +1,9 @@
 """The radix tree of a batch of token sequences, in the packed (pre-order) segment form.
 
 Sorting the sequences lexicographically puts the ones that share a prefix next to each
-other; the longest common prefix (LCP) of sorted neighbours, computed vectorized on one
-padded array, is all a stack pass over the N sequences needs to build the tree (the
-classic LCP-interval construction): no loop over tokens.
+other; the longest common prefix (LCP) of sorted neighbours (one vectorized comparison per
+pair) is all a stack pass over the N sequences needs to build the tree (the classic
+LCP-interval construction): no Python loop over tokens.
 """
 from __future__ import annotations
 
@@ -56,19 +56,22 @@ def checked_sequences(sequences: Any, name: str = "sequences") -> list[np.ndarra
     return out
 
 
-def _sorted_lcp(tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _sorted_lcp(tokens: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     """``(order, lcp)``: the sequences in lexicographic order (a prefix before its
     extensions) and ``lcp[j]`` = common prefix length of sorted sequences ``j`` and ``j+1``."""
     lengths = np.array([len(t) for t in tokens])
-    padded = np.full((len(tokens), int(lengths.max())), -1, dtype=np.int64)  # -1 sorts before every id
-    for row, t in enumerate(tokens):
-        padded[row, :len(t)] = t
-    order = np.lexsort(padded.T[::-1])
-    ordered = padded[order]
-    differs = ordered[1:] != ordered[:-1]
-    first_difference = np.where(differs.any(1), differs.argmax(1), padded.shape[1])
-    ordered_lengths = lengths[order]
-    lcp = np.minimum(first_difference, np.minimum(ordered_lengths[1:], ordered_lengths[:-1]))
+    if len(tokens) * int(lengths.max()) <= 4 * int(lengths.sum()) + (1 << 20):
+        padded = np.full((len(tokens), int(lengths.max())), -1, dtype=np.int64)  # -1 sorts before every id
+        for row, t in enumerate(tokens):
+            padded[row, :len(t)] = t
+        order = np.lexsort(padded.T[::-1])
+    else:  # very ragged: a padded copy would dwarf the tokens
+        order = np.array(sorted(range(len(tokens)), key=lambda i: tokens[i].tolist()), dtype=np.int64)
+    lcp = []
+    for a, b in zip(order[:-1].tolist(), order[1:].tolist()):
+        n = min(len(tokens[a]), len(tokens[b]))
+        differ = np.flatnonzero(tokens[a][:n] != tokens[b][:n])
+        lcp.append(int(differ[0]) if differ.size else n)
     return order, lcp
 
 
@@ -93,7 +96,7 @@ def sequence_tree(tokens: list[np.ndarray], min_shared: int = 1) -> SequenceTree
 
     path: list[int] = [-1]  # the previous sequence's nodes, from the virtual root
     for j, sequence in enumerate(order.tolist()):
-        shared = int(lcp[j - 1]) if j else 0
+        shared = lcp[j - 1] if j else 0
         popped = -1
         while path[-1] != -1 and depth[path[-1]] > shared:
             popped = path.pop()

@@ -317,3 +317,14 @@ def test_very_ragged_batch_is_sorted_without_a_padded_copy():
     packed = layout.pack_sequences(sequences)
     for i, sequence in enumerate(sequences):
         assert torch.equal(packed[layout.sequence_positions(i)], sequence)
+
+
+def test_to_rebuilds_tree_layouts_on_another_device():
+    tree = GroupLayout.from_sequences([[1, 2, 3], [1, 2, 4], [5]]).to("meta")
+    assert tree.device.type == "meta" and tree.token_root.device.type == "meta" and not tree.has_completions
+    prompts, completions, sizes = [[5, 6, 1], [5, 6, 2]], [[3], [4, 4], [7]], [2, 1]
+    prompt_ids, prompt_mask, _, completion_mask = padded_batch(prompts, completions, sizes)
+    shared = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
+                                     share_across_groups=True).to("meta")
+    assert shared.has_completions and not shared.is_flat
+    assert shared.completion_group.device.type == "meta" and shared.segments[0] == (0, 2, -1)

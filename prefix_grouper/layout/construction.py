@@ -280,7 +280,8 @@ def grouped_tree_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
     t["prefix_lens"] = torch.tensor(prefix_lens, **long)
     t["group_sizes"] = torch.tensor(sizes, **long)
     t["suffix_lens"] = torch.tensor(suffix, **long)
-    t["completion_group"] = torch.repeat_interleave(torch.arange(len(sizes), **long), t["group_sizes"])
+    t["completion_group"] = torch.repeat_interleave(torch.arange(len(sizes), **long), t["group_sizes"],
+                                                   output_size=len(suffix))
     t["first_completion"] = torch.cumsum(t["group_sizes"], 0) - t["group_sizes"]
     t["suffix_starts"] = torch.tensor([segments[s].start for s in completion_segments], **long)
     seg_completion = [-1] * len(segments)

@@ -328,3 +328,9 @@ def test_to_rebuilds_tree_layouts_on_another_device():
                                      share_across_groups=True).to("meta")
     assert shared.has_completions and not shared.is_flat
     assert shared.completion_group.device.type == "meta" and shared.segments[0] == (0, 2, -1)
+
+
+def test_min_shared_keeps_exact_duplicates_on_one_node():
+    layout = GroupLayout.from_sequences([[1, 2], [1, 2], [1, 2, 3, 4, 5, 6]], min_shared=5)
+    assert layout.total_tokens == 2 + 6
+    assert layout.sequence_positions(0).tolist() == layout.sequence_positions(1).tolist()

@@ -248,8 +248,8 @@ class GroupLayout(SequenceMembers, CompletionPacking):
                 each. Exact duplicates and sequences that are prefixes of others are allowed
                 (they end on the same node, or on an inner node).
             min_shared: a shared run shorter than this many tokens is not split out: the
-                sequences below it keep their own copies. With 1, ``total_tokens`` is the
-                number of distinct prefixes (trie nodes).
+                sequences below it keep their own copies (exact duplicates still end on one
+                node). With 1, ``total_tokens`` is the number of distinct prefixes (trie nodes).
             device: where the index tensors live (default CPU).
 
         Sorts the sequences and compares sorted neighbours once, vectorized; the tree is

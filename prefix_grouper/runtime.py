@@ -1,5 +1,5 @@
-"""Where the package's kernels can run: one Triton availability check and one CUDA device
-guard, shared by attention and advantages."""
+"""Where the package's kernels can run: the Triton and CUDA-extension availability checks the
+backend registry (:mod:`prefix_grouper._dispatch`) asks, and one CUDA device guard."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,9 @@ import os
 
 import torch
 
-__all__ = ["device_guard", "require_triton", "triton_interpreted", "triton_on_cuda", "triton_unavailable_reason"]
+from ._extension import require_cuda_extension
+
+__all__ = ["cuda_extension_unavailable_reason", "device_guard", "triton_interpreted", "triton_unavailable_reason"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,16 +58,17 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"Triton kernels do not support {device.type} tensors"
 
 
-def triton_on_cuda(device: torch.device) -> bool:
-    """What ``backend="auto"`` asks before choosing Triton: CUDA tensors and a usable Triton."""
-    return device.type == "cuda" and triton_unavailable_reason(device) is None
-
-
-def require_triton(device: torch.device) -> None:
-    """Refuse an explicit ``backend="triton"`` that cannot run on ``device``, with the reason."""
-    reason = triton_unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend='triton' is not available on {device}: {reason}")
+def cuda_extension_unavailable_reason(device: torch.device) -> str | None:
+    """None when the compiled CUDA extension can run on tensors on ``device``, else a one-line reason."""
+    if device.type != "cuda":
+        return f"needs CUDA tensors, got tensors on {device}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        require_cuda_extension("it")
+    except RuntimeError as exc:
+        return str(exc).rstrip(".")
+    return None
 
 
 def device_guard(x: torch.Tensor):

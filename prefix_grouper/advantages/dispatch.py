@@ -9,57 +9,43 @@ from __future__ import annotations
 
 import torch
 
-from .._extension import cuda_extension_available, require_cuda_extension
-from ..checks import check_choice
-from ..runtime import require_triton, triton_on_cuda, triton_unavailable_reason
+from .. import _dispatch as registry
+from .._dispatch import Backend, register_op
+from ..runtime import cuda_extension_unavailable_reason, triton_unavailable_reason
 from .cuda_impl import group_normalize_cuda
-from .options import BACKENDS, NormalizeOptions
+from .options import NormalizeOptions
 from .segments import Segments
 from .torch_impl import batch_std, group_normalize_torch
 from .triton_impl import group_normalize_triton
 
 __all__ = ["available_backends", "check_no_inf", "normalize_in_groups", "resolve_backend"]
 
-_IMPLEMENTATIONS = {
-    "torch": group_normalize_torch,
-    "triton": group_normalize_triton,
-    "cuda": group_normalize_cuda,
-}
+OP = "advantages"
 
-
-def _cuda_extension_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and cuda_extension_available()
+# Every implementation takes (values float64 [N], segments, options, batch_scale [G] or None)
+# and returns [N] float64 advantages. Every backend computes in float64, whatever the
+# rewards' dtype, so only the device decides where one runs.
+register_op(OP, [
+    Backend("torch", group_normalize_torch),
+    Backend("triton", group_normalize_triton, unavailable=lambda device, dtype: triton_unavailable_reason(device),
+            auto_devices=frozenset({"cuda"})),
+    Backend("cuda", group_normalize_cuda, unavailable=lambda device, dtype: cuda_extension_unavailable_reason(device)),
+], auto_order=("cuda", "triton", "torch"))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The explicit backends that can run on tensors on ``device`` (torch always can)."""
-    device = torch.device(device)
-    names = ["torch"]
-    if triton_unavailable_reason(device) is None:
-        names.append("triton")
-    if _cuda_extension_runs_on(device):
-        names.append("cuda")
-    return names
+    return registry.available_backends(OP, device)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``backend`` made concrete for tensors on ``device``; raises if it cannot run there.
+    """``backend`` made concrete for tensors on ``device``; raises if it cannot run there
+    (:class:`~prefix_grouper._dispatch.BackendUnavailableError`, with the reason).
 
     "auto" picks the CUDA extension on CUDA tensors when it is built, else Triton on CUDA
     tensors, else torch (always on CPU tensors, even under the Triton interpreter).
     """
-    check_choice(backend, "backend", BACKENDS)
-    if backend == "auto":
-        if _cuda_extension_runs_on(device):
-            return "cuda"
-        return "triton" if triton_on_cuda(device) else "torch"
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        require_cuda_extension("backend='cuda' of prefix_grouper.advantages")
-    if backend == "triton":
-        require_triton(device)
-    return backend
+    return registry.resolve_backend(OP, backend, device)
 
 
 def check_no_inf(values: torch.Tensor, name: str) -> None:
@@ -99,5 +85,5 @@ def normalize_in_groups(
         if options.scale == "batch":
             per_batch = batch_std(compute.view(num_batches, -1), options.unbiased)
             batch_scale = per_batch.repeat_interleave(segments.num_groups // num_batches)
-        out = _IMPLEMENTATIONS[backend](compute, segments, options, batch_scale)
+        out = registry.implementation(OP, backend)(compute, segments, options, batch_scale)
         return out.to(values.dtype)

@@ -5,14 +5,17 @@ import math
 
 import torch
 
-from ..checks import check_bool, check_choice, check_int, check_positive_real
+from .. import _dispatch as registry
+from .._dispatch import Backend, register_op
+from ..checks import check_bool, check_int, check_positive_real
 from ..layout import GroupLayout
-from ..runtime import require_triton, triton_on_cuda, triton_unavailable_reason
+from ..runtime import triton_unavailable_reason
 from .reference import reference_prefix_attention
 from .torch_backend import torch_prefix_attention
 
 __all__ = ["BACKENDS", "MAX_HEAD_DIM", "available_backends", "prefix_attention", "resolve_backend"]
 
+OP = "prefix_attention"
 BACKENDS = ("reference", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -22,34 +25,49 @@ MAX_HEAD_DIM = 256
 _FLOAT32 = torch.finfo(torch.float32)
 _SCALE_RANGE = (_FLOAT32.tiny, _FLOAT32.max / math.log2(math.e))
 
+
+def _triton_unavailable(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if dtype == torch.float64:
+        return "the Triton kernels support float16, bfloat16 and float32, not float64"
+    reason = triton_unavailable_reason(device)
+    if reason is None and device.type == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter (3.8) computes bf16 tl.dot wrongly; refuse rather than mislead.
+        return "on CPU (the Triton interpreter) it supports float32 and float16, not bfloat16"
+    return reason
+
+
+def _reference(q, k, v, layout, softmax_scale, *, window, softcap, sinks, need_lse):
+    return reference_prefix_attention(q, k, v, layout, softmax_scale, window=window, softcap=softcap, sinks=sinks)
+
+
+def _triton(q, k, v, layout, softmax_scale, *, window, softcap, sinks, need_lse):
+    from .triton_backend import triton_prefix_attention  # imports triton: only when it runs
+
+    return triton_prefix_attention(q, k, v, layout, softmax_scale, window=window, softcap=softcap, sinks=sinks)
+
+
+# Every implementation takes (q, k, v, layout, softmax_scale, *, window, softcap, sinks,
+# need_lse) on validated token-first inputs and returns (out, lse or None).
+register_op(OP, [
+    Backend("reference", _reference),
+    Backend("torch", torch_prefix_attention),
+    Backend("triton", _triton, unavailable=_triton_unavailable, auto_devices=frozenset({"cuda"})),
+], auto_order=("triton", "torch"))
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest last."""
-    device = torch.device(device)
-    names = ["reference", "torch"]
-    if triton_unavailable_reason(device) is None:
-        names.append("triton")
-    return names
+    return registry.available_backends(OP, device)
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend ``prefix_attention`` runs for ``backend`` on ``device`` inputs of ``dtype``.
 
     ``"auto"`` is ``"triton"`` on CUDA (not for float64) when Triton is available, else
-    ``"torch"``; an explicit name is returned as is, or refused with the reason it cannot run.
+    ``"torch"``; an explicit name is returned as is, or refused with the reason it cannot run
+    (:class:`~prefix_grouper._dispatch.BackendUnavailableError`).
     """
-    check_choice(backend, "backend", ("auto",) + BACKENDS)
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if dtype != torch.float64 and triton_on_cuda(device) else "torch"
-    if backend == "triton":
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32, got float64")
-        require_triton(device)
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            # Triton's interpreter (3.8) computes bf16 tl.dot wrongly; refuse rather than mislead.
-            raise TypeError("backend='triton' on CPU (the Triton interpreter) supports float32 and float16, "
-                            "not bfloat16")
-    return backend
+    return registry.resolve_backend(OP, backend, device, dtype)
 
 
 def _check_softmax_scale(value) -> float:
@@ -219,14 +237,7 @@ def prefix_attention(
         _check_sinks(sinks, q)
     features = {"window": window, "softcap": softcap, "sinks": sinks}
     name = resolve_backend(backend, q.device, q.dtype)
-    if name == "reference":
-        out, lse = reference_prefix_attention(q, k, v, layout, softmax_scale, **features)
-    elif name == "torch":
-        out, lse = torch_prefix_attention(q, k, v, layout, softmax_scale, **features, need_lse=return_lse)
-    else:
-        from .triton_backend import triton_prefix_attention
-
-        out, lse = triton_prefix_attention(q, k, v, layout, softmax_scale, **features)
+    out, lse = registry.implementation(OP, name)(q, k, v, layout, softmax_scale, **features, need_lse=return_lse)
     if batched:
         out = out[None]
         lse = None if lse is None else lse[None]

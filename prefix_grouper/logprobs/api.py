@@ -16,13 +16,17 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..checks import check_bool, check_choice, check_positive_real
-from ..runtime import require_triton, triton_on_cuda
+from .. import _dispatch as registry
+from .._dispatch import Backend, register_op
+from ..checks import check_bool, check_positive_real
+from ..runtime import triton_unavailable_reason
 from .torch_impl import chunk_grad_logits_torch_, chunk_stats_torch
 from .triton_impl import chunk_grad_logits_triton_, chunk_stats_triton
 
-__all__ = ["BACKENDS", "LOGITS_CHUNK_BYTES", "default_chunk_size", "fused_linear_log_probs", "resolve_backend"]
+__all__ = ["BACKENDS", "LOGITS_CHUNK_BYTES", "available_backends", "default_chunk_size", "fused_linear_log_probs",
+           "resolve_backend"]
 
+OP = "fused_linear_log_probs"
 BACKENDS = ("torch", "triton")
 
 # Memory budget of one chunk of logits counted in float32 (float64 for float64 inputs), the
@@ -40,8 +44,11 @@ class ChunkKernels(NamedTuple):
     grad_logits_: Callable[..., torch.Tensor]
 
 
-KERNELS = {"torch": ChunkKernels(chunk_stats_torch, chunk_grad_logits_torch_),
-           "triton": ChunkKernels(chunk_stats_triton, chunk_grad_logits_triton_)}
+register_op(OP, [
+    Backend("torch", ChunkKernels(chunk_stats_torch, chunk_grad_logits_torch_)),
+    Backend("triton", ChunkKernels(chunk_stats_triton, chunk_grad_logits_triton_),
+            unavailable=lambda device, dtype: triton_unavailable_reason(device), auto_devices=frozenset({"cuda"})),
+], auto_order=("triton", "torch"))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,15 +61,16 @@ def default_chunk_size(vocab_size: int, dtype: torch.dtype) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (vocab_size * compute_dtype(dtype).itemsize))
 
 
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device``, fastest last."""
+    return registry.available_backends(OP, device)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` is triton on CUDA tensors when Triton is available, else torch; an explicit
-    backend that cannot run on ``device`` is refused with the reason."""
-    check_choice(backend, "backend", ("auto",) + BACKENDS)
-    if backend == "auto":
-        return "triton" if triton_on_cuda(device) else "torch"
-    if backend == "triton":
-        require_triton(device)
-    return backend
+    backend that cannot run on ``device`` is refused with the reason
+    (:class:`~prefix_grouper._dispatch.BackendUnavailableError`)."""
+    return registry.resolve_backend(OP, backend, device)
 
 
 def inputs_dtype_matmuls(device: torch.device):
@@ -232,7 +240,7 @@ def fused_linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     inv_temperature = check_inverse_temperature(temperature, hidden.dtype)
     check_bool(return_entropy, "return_entropy")
     chunk_size = check_chunk_size(chunk_size) or default_chunk_size(weight.shape[0], hidden.dtype)
-    kernels = KERNELS[resolve_backend(backend, hidden.device)]
+    kernels = registry.implementation(OP, resolve_backend(backend, hidden.device))
     log_probs, entropy = FusedLinearLogProbs.apply(hidden, weight, bias, targets, inv_temperature, chunk_size,
                                                    kernels)
     return (log_probs, entropy) if return_entropy else log_probs

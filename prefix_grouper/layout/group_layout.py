@@ -83,6 +83,9 @@ class GroupLayout(SequenceMembers, CompletionPacking):
     :meth:`pack_sequences`, :meth:`token_log_prob_positions`). ``is_flat`` is True on the
     one-level layouts of :meth:`from_lengths` and :meth:`from_padded`; on a tree the
     one-level members above raise :class:`NotOneLevelError` (a ValueError) naming the tree API.
+    ``has_completions`` is True on every layout of prompts and completions, including
+    ``from_padded(..., share_across_groups=True)``'s tree, which keeps the completion members
+    (see :meth:`from_padded`).
     A one-level layout's sequence ``i`` is completion ``i`` after its group's prompt.
 
     ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
@@ -303,7 +306,7 @@ class GroupLayout(SequenceMembers, CompletionPacking):
             return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
         layout = GroupLayout.__new__(GroupLayout)
         if self.has_completions:
-            layout._init_grouped_tree(*self._grouped_tree[:2], self._grouped_tree[2], device)
+            layout._init_grouped_tree(*self._grouped_tree, device)
         else:
             layout._init_tree(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
         return layout

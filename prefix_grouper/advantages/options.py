@@ -8,7 +8,6 @@ from ..checks import check_bool, check_choice, check_finite_real
 
 SCALES = ("group", "batch", "none")
 SINGLETONS = ("raw", "zero")
-BACKENDS = ("auto", "torch", "triton", "cuda")
 MULTI_OBJECTIVE_MODES = ("sum_then_normalize", "normalize_then_sum")
 GIGPO_MODES = ("mean_norm", "mean_std_norm")
 EPISODE_STATS = ("rows", "trajectories")

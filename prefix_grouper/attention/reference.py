@@ -1,10 +1,11 @@
 """Ground-truth shared-prefix attention: dense softmax under the explicit mask.
 
-Slow and exact; every other backend is tested against it. It runs one segment (a prefix
-or a completion) at a time against the keys of its group's prefix and of itself, so a
-NaN/inf in one segment's K/V never meets another segment's rows: a single ``[T, T]``
-product would multiply it by the zero probabilities of every row that masks it.
-Autograd differentiates it, sinks included.
+Slow and exact; every other backend is tested against it. It runs one segment at a time
+against the keys of its path (``layout.key_runs``: its ancestors' runs, root first, then
+itself), so a NaN/inf in one segment's K/V never meets the rows of tokens outside its
+subtree: a single ``[T, T]`` product would multiply it by the zero probabilities of every
+row that masks it. Autograd differentiates it, sinks included. Any layout: a one-level
+batch (a prompt and its completions) is the depth-1 prefix tree.
 """
 from __future__ import annotations
 
@@ -16,30 +17,35 @@ from ..layout import GroupLayout
 def prefix_sharing_mask(layout: GroupLayout, window: int | None = None) -> torch.Tensor:
     """``[T, T]`` bool, True where query token q (row) may attend to key token k (column).
 
-    Same group, ``pos(k) <= pos(q)``, and k is either a prefix token or in q's own segment;
-    with a ``window``, also ``pos(q) - window < pos(k)`` (positions within the unpacked row,
-    so a completion's first tokens see the end of their prompt).
+    k's segment is q's or one of its ancestors, and ``pos(k) <= pos(q)``: in the packed
+    pre-order, exactly ``k <= q < subtree_end(segment of k)``. With a ``window``, also
+    ``pos(q) - window < pos(k)`` (positions along the unpacked sequence, so a segment's
+    first tokens see the end of its parent).
     """
-    group, seg, pos = layout.token_group, layout.token_segment, layout.position_ids
-    key_is_prefix = layout.token_completion < 0
-    same_group = group[:, None] == group[None, :]
-    causal = pos[None, :] <= pos[:, None]
-    visible = key_is_prefix[None, :] | (seg[:, None] == seg[None, :])
-    mask = same_group & causal & visible
+    segmentation = layout.segmentation
+    device = layout.position_ids.device
+    subtree_ends = torch.tensor([segmentation.subtree_end(s) for s in range(len(segmentation))],
+                                dtype=torch.long, device=device)
+    tokens = torch.arange(layout.total_tokens, device=device)
+    key_subtree_end = subtree_ends[layout.token_segment]
+    mask = (tokens[None, :] <= tokens[:, None]) & (tokens[:, None] < key_subtree_end[None, :])
     if window is not None:
+        pos = layout.position_ids
         mask &= pos[None, :] > pos[:, None] - window
     return mask
 
 
-def _segment_keys(layout: GroupLayout) -> list[tuple[range, list[int]]]:
-    """``(rows, keys)`` of every non-empty segment in packed order: its packed rows and the
-    packed keys its rows may see (``layout.key_runs``: its group's prefix, then itself)."""
+def _segment_keys(layout: GroupLayout) -> list[tuple[range, list[int], int]]:
+    """``(rows, keys, first_position)`` of every non-empty segment in packed order: its
+    packed rows, the packed keys of its path (key ``j`` of the list sits at position ``j``
+    of the row's sequence) and the position of its first row."""
+    segmentation = layout.segmentation
     segments = []
-    for index in layout.segmentation.nonempty():
-        start, length, _ = layout.segments[index]
-        keys = [key for run_start, run_length in layout.key_runs(index)
+    for index in segmentation.nonempty():
+        start, length, _ = segmentation.segments[index]
+        keys = [key for run_start, run_length in segmentation.key_runs(index)
                 for key in range(run_start, run_start + run_length)]
-        segments.append((range(start, start + length), keys))
+        segments.append((range(start, start + length), keys, segmentation.first_positions[index]))
     return segments
 
 
@@ -64,15 +70,19 @@ def reference_prefix_attention(
     kf = k.to(compute).repeat_interleave(hq // hkv, dim=1)
     vf = v.to(compute).repeat_interleave(hq // hkv, dim=1)
     sink = None if sinks is None else sinks.to(compute)
-    mask = prefix_sharing_mask(layout, window).to(q.device)
     outs, lses = [], []
-    for rows, keys in _segment_keys(layout):
+    for rows, keys, first_position in _segment_keys(layout):
+        key_pos = torch.arange(len(keys), device=q.device)
+        query_pos = torch.arange(first_position, first_position + len(rows), device=q.device)
+        visible = key_pos[None, :] <= query_pos[:, None]
+        if window is not None:
+            visible &= key_pos[None, :] > query_pos[:, None] - window
         keys = torch.tensor(keys, device=q.device)
         rows = torch.arange(rows.start, rows.stop, device=q.device)
         scores = torch.einsum("qhd,khd->hqk", qf[rows], kf[keys]) * softmax_scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~mask[rows][:, keys], float("-inf"))
+        scores = scores.masked_fill(~visible, float("-inf"))
         logits = scores if sink is None else torch.cat([scores, sink[:, None, None].expand(-1, len(rows), 1)], -1)
         lse = torch.logsumexp(logits, dim=-1)  # every row sees at least itself
         outs.append(torch.einsum("hqk,khd->qhd", torch.exp(scores - lse[..., None]), vf[keys]))

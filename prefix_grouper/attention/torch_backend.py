@@ -1,16 +1,21 @@
-"""Efficient pure-PyTorch shared-prefix attention (differentiable, any device).
+"""Efficient pure-PyTorch shared-prefix attention on any prefix tree (differentiable, any device).
 
-Three exact parts merged by log-sum-exp, each an attention call that returns its LSE:
+A token sees, causally, its own segment and every key of its ancestors' runs (a one-level
+batch is the depth-1 tree: a completion's one ancestor is its prompt). Three exact parts
+merged by log-sum-exp, each an attention call that returns its LSE:
 
-1. every segment (a prompt or a non-empty completion) causal over itself: one batched
-   call per length bucket (segments whose lengths share ``ceil(log2(L))``, padded to the
-   bucket's longest, so padding at most doubles a segment and stays linear in tokens);
-2. every completion token of a group against the group's whole prompt: one dense,
-   mask-free call per group on contiguous slices of the packed axis (no copy of the
-   prompt's K/V per completion, no padding to the batch's longest prompt); with a window,
-   one call per completion on the only tokens that see the prompt, its first
-   ``window - 1``, against the prompt's last ``window - 1`` keys;
-3. the merge of (1) and (2) on the completion tokens:
+1. every non-empty segment causal over itself: one batched call per length bucket
+   (segments whose lengths share ``ceil(log2(L))``, padded to the bucket's longest, so
+   padding at most doubles a segment and stays linear in tokens);
+2. every segment's run against all the queries that see the whole run: the tokens of its
+   subtree after it, one contiguous packed range ``[end of the run, subtree_end)`` in the
+   pre-order packing. So one dense, mask-free call per segment with descendants, on
+   contiguous slices of the packed axis: a run's K/V is read once for all its descendants,
+   never copied per descendant or padded (a one-level batch: one call per group, its
+   completions against its prompt). With a window, one call per (segment, ancestor) pair
+   on the only tokens that still see the ancestor, the segment's first ones, against the
+   ancestor's last keys;
+3. the merge of (1) and (2) on every non-root token, one ancestor run at a time:
    ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``;
    attention sinks join the merge as one more term with no value:
    ``lse' = logaddexp(lse, sink)``, ``out' = out exp(lse - lse')``.
@@ -28,10 +33,10 @@ O(T) plus tiles.
 
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
 zero probability, and ``0 * NaN = NaN``. So no call mixes segments that must not see each
-other (a batch row of (1) is one segment; a call of (2) one group's completions against
-its prompt), and padding gathers an appended zero row rather than the neighbouring tokens.
-A non-finite K/V of a completion token then reaches only that completion's rows, one of a
-prefix token only its group's rows, as in the naive layout.
+other (a batch row of (1) is one segment; a call of (2) one run against its descendants),
+and padding gathers an appended zero row rather than the neighbouring tokens. A non-finite
+K/V of a token then reaches only the rows of its segment's subtree (a completion's: that
+completion; a prompt's: its group), as in the unpacked sequences.
 """
 from __future__ import annotations
 
@@ -66,8 +71,9 @@ class AttentionEngine(NamedTuple):
     ``Hq % Hkv == 0`` (GQA native: K/V never repeated). Query i sits at key position
     ``query_offset + i`` and sees key j iff ``j <= query_offset + i`` (and, for an engine
     with a window, ``j > query_offset + i - window``); every query sees at least one key.
-    The calls here use ``query_offset`` 0 with ``Lq == Lk`` (causal) or ``Lk`` (every key
-    before every query).
+    The calls here use ``query_offset`` 0 with ``Lq == Lk`` (causal), ``Lk`` (every key
+    before every query) or, with a window only, ``Lk + gap`` (an ancestor's last keys
+    against a descendant's first queries, ``gap`` positions of other ancestors between).
 
     ``forward(q, k, v, query_offset, scale) -> (out [R, Hq, Lq, D], lse [R, Hq, Lq])``.
     ``backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, scale) -> (dq, dk, dv)``:
@@ -217,25 +223,28 @@ def engine_for(device: torch.device, window: int | None = None, softcap: float |
 
 
 def _plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part, the (completion tokens, prompt) slices of the dense part (per group, and
-    per completion for windows), where every packed token's causal-part row lies, and the longest row; all read
-    from the layout's segmentation."""
+    """Length buckets of the causal part; the (descendant queries, run) slices of the dense part, per segment with
+    descendants, and per (segment, ancestor run) pair for windows; where every packed token's causal-part row lies,
+    and the longest row; all read from the layout's segmentation (host ints, no device sync)."""
     segmentation = layout.segmentation
-    segments, cross, completions = [], [], []  # (packed start, length) of non-empty segments; slices
+    segments, cross, ancestor_pairs = [], [], []  # (packed start, length) of non-empty segments; slices
     for index in segmentation.nonempty():
         start, length, parent = segmentation.segments[index]
         segments.append((start, length))
+        run = slice(start, start + length)
+        # Pre-order packing: every token after the run up to the subtree's end descends from it.
+        descendants = slice(run.stop, segmentation.subtree_end(index))
+        if descendants.stop > descendants.start:
+            cross.append((descendants, run))
         if parent < 0:
             continue
-        # A completion's key runs: its prompt's, then its own (one ancestor in a flat layout).
-        (prompt_start, prompt_len), _ = segmentation.key_runs(index)
-        queries, prompt = slice(start, start + length), slice(prompt_start, prompt_start + prompt_len)
-        completions.append((queries, prompt))
-        if cross and cross[-1][1] == prompt:
-            # A group's completions are contiguous: one dense call for all of them.
-            cross[-1] = (slice(cross[-1][0].start, queries.stop), prompt)
-        else:
-            cross.append((queries, prompt))
+        # Key runs of the path, root first, then this segment's own; positions continue along it.
+        first_position, run_end_position = segmentation.first_positions[index], 0
+        for run_start, run_length in segmentation.key_runs(index)[:-1]:
+            run_end_position += run_length
+            if run_length:
+                ancestor = slice(run_start, run_start + run_length)
+                ancestor_pairs.append((run, ancestor, first_position - run_end_position))
 
     def bucket(segment):
         return (segment[1] - 1).bit_length()
@@ -253,21 +262,24 @@ def _plan(layout: GroupLayout) -> dict:
     is_token = self_index != zero_row
     row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
     return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross,
-            "completions": completions, "longest_row": segmentation.longest_row}
+            "ancestor_pairs": ancestor_pairs, "longest_row": segmentation.longest_row}
 
 
 def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice, slice, int]]:
-    """``(queries, keys, query_offset)`` of part (2): completion tokens against the prompt keys they see."""
+    """``(queries, keys, query_offset)`` of part (2): descendant tokens against the ancestor keys they see."""
     if window is None:
-        return [(queries, prompt, prompt.stop - prompt.start) for queries, prompt in plan["cross"]]
+        return [(queries, run, run.stop - run.start) for queries, run in plan["cross"]]
     calls = []
-    for completion, prompt in plan["completions"]:
-        # Completion token a (position P + a) sees prompt position j iff j > P + a - window:
-        # only a < window - 1 sees any, and only the prompt's last window - 1 tokens.
-        seeing = min(completion.stop - completion.start, window - 1)
-        if seeing:
-            keys = slice(max(prompt.start, prompt.stop - (window - 1)), prompt.stop)
-            calls.append((slice(completion.start, completion.start + seeing), keys, keys.stop - keys.start))
+    for segment, ancestor, gap in plan["ancestor_pairs"]:
+        # The segment's token a sits gap + a positions after the ancestor's last key's next
+        # position (gap: the tokens of the ancestors in between) and sees an ancestor key
+        # iff it lies within window - 1 positions before it: only a < window - 1 - gap
+        # sees any, and only the ancestor's last window - 1 - gap keys.
+        reach = window - 1 - gap
+        seeing = min(segment.stop - segment.start, reach)
+        if seeing > 0:
+            keys = slice(max(ancestor.start, ancestor.stop - reach), ancestor.stop)
+            calls.append((slice(segment.start, segment.start + seeing), keys, keys.stop - keys.start + gap))
     return calls
 
 

@@ -168,13 +168,15 @@ def prefix_attention(
     backend: str = "auto",
     return_lse: bool = False,
 ):
-    """Softmax attention under the shared-prefix mask of a packed GRPO batch.
+    """Softmax attention under the shared-prefix mask of a packed batch: a prefix tree.
 
-    Query token q sees key token k iff both are in the same group, ``pos(k) <= pos(q)``,
-    and k is a prefix token or in q's own completion (``pos`` = ``layout.position_ids``,
-    the position within the unpacked row). Completion outputs (and gradients of any loss
-    on them) equal those of running every ``[prefix; completion]`` separately, window,
-    softcap and sinks included.
+    Query token q sees key token k iff k's segment is q's or one of its ancestors and
+    ``pos(k) <= pos(q)`` (``pos`` = ``layout.position_ids``, the position within the
+    unpacked sequence). On a one-level layout (a GRPO batch: the depth-1 tree) q sees its
+    group's prompt and causally its own completion; on ``GroupLayout.from_sequences``, its
+    sequence's earlier tokens. Outputs (and gradients of any loss on them) equal those of
+    running every sequence (``[prefix; completion]``) separately, window, softcap and sinks
+    included.
 
     Args:
         q: ``[T, Hq, D]`` or ``[1, T, Hq, D]`` (token-first), T = ``layout.total_tokens``,
@@ -209,11 +211,12 @@ def prefix_attention(
         ``return_lse``, lse ``[T, Hq]`` (``[1, T, Hq]``) float32 (float64 for float64
         inputs), differentiable too.
 
-    NaN/inf in K or V stay contained on every backend: those of a completion token reach
-    only that completion's rows (and the gradients of the keys those rows see), those of a
-    prefix token only its group's rows. Every other row's output and q/k/v gradients are
-    those of a clean batch, with any window, softcap or sinks. The gradient of ``sinks``
-    sums over every row, so a poisoned row reaches it.
+    NaN/inf in K or V stay contained on every backend: those of a token reach only the
+    rows of its segment's subtree (and the gradients of the keys those rows see): a
+    completion token's only that completion's rows, a prefix token's only its group's
+    rows. Every other row's output and q/k/v gradients are those of a clean batch, with
+    any window, softcap or sinks. The gradient of ``sinks`` sums over every row, so a
+    poisoned row reaches it.
     """
     check_bool(return_lse, "return_lse")
     batched = isinstance(q, torch.Tensor) and q.dim() == 4

@@ -95,8 +95,8 @@ def multi_turn_shape(divisor: int) -> Shape:
 
 def history_shape(divisor: int) -> Shape:
     shape = Shape(2)
-    for _ in range(2):  # reset states
-        first_observation = shape.segment(scaled(512, divisor), 0)
+    for reset in range(2):  # reset states
+        first_observation = shape.segment(scaled(512, divisor), reset)
         first_steps = []
         for episode in range(8):
             history = first_observation

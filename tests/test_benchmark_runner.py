@@ -94,7 +94,9 @@ def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
     assert tokens["(b) multi-turn"] == (32 * (16 + 4 * 4), 16 + 32 * 4 * 4, 16 + 60 * 4)
     unpacked, one_level, tree = tokens["(d) GRPO depth 1"]
     assert one_level == tree < unpacked
-    assert tokens["(c) history"][2] < tokens["(c) history"][1] < tokens["(c) history"][0]
+    # (c): 2 reset states x 8 episodes x 8 steps; first observation 8, actions 1, observations 4.
+    assert tokens["(c) history"] == (2 * 8 * sum(8 + 1 + 5 * t for t in range(8)),
+                                     2 * (8 + 8 + 8 * sum(8 + 1 + 5 * t for t in range(1, 8))), 2 * (8 + 8 * (8 + 7 * 4)))
     assert "(a) system prompt: tree holds 1/" in printed
 
 

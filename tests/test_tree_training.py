@@ -97,3 +97,43 @@ def test_command_reports_tokens_saved(tmp_path):
     for record in records:
         assert record["tokens_saved"] == record["tokens_unpacked"] - record["tokens_packed"] > 0
         assert {"success_rate", "invalid_frac"} <= record.keys()
+
+
+def test_trl_drop_in_shares_a_system_prompt_across_groups(tmp_path):
+    """TRL's rows whose prompts (of different groups) open with one 40-token system prompt: the
+    drop-in packs it once per forward, and its log-probs and entropies stay TRL's."""
+    trl = pytest.importorskip("trl")
+    from test_trl_integration import PAD, TOL, WORDS, make_trainer, save_tiny_model
+
+    from prefix_grouper.integrations.trl import MIN_SHARED_TOKENS, GRPOTrainer
+
+    trainer = make_trainer(GRPOTrainer, save_tiny_model(tmp_path / "model"), tmp_path / "out")
+    g = torch.Generator().manual_seed(4)
+    vocab = 3 + len(WORDS)
+    system = torch.randint(3, vocab, (40,), generator=g)
+    prompt_lens, completion_lens = (5, 2, 7), [[3, 6, 1], [6, 4], [2, 5]]
+    width = 40 + max(prompt_lens)
+    rows, masks = [], []
+    for p, lens in zip(prompt_lens, completion_lens):
+        prompt = torch.cat([system, torch.randint(3, vocab, (p,), generator=g)])
+        for s in lens:
+            completion = torch.where(torch.arange(6) < s, torch.randint(3, vocab, (6,), generator=g), PAD)
+            rows.append(torch.cat([torch.full((width - len(prompt),), PAD), prompt, completion]))
+            masks.append(torch.cat([torch.arange(width) >= width - len(prompt), torch.arange(6) < s]))
+    input_ids, attention_mask = torch.stack(rows), torch.stack(masks).long()
+    packed_tokens = []
+    hook = trainer.model.model.register_forward_hook(
+        lambda module, args, kwargs, out: packed_tokens.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        grouped = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 6,
+                                                             compute_entropy=True)
+    finally:
+        hook.remove()
+    expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,
+                                                                  6, compute_entropy=True)
+    # The system prompt once, each group's other prompt tokens but its last once, and per
+    # completion the prompt's last token and its own tokens.
+    completions = sum(len(lens) + sum(lens) for lens in completion_lens)
+    assert 40 >= MIN_SHARED_TOKENS and packed_tokens == [40 + sum(p - 1 for p in prompt_lens) + completions]
+    torch.testing.assert_close(grouped[0], expected[0], rtol=TOL, atol=TOL)
+    torch.testing.assert_close(grouped[1], expected[1], rtol=TOL, atol=TOL)

@@ -21,6 +21,11 @@ rows of a generation batch before cutting it into micro-batches), and the result
 in the batch's row order. TRL's ``batch_size`` chunking (used for the old-policy and
 reference forwards) cuts between groups, never inside one: a group larger than the chunk
 runs whole.
+
+Prompts of different groups that begin alike (a system prompt, a tool schema) share that run
+too: each forward's layout is the prefix tree of its prompts (``GroupLayout.from_padded(...,
+share_across_groups=True)``), a run shared by different prompts split out from
+:data:`MIN_SHARED_TOKENS` tokens on.
 """
 from __future__ import annotations
 
@@ -39,7 +44,12 @@ from ..models import completion_logits, install
 from ..segments import micro_batch_groups
 from ..trainers.model import disable_dropout
 
-__all__ = ["GRPOTrainer", "OVERRIDDEN_METHOD", "TESTED_TRL_VERSION", "check_trl_override", "forward_chunks"]
+__all__ = ["GRPOTrainer", "MIN_SHARED_TOKENS", "OVERRIDDEN_METHOD", "TESTED_TRL_VERSION", "check_trl_override",
+           "forward_chunks"]
+
+# Shortest run that different groups' prompts must share to be packed once (a chat template's
+# few opening tokens are not worth a tree level: every query under it reads one more key run).
+MIN_SHARED_TOKENS = 32
 
 # The one private method of trl.GRPOTrainer this trainer overrides, and the TRL release
 # (major, minor) whose signature of it the override copies. TRL has no public hook for the
@@ -221,7 +231,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
             rows = slice(start, start + sum(chunk_sizes))
             # Shared prefix: the prompt but its last token, which heads every packed completion.
             layout = GroupLayout.from_padded(attention_mask[rows, :prompt_width - 1],
-                                             attention_mask[rows, prompt_width - 1:], chunk_sizes)
+                                             attention_mask[rows, prompt_width - 1:], chunk_sizes,
+                                             prompt_ids=input_ids[rows, :prompt_width - 1], share_across_groups=True,
+                                             min_shared=MIN_SHARED_TOKENS)
             scores, _ = completion_logits(model_call, layout, input_ids[rows, :prompt_width - 1],
                                           input_ids[rows, prompt_width - 1:])
             chunk_scores.append(_completion_scores(scores, layout, logits_to_keep))

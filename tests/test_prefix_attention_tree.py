@@ -231,3 +231,31 @@ def test_non_finite_kv_stays_in_its_subtree(backend, monkeypatch):
     for label, a, e in zip(["out", "dq", "dk", "dv"], poisoned, clean):
         unaffected = ~keys if label in ("dk", "dv") else ~rows
         assert torch.equal(a[unaffected], e[unaffected]), label
+
+
+def test_torch_backend_reads_each_run_once_for_its_subtree():
+    """Without a window, part (2) of the torch backend is one dense call per segment with
+    descendants: its own run's keys (a slice of the packed K/V, not a copy per descendant)
+    against the one contiguous range of its subtree's later tokens. With a window, a
+    segment's first tokens meet only the ancestors' last keys within the window."""
+    layout = GroupLayout.from_sequences(random_tree_sequences(1))
+    segmentation = layout.segmentation
+    plan = torch_backend._plan(layout)
+    expected = [(slice(start + length, segmentation.subtree_end(s)), slice(start, start + length), length)
+                for s, (start, length, _) in enumerate(segmentation.segments)
+                if segmentation.subtree_end(s) > start + length]
+    assert len(expected) > 1
+    assert torch_backend._cross_calls(plan, None) == expected
+    positions = layout.position_ids
+    for window in (1, 2, 5):
+        seen = 0
+        for queries, keys, query_offset in torch_backend._cross_calls(plan, window):
+            gaps = positions[queries][:, None] - positions[keys][None, :]
+            assert bool((gaps > 0).all()) and bool((gaps[0] < window).all())  # every key in the first query's window
+            assert bool((gaps[-1] < window).any())  # every query sees a key
+            assert query_offset == positions[queries.start] - positions[keys.start]
+            seen += int((gaps < window).sum())
+        # Every (query, ancestor key) pair within the window is met once: the mask's count.
+        mask = prefix_sharing_mask(layout, window)
+        own = layout.token_segment[:, None] == layout.token_segment[None, :]
+        assert seen == int((mask & ~own).sum())

@@ -19,7 +19,8 @@ SUITE_COLUMNS = {
     "training": ["config", "approach", "rollout_s", "update_s", "step_s", "tokens_packed_per_step",
                  "tokens_unpacked_per_step"],
     "log_probs": ["config", "approach", "fwd_bwd_ms", "peak_extra_mib", "max_abs_diff_vs_plain"],
-    "trl": ["config", "trl_ms", "prefix_grouper_ms", "speedup", "max_abs_diff_old_log_probs"],
+    "trl": ["config", "trl_ms", "prefix_grouper_ms", "speedup", "max_abs_diff_old_log_probs", "tokens_trl",
+            "tokens_prefix_grouper", "tokens_one_level", "one_level_ms"],
     "tree": ["config", "approach", "measured", "unpacked_tokens", "one_level_tokens", "tree_tokens", "ms", "ms_min",
              "ms_max", "peak_extra_mib", "max_abs_diff_vs_unpacked", "agrees", "error"],
 }
@@ -79,6 +80,16 @@ def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
     assert rows["unpacked"]["ideal_token_ratio"] == f"{80 / 48:.2f}"
 
 
+def test_trl_suite_shares_a_system_prompt_across_groups(smoke_run):
+    folder, _ = smoke_run
+    rows = {r["config"]: r for r in read_rows(folder, "trl")}
+    plain, system = rows["smoke tiny P32 S8 G2 x1"], rows["smoke tiny system 40 P48 S8 G2 x2"]
+    assert plain["one_level_ms"] == "nan" and plain["tokens_one_level"] == plain["tokens_prefix_grouper"]
+    # 2 groups whose prompts (48 and 47 tokens) open with the same 40: the tree packs those once.
+    assert int(system["tokens_one_level"]) - int(system["tokens_prefix_grouper"]) == 40
+    assert float(system["one_level_ms"]) > 0 and float(system["max_abs_diff_old_log_probs"]) <= 1e-5
+
+
 def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
     folder, printed = smoke_run
     rows = read_rows(folder, "tree")
@@ -103,7 +114,7 @@ def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
 # Every timed column and the range beside it, per suite (the ratio's significance reads them).
 TIMED_COLUMNS = {"attention": ["fwd_ms", "fwd_bwd_ms"], "advantages": ["ms"], "model": ["step_ms"],
                  "training": ["rollout_s", "update_s", "step_s"], "log_probs": ["fwd_bwd_ms"],
-                 "trl": ["trl_ms", "prefix_grouper_ms"], "tree": ["ms"]}
+                 "trl": ["trl_ms", "prefix_grouper_ms", "one_level_ms"], "tree": ["ms"]}
 
 
 @pytest.mark.parametrize("suite", list(TIMED_COLUMNS))

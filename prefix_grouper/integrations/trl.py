@@ -153,7 +153,12 @@ class GRPOTrainer(_TRLGRPOTrainer):
     ``GRPOConfig.disable_dropout`` says (with a warning when that changes a model): shared-
     prefix attention has no dropout, and the ratio of current to old log-probs assumes one
     deterministic policy (verl runs without dropout too).
+
+    ``share_across_groups`` (True): prompts of different groups that open with the same run of
+    at least :data:`MIN_SHARED_TOKENS` tokens share it (a prefix tree); False keeps one level,
+    each group's prompt packed on its own.
     """
+    share_across_groups: bool = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -232,8 +237,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
             # Shared prefix: the prompt but its last token, which heads every packed completion.
             layout = GroupLayout.from_padded(attention_mask[rows, :prompt_width - 1],
                                              attention_mask[rows, prompt_width - 1:], chunk_sizes,
-                                             prompt_ids=input_ids[rows, :prompt_width - 1], share_across_groups=True,
-                                             min_shared=MIN_SHARED_TOKENS)
+                                             prompt_ids=input_ids[rows, :prompt_width - 1],
+                                             share_across_groups=self.share_across_groups,
+                                             min_shared=MIN_SHARED_TOKENS if self.share_across_groups else 1)
             scores, _ = completion_logits(model_call, layout, input_ids[rows, :prompt_width - 1],
                                           input_ids[rows, prompt_width - 1:])
             chunk_scores.append(_completion_scores(scores, layout, logits_to_keep))

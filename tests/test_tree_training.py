@@ -127,6 +127,9 @@ def test_trl_drop_in_shares_a_system_prompt_across_groups(tmp_path):
     try:
         grouped = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 6,
                                                              compute_entropy=True)
+        trainer.share_across_groups = False  # one level: each group's prompt packed on its own
+        one_level = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, 6,
+                                                               compute_entropy=True)
     finally:
         hook.remove()
     expected = trl.GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, attention_mask,
@@ -134,6 +137,9 @@ def test_trl_drop_in_shares_a_system_prompt_across_groups(tmp_path):
     # The system prompt once, each group's other prompt tokens but its last once, and per
     # completion the prompt's last token and its own tokens.
     completions = sum(len(lens) + sum(lens) for lens in completion_lens)
-    assert 40 >= MIN_SHARED_TOKENS and packed_tokens == [40 + sum(p - 1 for p in prompt_lens) + completions]
-    torch.testing.assert_close(grouped[0], expected[0], rtol=TOL, atol=TOL)
-    torch.testing.assert_close(grouped[1], expected[1], rtol=TOL, atol=TOL)
+    assert 40 >= MIN_SHARED_TOKENS
+    assert packed_tokens == [40 + sum(p - 1 for p in prompt_lens) + completions,
+                             sum(40 + p - 1 for p in prompt_lens) + completions]
+    for result in (grouped, one_level):
+        torch.testing.assert_close(result[0], expected[0], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(result[1], expected[1], rtol=TOL, atol=TOL)

@@ -237,7 +237,7 @@ def test_torch_backend_reads_each_run_once_for_its_subtree():
     """Without a window, part (2) of the torch backend is one dense call per segment with
     descendants: its own run's keys (a slice of the packed K/V, not a copy per descendant)
     against the one contiguous range of its subtree's later tokens. With a window, a
-    segment's first tokens meet only the ancestors' last keys within the window."""
+    segment's first tokens meet only the ancestors' last keys within the window, once."""
     layout = GroupLayout.from_sequences(random_tree_sequences(1))
     segmentation = layout.segmentation
     plan = torch_backend._plan(layout)
@@ -246,16 +246,23 @@ def test_torch_backend_reads_each_run_once_for_its_subtree():
                 if segmentation.subtree_end(s) > start + length]
     assert len(expected) > 1
     assert torch_backend._cross_calls(plan, None) == expected
-    positions = layout.position_ids
-    for window in (1, 2, 5):
-        seen = 0
-        for queries, keys, query_offset in torch_backend._cross_calls(plan, window):
-            gaps = positions[queries][:, None] - positions[keys][None, :]
-            assert bool((gaps > 0).all()) and bool((gaps[0] < window).all())  # every key in the first query's window
-            assert bool((gaps[-1] < window).any())  # every query sees a key
-            assert query_offset == positions[queries.start] - positions[keys.start]
-            seen += int((gaps < window).sum())
-        # Every (query, ancestor key) pair within the window is met once: the mask's count.
-        mask = prefix_sharing_mask(layout, window)
-        own = layout.token_segment[:, None] == layout.token_segment[None, :]
-        assert seen == int((mask & ~own).sum())
+    batched = 0
+    for layout in (layout, GroupLayout.from_lengths([5, 2], [[4, 4, 1, 4], [3]])):
+        plan, positions = torch_backend._plan(layout), layout.position_ids
+        for window in (1, 2, 5):
+            seen = 0
+            for queries, keys, query_offset in torch_backend._cross_calls(plan, window):
+                rows = [torch.arange(queries.start, queries.stop)] if isinstance(queries, slice) else list(queries)
+                batched += len(rows) > 1
+                for row in rows:  # a batched call's rows: segments meeting these keys at this offset
+                    assert bool((layout.token_segment[row] == layout.token_segment[row[0]]).all())
+                    gaps = positions[row][:, None] - positions[keys][None, :]
+                    assert bool((gaps > 0).all()) and bool((gaps[0] < window).all())  # all in the first's window
+                    assert bool((gaps[-1] < window).any())  # every query sees a key
+                    assert query_offset == positions[row[0]] - positions[keys.start]
+                    seen += int((gaps < window).sum())
+            # Every (query, ancestor key) pair within the window is met once: the mask's count.
+            mask = prefix_sharing_mask(layout, window)
+            own = layout.token_segment[:, None] == layout.token_segment[None, :]
+            assert seen == int((mask & ~own).sum())
+    assert batched  # siblings meeting the same keys share a call (a group's completions)

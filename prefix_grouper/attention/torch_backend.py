@@ -12,9 +12,10 @@ merged by log-sum-exp, each an attention call that returns its LSE:
    pre-order packing. So one dense, mask-free call per segment with descendants, on
    contiguous slices of the packed axis: a run's K/V is read once for all its descendants,
    never copied per descendant or padded (a one-level batch: one call per group, its
-   completions against its prompt). With a window, one call per (segment, ancestor) pair
-   on the only tokens that still see the ancestor, the segment's first ones, against the
-   ancestor's last keys;
+   completions against its prompt). With a window, the only tokens that still see an
+   ancestor are a segment's first ones, against the ancestor's last keys: one call per
+   (ancestor keys, offset, query count), batching the segments that share them (a
+   group's completions) with the keys' K/V broadcast, not copied;
 3. the merge of (1) and (2) on every non-root token, one ancestor run at a time:
    ``lse = logaddexp(lse_1, lse_2)``, ``out = out_1 exp(lse_1 - lse) + out_2 exp(lse_2 - lse)``;
    attention sinks join the merge as one more term with no value:
@@ -265,22 +266,57 @@ def _plan(layout: GroupLayout) -> dict:
             "ancestor_pairs": ancestor_pairs, "longest_row": segmentation.longest_row}
 
 
-def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice, slice, int]]:
-    """``(queries, keys, query_offset)`` of part (2): descendant tokens against the ancestor keys they see."""
+def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tensor, slice, int]]:
+    """``(queries, keys, query_offset)`` of part (2): descendant tokens against the ancestor keys they see.
+
+    ``queries`` is a packed slice, or with a window a ``[R, Lq]`` index of R segments'
+    first tokens that meet the same ancestor keys at the same offset (a batched call: the
+    keys' K/V is broadcast, not copied; each segment holds at most one row of a call).
+    Memoized in the plan per window.
+    """
     if window is None:
         return [(queries, run, run.stop - run.start) for queries, run in plan["cross"]]
-    calls = []
-    for segment, ancestor, gap in plan["ancestor_pairs"]:
-        # The segment's token a sits gap + a positions after the ancestor's last key's next
-        # position (gap: the tokens of the ancestors in between) and sees an ancestor key
-        # iff it lies within window - 1 positions before it: only a < window - 1 - gap
-        # sees any, and only the ancestor's last window - 1 - gap keys.
-        reach = window - 1 - gap
-        seeing = min(segment.stop - segment.start, reach)
-        if seeing > 0:
-            keys = slice(max(ancestor.start, ancestor.stop - reach), ancestor.stop)
-            calls.append((slice(segment.start, segment.start + seeing), keys, keys.stop - keys.start + gap))
-    return calls
+    memo = plan.setdefault("window_calls", {})
+    if window not in memo:
+        batches: dict[tuple[int, int, int, int], list[int]] = {}  # (keys start, stop, offset, Lq) -> first queries
+        for segment, ancestor, gap in plan["ancestor_pairs"]:
+            # The segment's token a sits gap + a positions after the ancestor's last key's next
+            # position (gap: the tokens of the ancestors in between) and sees an ancestor key
+            # iff it lies within window - 1 positions before it: only a < window - 1 - gap
+            # sees any, and only the ancestor's last window - 1 - gap keys.
+            reach = window - 1 - gap
+            seeing = min(segment.stop - segment.start, reach)
+            if seeing > 0:
+                first_key = max(ancestor.start, ancestor.stop - reach)
+                key = (first_key, ancestor.stop, ancestor.stop - first_key + gap, seeing)
+                batches.setdefault(key, []).append(segment.start)
+        calls = []
+        for (first_key, last_key, query_offset, seeing), starts in batches.items():
+            if len(starts) == 1:
+                queries = slice(starts[0], starts[0] + seeing)
+            else:
+                queries = (torch.tensor(starts, dtype=torch.long, device=plan["row_of_token"].device)[:, None]
+                           + torch.arange(seeing, device=plan["row_of_token"].device))
+            calls.append((queries, slice(first_key, last_key), query_offset))
+        memo[window] = calls
+    return memo[window]
+
+
+def _query_batch(x: torch.Tensor, queries: slice | torch.Tensor) -> torch.Tensor:
+    """Packed ``x [T, H, ...]`` at a call's queries as ``[R, H, Lq, ...]``."""
+    rows = x[queries]
+    return (rows[None] if isinstance(queries, slice) else rows).transpose(1, 2)
+
+
+def _packed_rows(batch: torch.Tensor, queries: slice | torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_query_batch`: ``(packed index, [R * Lq, H, ...] values)``."""
+    values = batch.transpose(1, 2).flatten(0, 1)
+    return (queries if isinstance(queries, slice) else queries.flatten()), values
+
+
+def _key_batch(x: torch.Tensor, keys: slice, batch: int) -> torch.Tensor:
+    """Packed ``x [T, H, D]`` at a call's keys as ``[R, H, Lk, D]``, broadcast over the R rows (a view)."""
+    return _heads_first(x[keys])[None].expand(batch, -1, -1, -1)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -315,13 +351,15 @@ class _PrefixAttention(torch.autograd.Function):
         out = _from_buckets([part_out for part_out, _ in parts], plan)
         lse = _from_buckets([part_lse for _, part_lse in parts], plan)
         for queries, keys, query_offset in cross:
-            cross_out, cross_lse = engine.forward(_heads_first(q[queries])[None], _heads_first(k[keys])[None],
-                                                  _heads_first(v[keys])[None], query_offset, scale)
-            cross_out, cross_lse = _heads_first(cross_out[0]), cross_lse[0].transpose(0, 1)
-            merged_lse = torch.logaddexp(cross_lse, lse[queries])
-            out[queries] = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
-                            + out[queries] * torch.exp(lse[queries] - merged_lse)[..., None])
-            lse[queries] = merged_lse
+            batch = _query_batch(q, queries)
+            cross_out, cross_lse = engine.forward(batch, *(_key_batch(x, keys, batch.shape[0]) for x in (k, v)),
+                                                  query_offset, scale)
+            rows, cross_out = _packed_rows(cross_out, queries)
+            _, cross_lse = _packed_rows(cross_lse, queries)
+            merged_lse = torch.logaddexp(cross_lse, lse[rows])
+            out[rows] = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
+                         + out[rows] * torch.exp(lse[rows] - merged_lse)[..., None])
+            lse[rows] = merged_lse
         if sinks is not None:
             # The sink joins every row's denominator with no value: out shrinks by its share.
             merged_lse = torch.logaddexp(lse, sinks)
@@ -345,14 +383,16 @@ class _PrefixAttention(torch.autograd.Function):
         grads = [engine.backward(*chunks, 0, scale) for chunks in zip(*bucketed)]
         dq, dk, dv = (_from_buckets([grad[i] for grad in grads], plan) for i in range(3))
         for queries, keys, query_offset in ctx.cross:
+            batch = _query_batch(q, queries)
             cross_dq, cross_dk, cross_dv = engine.backward(
-                *(_heads_first(x[queries])[None] for x in (grad_out, q)),
-                *(_heads_first(x[keys])[None] for x in (k, v)),
-                _heads_first(out[queries])[None], lse[queries].transpose(0, 1)[None],
-                None if grad_lse is None else grad_lse[queries].transpose(0, 1)[None], query_offset, scale)
-            dq[queries] += _heads_first(cross_dq[0])
-            dk[keys] += _heads_first(cross_dk[0])
-            dv[keys] += _heads_first(cross_dv[0])
+                _query_batch(grad_out, queries), batch, *(_key_batch(x, keys, batch.shape[0]) for x in (k, v)),
+                _query_batch(out, queries), _query_batch(lse, queries),
+                None if grad_lse is None else _query_batch(grad_lse, queries), query_offset, scale)
+            rows, cross_dq = _packed_rows(cross_dq, queries)
+            dq[rows] += cross_dq
+            # A key batch's rows share the keys: their gradients sum (in order: deterministic).
+            dk[keys] += _heads_first(cross_dk.sum(0))
+            dv[keys] += _heads_first(cross_dv.sum(0))
         grad_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from prefix_grouper import GroupLayout, prefix_attention
-from prefix_grouper.attention import prefix_sharing_mask, torch_backend
+from prefix_grouper.attention import prefix_sharing_mask, torch_backend, torch_plan
 
 F64 = torch.float64
 TOL = 1e-10
@@ -240,18 +240,18 @@ def test_torch_backend_reads_each_run_once_for_its_subtree():
     segment's first tokens meet only the ancestors' last keys within the window, once."""
     layout = GroupLayout.from_sequences(random_tree_sequences(1))
     segmentation = layout.segmentation
-    plan = torch_backend._plan(layout)
+    plan = torch_plan.attention_plan(layout)
     expected = [(slice(start + length, segmentation.subtree_end(s)), slice(start, start + length), length)
                 for s, (start, length, _) in enumerate(segmentation.segments)
                 if segmentation.subtree_end(s) > start + length]
     assert len(expected) > 1
-    assert torch_backend._cross_calls(plan, None) == expected
+    assert torch_plan.cross_calls(plan, None) == expected
     batched = 0
     for layout in (layout, GroupLayout.from_lengths([5, 2], [[4, 4, 1, 4], [3]])):
-        plan, positions = torch_backend._plan(layout), layout.position_ids
+        plan, positions = torch_plan.attention_plan(layout), layout.position_ids
         for window in (1, 2, 5):
             seen = 0
-            for queries, keys, query_offset in torch_backend._cross_calls(plan, window):
+            for queries, keys, query_offset in torch_plan.cross_calls(plan, window):
                 rows = [torch.arange(queries.start, queries.stop)] if isinstance(queries, slice) else list(queries)
                 batched += len(rows) > 1
                 for row in rows:  # a batched call's rows: segments meeting these keys at this offset

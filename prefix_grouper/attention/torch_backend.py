@@ -42,13 +42,14 @@ completion; a prompt's: its group), as in the unpacked sequences.
 from __future__ import annotations
 
 from functools import partial
-from itertools import groupby
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..layout import GroupLayout
+from .torch_plan import (attention_plan, cross_calls, from_buckets, heads_first, key_batch, packed_rows, query_batch,
+                         to_buckets)
 
 __all__ = ["CHUNKED", "CPU_FLASH", "CPU_SCORE_BLOCK_BYTES", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine",
            "engine_for", "torch_prefix_attention"]
@@ -223,122 +224,6 @@ def engine_for(device: torch.device, window: int | None = None, softcap: float |
     return chunked_engine(window, softcap)
 
 
-def _plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part; the (descendant queries, run) slices of the dense part, per segment with
-    descendants, and per (segment, ancestor run) pair for windows; where every packed token's causal-part row lies,
-    and the longest row; all read from the layout's segmentation (host ints, no device sync)."""
-    segmentation = layout.segmentation
-    segments, cross, ancestor_pairs = [], [], []  # (packed start, length) of non-empty segments; slices
-    for index in segmentation.nonempty():
-        start, length, parent = segmentation.segments[index]
-        segments.append((start, length))
-        run = slice(start, start + length)
-        # Pre-order packing: every token after the run up to the subtree's end descends from it.
-        descendants = slice(run.stop, segmentation.subtree_end(index))
-        if descendants.stop > descendants.start:
-            cross.append((descendants, run))
-        if parent < 0:
-            continue
-        # Key runs of the path, root first, then this segment's own; positions continue along it.
-        first_position, run_end_position = segmentation.first_positions[index], 0
-        for run_start, run_length in segmentation.key_runs(index)[:-1]:
-            run_end_position += run_length
-            if run_length:
-                ancestor = slice(run_start, run_start + run_length)
-                ancestor_pairs.append((run, ancestor, first_position - run_end_position))
-
-    def bucket(segment):
-        return (segment[1] - 1).bit_length()
-
-    device, zero_row = layout.device, layout.total_tokens
-    indices, shapes = [], []
-    for _, members in groupby(sorted(segments, key=bucket), key=bucket):
-        host_starts, host_lens = zip(*members)
-        starts, lens = (torch.tensor(column, dtype=torch.long, device=device) for column in (host_starts, host_lens))
-        columns = torch.arange(max(host_lens), device=device)
-        indices.append(torch.where(columns[None, :] < lens[:, None], starts[:, None] + columns[None, :], zero_row))
-        shapes.append(tuple(indices[-1].shape))
-    self_index = torch.cat([index.flatten() for index in indices])
-    row_of_token = torch.empty(layout.total_tokens, dtype=torch.long, device=device)
-    is_token = self_index != zero_row
-    row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
-    return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross,
-            "ancestor_pairs": ancestor_pairs, "longest_row": segmentation.longest_row}
-
-
-def _cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tensor, slice, int]]:
-    """``(queries, keys, query_offset)`` of part (2): descendant tokens against the ancestor keys they see.
-
-    ``queries`` is a packed slice, or with a window a ``[R, Lq]`` index of R segments'
-    first tokens that meet the same ancestor keys at the same offset (a batched call: the
-    keys' K/V is broadcast, not copied; each segment holds at most one row of a call).
-    Memoized in the plan per window.
-    """
-    if window is None:
-        return [(queries, run, run.stop - run.start) for queries, run in plan["cross"]]
-    memo = plan.setdefault("window_calls", {})
-    if window not in memo:
-        batches: dict[tuple[int, int, int, int], list[int]] = {}  # (keys start, stop, offset, Lq) -> first queries
-        for segment, ancestor, gap in plan["ancestor_pairs"]:
-            # The segment's token a sits gap + a positions after the ancestor's last key's next
-            # position (gap: the tokens of the ancestors in between) and sees an ancestor key
-            # iff it lies within window - 1 positions before it: only a < window - 1 - gap
-            # sees any, and only the ancestor's last window - 1 - gap keys.
-            reach = window - 1 - gap
-            seeing = min(segment.stop - segment.start, reach)
-            if seeing > 0:
-                first_key = max(ancestor.start, ancestor.stop - reach)
-                key = (first_key, ancestor.stop, ancestor.stop - first_key + gap, seeing)
-                batches.setdefault(key, []).append(segment.start)
-        calls = []
-        for (first_key, last_key, query_offset, seeing), starts in batches.items():
-            if len(starts) == 1:
-                queries = slice(starts[0], starts[0] + seeing)
-            else:
-                queries = (torch.tensor(starts, dtype=torch.long, device=plan["row_of_token"].device)[:, None]
-                           + torch.arange(seeing, device=plan["row_of_token"].device))
-            calls.append((queries, slice(first_key, last_key), query_offset))
-        memo[window] = calls
-    return memo[window]
-
-
-def _query_batch(x: torch.Tensor, queries: slice | torch.Tensor) -> torch.Tensor:
-    """Packed ``x [T, H, ...]`` at a call's queries as ``[R, H, Lq, ...]``."""
-    rows = x[queries]
-    return (rows[None] if isinstance(queries, slice) else rows).transpose(1, 2)
-
-
-def _packed_rows(batch: torch.Tensor, queries: slice | torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_query_batch`: ``(packed index, [R * Lq, H, ...] values)``."""
-    values = batch.transpose(1, 2).flatten(0, 1)
-    return (queries if isinstance(queries, slice) else queries.flatten()), values
-
-
-def _key_batch(x: torch.Tensor, keys: slice, batch: int) -> torch.Tensor:
-    """Packed ``x [T, H, D]`` at a call's keys as ``[R, H, Lk, D]``, broadcast over the R rows (a view)."""
-    return _heads_first(x[keys])[None].expand(batch, -1, -1, -1)
-
-
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``[L, H, D]`` <-> ``[H, L, D]`` (a view)."""
-    return x.transpose(-3, -2)
-
-
-def _to_buckets(x: torch.Tensor, plan: dict, padding: float) -> list[torch.Tensor]:
-    """Packed ``x [T, H, ...]`` as the causal part's batches ``[n, H, W, ...]``, ``padding``
-    on the padded slots (an appended row: a clamped neighbour's NaN would reach the padded
-    slots' gradients through their zero probabilities)."""
-    padded = torch.cat([x, x.new_full((1, *x.shape[1:]), padding)])[plan["self_index"]]
-    sizes = [n * width for n, width in plan["bucket_shapes"]]
-    return [chunk.view(n, width, *x.shape[1:]).transpose(1, 2)
-            for chunk, (n, width) in zip(padded.split(sizes), plan["bucket_shapes"])]
-
-
-def _from_buckets(chunks: list[torch.Tensor], plan: dict) -> torch.Tensor:
-    """Inverse of :func:`_to_buckets`: ``[n, H, W, ...]`` batches back to packed ``[T, H, ...]``."""
-    return torch.cat([chunk.transpose(1, 2).flatten(0, 1) for chunk in chunks])[plan["row_of_token"]]
-
-
 class _PrefixAttention(torch.autograd.Function):
     """The three parts, their merge and the sinks; the backward runs every part's kernel
     against the merged out/lse, which is the merged attention's exact gradient."""
@@ -346,16 +231,16 @@ class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan: dict, scale: float, window: int | None, softcap: float | None):
         engine = engine_for(q.device, window=window, softcap=softcap)
-        cross = _cross_calls(plan, window)
-        parts = [engine.forward(*chunks, 0, scale) for chunks in zip(*(_to_buckets(x, plan, 0.0) for x in (q, k, v)))]
-        out = _from_buckets([part_out for part_out, _ in parts], plan)
-        lse = _from_buckets([part_lse for _, part_lse in parts], plan)
+        cross = cross_calls(plan, window)
+        parts = [engine.forward(*chunks, 0, scale) for chunks in zip(*(to_buckets(x, plan, 0.0) for x in (q, k, v)))]
+        out = from_buckets([part_out for part_out, _ in parts], plan)
+        lse = from_buckets([part_lse for _, part_lse in parts], plan)
         for queries, keys, query_offset in cross:
-            batch = _query_batch(q, queries)
-            cross_out, cross_lse = engine.forward(batch, *(_key_batch(x, keys, batch.shape[0]) for x in (k, v)),
+            batch = query_batch(q, queries)
+            cross_out, cross_lse = engine.forward(batch, *(key_batch(x, keys, batch.shape[0]) for x in (k, v)),
                                                   query_offset, scale)
-            rows, cross_out = _packed_rows(cross_out, queries)
-            _, cross_lse = _packed_rows(cross_lse, queries)
+            rows, cross_out = packed_rows(cross_out, queries)
+            _, cross_lse = packed_rows(cross_lse, queries)
             merged_lse = torch.logaddexp(cross_lse, lse[rows])
             out[rows] = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
                          + out[rows] * torch.exp(lse[rows] - merged_lse)[..., None])
@@ -377,22 +262,22 @@ class _PrefixAttention(torch.autograd.Function):
         engine = engine_for(q.device, window=ctx.window, softcap=ctx.softcap)
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         # Padded slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
-        bucketed = [_to_buckets(x, plan, 0.0) for x in (grad_out, q, k, v, out)]
-        bucketed.append(_to_buckets(lse, plan, float("inf")))
-        bucketed.append(_to_buckets(grad_lse, plan, 0.0) if grad_lse is not None else [None] * len(bucketed[0]))
+        bucketed = [to_buckets(x, plan, 0.0) for x in (grad_out, q, k, v, out)]
+        bucketed.append(to_buckets(lse, plan, float("inf")))
+        bucketed.append(to_buckets(grad_lse, plan, 0.0) if grad_lse is not None else [None] * len(bucketed[0]))
         grads = [engine.backward(*chunks, 0, scale) for chunks in zip(*bucketed)]
-        dq, dk, dv = (_from_buckets([grad[i] for grad in grads], plan) for i in range(3))
+        dq, dk, dv = (from_buckets([grad[i] for grad in grads], plan) for i in range(3))
         for queries, keys, query_offset in ctx.cross:
-            batch = _query_batch(q, queries)
+            batch = query_batch(q, queries)
             cross_dq, cross_dk, cross_dv = engine.backward(
-                _query_batch(grad_out, queries), batch, *(_key_batch(x, keys, batch.shape[0]) for x in (k, v)),
-                _query_batch(out, queries), _query_batch(lse, queries),
-                None if grad_lse is None else _query_batch(grad_lse, queries), query_offset, scale)
-            rows, cross_dq = _packed_rows(cross_dq, queries)
+                query_batch(grad_out, queries), batch, *(key_batch(x, keys, batch.shape[0]) for x in (k, v)),
+                query_batch(out, queries), query_batch(lse, queries),
+                None if grad_lse is None else query_batch(grad_lse, queries), query_offset, scale)
+            rows, cross_dq = packed_rows(cross_dq, queries)
             dq[rows] += cross_dq
             # A key batch's rows share the keys: their gradients sum (in order: deterministic).
-            dk[keys] += _heads_first(cross_dk.sum(0))
-            dv[keys] += _heads_first(cross_dv.sum(0))
+            dk[keys] += heads_first(cross_dk.sum(0))
+            dv[keys] += heads_first(cross_dv.sum(0))
         grad_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).
@@ -418,7 +303,7 @@ def torch_prefix_attention(
     Returns ``(out [T, Hq, D] in q.dtype, lse [T, Hq] float32 (float64 for fp64 inputs) or
     None when not ``need_lse``)``. Half-precision inputs (and sinks) are computed in float32.
     """
-    plan = layout.cached(("torch_plan",), lambda: _plan(layout))
+    plan = layout.cached(("torch_plan",), lambda: attention_plan(layout))
     if window is not None and window >= plan["longest_row"]:
         window = None  # every row already sees all its causal keys: the flash kernel may run
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -124,21 +124,21 @@ def test_tile_schedules_cover_the_layout_once():
     tile = 4
     layout = GroupLayout.from_lengths([1, 9], [[0, 5, 0], [4, 8]])
     segments = layout.cu_seqlens.tolist()
-    query_rows = query_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile)
+    query_rows, runs = query_tile_rows(layout.segmentation, tile)
     covered = sorted(r for q_start, _, seg_end, _, _ in query_rows
                      for r in range(q_start, min(q_start + tile, seg_end)))
     assert covered == list(range(layout.total_tokens))
-    for q_start, seg_start, seg_end, shared_start, shared_len in query_rows:
+    for q_start, seg_start, seg_end, runs_begin, runs_end in query_rows:
         assert (seg_start, seg_end) in zip(segments, segments[1:]) and seg_start <= q_start < seg_end
         assert (q_start - seg_start) % tile == 0
         group = layout.token_group[q_start].item()
         is_suffix = layout.token_completion[q_start].item() >= 0
-        assert shared_start == layout.prefix_starts[group].item()
-        assert shared_len == (layout.prefix_lens[group].item() if is_suffix else 0)
+        # A completion's one ancestor run is its group's prefix; a prefix has none.
+        prefix = (layout.prefix_starts[group].item(), layout.prefix_lens[group].item())
+        assert [tuple(run[:2]) for run in runs[runs_begin:runs_end]] == ([prefix] if is_suffix else [])
     mask = prefix_sharing_mask(layout)
     for chunk_rows in (tile, 2 * tile, 64 * tile):  # every range split, some, none
-        programs, split = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile,
-                                        chunk_rows)
+        programs, split = key_tile_rows(layout.segmentation, tile, chunk_rows)
         chunks_per_tile = {}
         for k_start, k_end, chunk_start, chunk_end, slot, pos_shift in programs:
             assert k_start <= chunk_start < chunk_end <= chunk_start + chunk_rows and pos_shift == 0
@@ -171,9 +171,9 @@ def test_dkdv_launch_fills_hopper(name):
     program walks more than a fair share of the queries."""
     prefix, suffix, groups, kv_heads = ISSUE_SHAPES[name]
     tile, sms = 128, HOPPER_SMS
-    lens = ([prefix], [[suffix] * groups])
-    chunk_rows = dkdv_chunk_rows(*lens, tile, kv_heads, 2 * sms)
-    programs, _ = key_tile_rows(*lens, tile, chunk_rows)
+    segmentation = GroupLayout.from_lengths([prefix], [[suffix] * groups]).segmentation
+    chunk_rows = dkdv_chunk_rows(segmentation, tile, kv_heads, 2 * sms)
+    programs, _ = key_tile_rows(segmentation, tile, chunk_rows)
     assert len(programs) * kv_heads >= 2 * sms * 0.9, (len(programs), chunk_rows)
     query_rows = [end - start for _, _, start, end, _, _ in programs]
     assert max(query_rows) <= chunk_rows and max(query_rows) <= 2 * sum(query_rows) / len(query_rows) * kv_heads

@@ -183,8 +183,7 @@ def test_windowed_key_schedule_lists_exactly_the_visible_pairs(lengths, window):
     mask = _visible(layout, window)
     tile = 8
     for chunk_rows in (tile, 3 * tile, 10**6):
-        programs, split = key_tile_rows(layout.prefix_lens_list, layout.suffix_lens_per_group, tile, chunk_rows,
-                                        window)
+        programs, split = key_tile_rows(layout.segmentation, tile, chunk_rows, window)
         covered = torch.zeros(mask.shape, dtype=torch.long)
         for k_start, k_end, chunk_start, chunk_end, _, pos_shift in programs:
             keys = torch.arange(k_start, min(k_start + tile, k_end))
@@ -194,8 +193,8 @@ def test_windowed_key_schedule_lists_exactly_the_visible_pairs(lengths, window):
             assert seen.any(dim=1).all(), "a chunk row that sees no key of its tile"
             covered[rows[:, None], keys[None, :]] += seen.long()
         assert torch.equal(covered, mask.long())
-        plain_rows = sum(p.chunk_end - p.chunk_start for p in key_tile_rows(
-            layout.prefix_lens_list, layout.suffix_lens_per_group, tile, chunk_rows)[0])
+        plain_rows = sum(p.chunk_end - p.chunk_start
+                         for p in key_tile_rows(layout.segmentation, tile, chunk_rows)[0])
         windowed_rows = sum(p.chunk_end - p.chunk_start for p in programs)
         assert windowed_rows < plain_rows if window <= 16 else windowed_rows <= plain_rows
         assert sorted(p.partial_slot for p in programs if p.partial_slot >= 0) == list(
@@ -206,11 +205,12 @@ def _needed_blocks(layout, mask, tile_tokens, block):
     """Key-block starts a forward program must visit, per query tile: the blocks of its
     runs (the prefix, its own segment up to the tile's end) holding a key it sees."""
     needed = Counter()
-    for q_start, seg_start, seg_end, shared_start, shared_len in query_tile_rows(
-            layout.prefix_lens_list, layout.suffix_lens_per_group, tile_tokens):
+    tiles, runs = query_tile_rows(layout.segmentation, tile_tokens)
+    for q_start, seg_start, seg_end, runs_begin, runs_end in tiles:
         rows = slice(q_start, min(q_start + tile_tokens, seg_end))
         diag_end = rows.stop
-        for run_start, run_end in ((shared_start, shared_start + shared_len), (seg_start, diag_end)):
+        ancestors = [(start, start + length) for start, length, _ in runs[runs_begin:runs_end]]
+        for run_start, run_end in (*ancestors, (seg_start, diag_end)):
             for key_start in range(run_start, run_end, block):
                 if mask[rows, key_start:min(key_start + block, run_end)].any():
                     needed[key_start] += 1

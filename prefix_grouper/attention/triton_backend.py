@@ -36,11 +36,12 @@ from typing import Optional
 
 import torch
 
-from ..layout import GroupLayout, cached_per_layout, decode_host_lengths, segmentation_of, split_by_group
+from ..layout import GroupLayout, cached_per_layout, segmentation_of
+from ..layout.segmentation import Segmentation
 from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
 from .triton_common import (
-    KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, ScoreFeatures, head_packing,
+    ANCESTOR_RUN_COLUMNS, KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, ScoreFeatures, head_packing,
     padded_head_dim,
 )
 from .triton_fwd import launch_forward
@@ -70,22 +71,21 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     return tile, tile
 
 
-def _checked_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[int, ...]], int]:
-    """``(prefix_lens, suffix_lens_per_group, total_tokens)`` of a layout's host lengths."""
-    prefix_lens, group_sizes, suffix_lens = decode_host_lengths(host_lengths)
-    total_tokens = sum(prefix_lens) + sum(suffix_lens)
-    if total_tokens >= 2**31:
-        raise ValueError(f"the triton backend indexes tokens in int32, T={total_tokens} does not fit")
-    return prefix_lens, split_by_group(suffix_lens, group_sizes), total_tokens
+def _checked_segmentation(host: torch.Tensor) -> Segmentation:
+    """The layout's segmentation (``host``: its ``host_lengths`` or ``host_segments``),
+    checked to fit the kernels' int32 token indices."""
+    segmentation = segmentation_of(host)
+    if segmentation.total_tokens >= 2**31:
+        raise ValueError(f"the triton backend indexes tokens in int32, T={segmentation.total_tokens} does not fit")
+    return segmentation
 
 
-def _layout_lengths(host_lengths: torch.Tensor, q: torch.Tensor):
-    """``(prefix_lens, suffix_lens_per_group)`` of the layout, checked against q's tokens."""
-    prefix_lens, suffix_lens_per_group, total_tokens = cached_per_layout(
-        host_lengths, ("triton_lengths",), lambda: _checked_lengths(host_lengths))
-    if total_tokens != q.shape[0]:
-        raise ValueError(f"the layout packs T={total_tokens} tokens but q has {q.shape[0]}")
-    return prefix_lens, suffix_lens_per_group
+def _layout_segmentation(host: torch.Tensor, q: torch.Tensor) -> Segmentation:
+    """The layout's segmentation, checked against q's tokens."""
+    segmentation = cached_per_layout(host, ("triton_segmentation",), lambda: _checked_segmentation(host))
+    if segmentation.total_tokens != q.shape[0]:
+        raise ValueError(f"the layout packs T={segmentation.total_tokens} tokens but q has {q.shape[0]}")
+    return segmentation
 
 
 def _schedule_tensor(rows: list[tuple], columns: int, device: torch.device) -> torch.Tensor:
@@ -97,25 +97,27 @@ def _features(host_lengths: torch.Tensor, q: torch.Tensor, window: Optional[int]
               sinks: Optional[torch.Tensor]) -> ScoreFeatures:
     """The kernels' :class:`ScoreFeatures`: a window that hides nothing (at least the
     longest row) is dropped, so it costs nothing; sinks as float32."""
-    if window is not None:
-        _layout_lengths(host_lengths, q)  # checks the layout against q first
-        if window >= segmentation_of(host_lengths).longest_row:
-            window = None
+    if window is not None and window >= _layout_segmentation(host_lengths, q).longest_row:
+        window = None
     return ScoreFeatures(window, softcap, None if sinks is None else sinks.float().contiguous())
 
 
 def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int,
-                    window: Optional[int]) -> tuple[torch.Tensor, HeadPacking]:
-    """``(q_tiles, packing)`` for q's head dim, dtype and device, ``num_kv_heads`` and the
-    window (which orders the tiles); the schedule is built once per layout and tile."""
+                    window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, HeadPacking]:
+    """``(q_tiles, runs, packing)`` for q's head dim, dtype and device, ``num_kv_heads`` and
+    the window (which orders the tiles); the schedule is built once per layout and tile."""
     block_m, _ = _tile_sizes(q.shape[-1], q.dtype)
     packing = head_packing(block_m, q.shape[1] // num_kv_heads)
-    prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
-    q_tiles = cached_per_layout(
-        host_lengths, ("triton_query_tiles", packing.tile_tokens, window, q.device),
-        lambda: _schedule_tensor(query_tile_rows(prefix_lens, suffix_lens_per_group, packing.tile_tokens, window),
-                                 QUERY_TILE_COLUMNS.value, q.device))
-    return q_tiles, packing
+    segmentation = _layout_segmentation(host_lengths, q)
+
+    def build():
+        tiles, runs = query_tile_rows(segmentation, packing.tile_tokens, window)
+        return (_schedule_tensor(tiles, QUERY_TILE_COLUMNS.value, q.device),
+                _schedule_tensor(runs, ANCESTOR_RUN_COLUMNS.value, q.device))
+
+    q_tiles, runs = cached_per_layout(host_lengths, ("triton_query_tiles", packing.tile_tokens, window, q.device),
+                                      build)
+    return q_tiles, runs, packing
 
 
 def _min_dkdv_programs(device: torch.device) -> int:
@@ -132,12 +134,11 @@ def _key_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int
     """``(kv_tiles, split_kv_tiles, num_partial_slots, kv_tile)`` for q's head dim, dtype and
     device, ``num_kv_heads`` and the window, built once per layout."""
     _, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
-    prefix_lens, suffix_lens_per_group = _layout_lengths(host_lengths, q)
+    segmentation = _layout_segmentation(host_lengths, q)
 
     def build():
-        chunk_rows = dkdv_chunk_rows(prefix_lens, suffix_lens_per_group, kv_tile, num_kv_heads,
-                                     _min_dkdv_programs(q.device), window)
-        programs, split = key_tile_rows(prefix_lens, suffix_lens_per_group, kv_tile, chunk_rows, window)
+        chunk_rows = dkdv_chunk_rows(segmentation, kv_tile, num_kv_heads, _min_dkdv_programs(q.device), window)
+        programs, split = key_tile_rows(segmentation, kv_tile, chunk_rows, window)
         return (_schedule_tensor(programs, KEY_TILE_COLUMNS.value, q.device),
                 _schedule_tensor(split, SPLIT_KEY_TILE_COLUMNS.value, q.device),
                 sum(row.num_slots for row in split))
@@ -161,9 +162,9 @@ def _prefix_attention_fwd(
     sinks ``[Hq]`` or None."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
     features = _features(host_lengths, q, window, softcap, sinks)
-    q_tiles, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
+    q_tiles, runs, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
     with device_guard(q):
-        return launch_forward(q, k, v, q_tiles, packing, softmax_scale, features)
+        return launch_forward(q, k, v, q_tiles, runs, packing, softmax_scale, features)
 
 
 @_prefix_attention_fwd.register_fake
@@ -181,11 +182,11 @@ def _prefix_attention_bwd(
     None; dsinks is ``[Hq]`` float32, or empty ``[0]`` without sinks."""
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
     features = _features(host_lengths, q, window, softcap, sinks)
-    q_tiles, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
+    q_tiles, runs, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
     kv_tiles, split_kv_tiles, num_partial_slots, kv_tile = _key_schedule(host_lengths, q, k.shape[1],
                                                                          features.window)
     with device_guard(q):
-        dq, dk, dv, dsinks = launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, kv_tiles, split_kv_tiles,
+        dq, dk, dv, dsinks = launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, runs, kv_tiles, split_kv_tiles,
                                              num_partial_slots, packing, kv_tile, softmax_scale, features)
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dsinks is None else dsinks
 
@@ -239,6 +240,7 @@ def triton_prefix_attention(
     """
     # Only tensors and scalars cross into the ops: torch.compile traces no schedule
     # building and does not specialize on the layout's lengths.
-    return _prefix_attention_fwd(q, k, v, sinks, layout.host_lengths, float(softmax_scale),
+    host = layout.host_lengths if layout.is_flat else layout.host_segments
+    return _prefix_attention_fwd(q, k, v, sinks, host, float(softmax_scale),
                                  None if window is None else int(window),
                                  None if softcap is None else float(softcap))

@@ -88,7 +88,7 @@ def dq_key_block(
 
 @triton.jit
 def prefix_attention_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, q_tiles_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, q_tiles_ptr, runs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     num_tokens, num_q_heads, heads_per_kv, softmax_scale, score_scale, softcap_log2, window,
@@ -106,7 +106,7 @@ def prefix_attention_dq_kernel(
     lse_log2 = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
     dq = walk_key_runs(tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), dq_key_block,
-                       (scores_ctx, dout, lse_log2, delta), tile_row, window,
+                       (scores_ctx, dout, lse_log2, delta), tile_row, runs_ptr, window,
                        CHECK_DIMS, TILE_TOKENS, BLOCK_N, DOT_PRECISION, HAS_WINDOW, HAS_SOFTCAP)
 
     dq_ptrs = dq_ptr + heads[:, None] * stride_dqh + row_offsets * stride_dqt + dims[None, :]
@@ -289,7 +289,7 @@ _prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel
 def launch_backward(
     dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    q_tiles: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor, num_partial_slots: int,
+    q_tiles: torch.Tensor, runs: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor, num_partial_slots: int,
     packing: HeadPacking, kv_tile_size: int, softmax_scale: float, features: ScoreFeatures,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of shared-prefix attention.
@@ -298,7 +298,8 @@ def launch_backward(
         dout, out, q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         dlse, lse: ``[T, Hq]`` float32 (dlse None when lse got no gradient).
         q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32, tiles of ``packing.tile_tokens``
-            query tokens, each for ``packing.heads_per_program`` heads at a time.
+            query tokens, each for ``packing.heads_per_program`` heads at a time; runs:
+            ``[num_runs, ANCESTOR_RUN_COLUMNS]`` int32, the ancestor runs they index.
         kv_tiles: ``[num_kv_programs, KEY_TILE_COLUMNS]`` int32, tiles of ``kv_tile_size`` key
             rows, each against one chunk of its queries.
         split_kv_tiles: ``[num_split_tiles, SPLIT_KEY_TILE_COLUMNS]`` int32, the key tiles whose
@@ -338,7 +339,7 @@ def launch_backward(
     dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M")
 
     dq_kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
-        q, k, v, dout, lse_by_head, delta, dq, q_tiles,
+        q, k, v, dout, lse_by_head, delta, dq, q_tiles, runs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         num_tokens, num_q_heads, num_q_heads // num_kv_heads, softmax_scale, score_scale, softcap_log2, window,

@@ -2,16 +2,16 @@
 tile loaders, the key-run walk of a query tile, dot precision and autotuning.
 
 A query tile owns tokens ``[q_start, q_start + TILE_TOKENS)`` of a single segment, clipped
-at ``seg_end``; ``shared_*`` is the group's prefix for a suffix tile and empty for a prefix
-tile. The forward and dQ programs own one query tile for ``HEADS_PER_PROGRAM`` query heads
+at ``seg_end``; ``runs_begin:runs_end`` are its segment's ancestor runs in the runs table
+(a one-level completion: its group's prefix; a root: none). The forward and dQ programs own one query tile for ``HEADS_PER_PROGRAM`` query heads
 of one KV head (GQA packing, so each K/V block is loaded once for all of them): their
 ``BLOCK_M`` score rows are head-major, row ``r`` is head ``r // TILE_TOKENS`` of the pack
 and token ``q_start + r % TILE_TOKENS`` (rows past ``HEADS_PER_PROGRAM * TILE_TOKENS``
 are idle). They walk the tile's keys with :func:`walk_key_runs`, in runs that never load
 anything the tile cannot see:
 
-1. ``[shared_start, shared_start + shared_len)``: the whole prefix, no mask except the
-   key bound on its last, partial block;
+1. each ancestor run, root first: the whole run, no mask except the key bound on its last,
+   partial block;
 2. ``[seg_start, aligned_end)``: own-segment keys before the tile, whole BLOCK_N blocks
    from the segment start, no mask;
 3. ``[aligned_end, min(q_start + TILE_TOKENS, seg_end))``: the diagonal, causal mask
@@ -45,7 +45,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # One int32 row per tile in each schedule. The Python builder fills the named tuples, the
 # kernels read the columns below: both follow the field order here.
-QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "shared_start", "shared_len"])
+# A query tile's keys: the rows runs_begin:runs_end of the runs table (its segment's
+# ancestor runs, root first), then its own segment causally.
+QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "runs_begin", "runs_end"])
+# A run of ancestor keys; for every row of the segments listing it and every key of the
+# run, position(row) - position(key) = row - key + pos_shift (only a window reads it).
+AncestorRun = namedtuple("AncestorRun", ["start", "length", "pos_shift"])
 # One dK/dV program: the keys of a tile against one chunk [chunk_start, chunk_end) of the
 # queries that see them. ``partial_slot`` is -1 when the chunk is the tile's whole query
 # range (the program writes dK/dV), else the slot of the fp32 scratch it writes, summed by
@@ -56,9 +61,11 @@ KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end",
 # A key tile whose queries were split: its partials fill slots [first_slot, first_slot + num_slots).
 SplitKeyTile = namedtuple("SplitKeyTile", ["k_start", "k_end", "first_slot", "num_slots"])
 QUERY_TILE_COLUMNS = tl.constexpr(len(QueryTile._fields))
+ANCESTOR_RUN_COLUMNS = tl.constexpr(len(AncestorRun._fields))
 KEY_TILE_COLUMNS = tl.constexpr(len(KeyTile._fields))
 SPLIT_KEY_TILE_COLUMNS = tl.constexpr(len(SplitKeyTile._fields))
-Q_START, SEG_START, SEG_END, SHARED_START, SHARED_LEN = (tl.constexpr(i) for i in range(len(QueryTile._fields)))
+Q_START, SEG_START, SEG_END, RUNS_BEGIN, RUNS_END = (tl.constexpr(i) for i in range(len(QueryTile._fields)))
+RUN_START, RUN_LENGTH, RUN_POS_SHIFT = (tl.constexpr(i) for i in range(len(AncestorRun._fields)))
 K_START, K_END, CHUNK_START, CHUNK_END, PARTIAL_SLOT, POS_SHIFT = (
     tl.constexpr(i) for i in range(len(KeyTile._fields)))
 # load_key_tile reads k_start, k_end of both row formats at the same columns.
@@ -182,10 +189,10 @@ def launchable(kernel, tuned, inner: str):
 
 @triton.jit
 def load_query_tile(q_tiles_ptr, tile):
-    """``(q_start, seg_start, seg_end, shared_start, shared_len)`` of a query-schedule row."""
+    """``(q_start, seg_start, seg_end, runs_begin, runs_end)`` of a query-schedule row."""
     meta = q_tiles_ptr + tile * QUERY_TILE_COLUMNS
     return (tl.load(meta + Q_START), tl.load(meta + SEG_START), tl.load(meta + SEG_END),
-            tl.load(meta + SHARED_START), tl.load(meta + SHARED_LEN))
+            tl.load(meta + RUNS_BEGIN), tl.load(meta + RUNS_END))
 
 
 @triton.jit
@@ -321,40 +328,62 @@ def walk_windowed_run(
 
 
 @triton.jit
+def walk_ancestor_run(
+    state, fold_key_block, ctx, run_start, run_length, pos_shift, q_start, diag_end, window,
+    CHECK_DIMS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """Fold the blocks of one ancestor run ``[run_start, run_start + run_length)`` that rows
+    ``[q_start, diag_end)`` see: whole blocks unmasked, the last one bounded; under a window
+    (rows see keys with ``row - key + pos_shift < window``) only the visible ones."""
+    run_end = run_start + run_length
+    full_end = run_start + (run_length // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        # In the run, pos(i) - pos(j) = i - j + pos_shift: the tile's first row sees keys
+        # > q_start + pos_shift - window, its last row (diag_end - 1) only keys > diag_end
+        # - 1 + pos_shift - window.
+        limit = pos_shift - window
+        state = walk_windowed_run(state, fold_key_block, ctx, run_start, full_end, run_end, run_end,
+                                  q_start + limit + 1, diag_end + limit, limit,
+                                  BOUND_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    else:
+        for key_start in range(run_start, full_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, run_end, 0, NO_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        for key_start in range(full_end, run_end, BLOCK_N):
+            state = fold_key_block(state, ctx, key_start, run_end, 0, BOUND_MASK, False, SOFTCAP,
+                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    return state
+
+
+@triton.jit
 def walk_key_runs(
-    state, fold_key_block, ctx, tile_row, window,
+    state, fold_key_block, ctx, tile_row, runs_ptr, window,
     CHECK_DIMS: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Fold every key block a query tile sees into ``state``, run by run (module docstring).
+    """Fold every key block a query tile sees into ``state``, run by run (module docstring):
+    its segment's ancestor runs (rows ``runs_begin:runs_end`` of the ``runs_ptr`` table,
+    :class:`AncestorRun`), then its own segment causally.
 
     ``fold_key_block(state, ctx, key_start, key_end, window_shift, MASK, WINDOWED, SOFTCAP,
     CHECK_DIMS, BLOCK_N, DOT_PRECISION)`` returns the new state; ``key_end`` bounds the
     run's keys, ``window_shift`` is the windowed mask's (:func:`key_block_scores`).
     """
-    q_start, seg_start, seg_end, shared_start, shared_len = tile_row
-    shared_end = shared_start + shared_len
-    shared_full_end = shared_start + (shared_len // BLOCK_N) * BLOCK_N
+    q_start, seg_start, seg_end, runs_begin, runs_end = tile_row
     aligned_end = seg_start + ((q_start - seg_start) // BLOCK_N) * BLOCK_N
     diag_end = tl.minimum(q_start + TILE_TOKENS, seg_end)
+    for run in range(runs_begin, runs_end):
+        meta = runs_ptr + run * ANCESTOR_RUN_COLUMNS
+        state = walk_ancestor_run(state, fold_key_block, ctx, tl.load(meta + RUN_START),
+                                  tl.load(meta + RUN_LENGTH), tl.load(meta + RUN_POS_SHIFT),
+                                  q_start, diag_end, window, CHECK_DIMS, BLOCK_N, DOT_PRECISION,
+                                  HAS_WINDOW, SOFTCAP)
     if HAS_WINDOW:
-        # Key j is visible from row i when pos(i) - window < pos(j). In a run, pos(i) -
-        # pos(j) = i - j + shift, so the tile's first row sees keys > q_start + shift -
-        # window and its last row (diag_end - 1) only keys > diag_end - 1 + shift - window.
-        for_prefix = shared_end - seg_start - window  # shift - window, shift = prefix end - seg start
-        state = walk_windowed_run(state, fold_key_block, ctx, shared_start, shared_full_end, shared_end,
-                                  shared_end, q_start + for_prefix + 1, diag_end + for_prefix, for_prefix,
-                                  BOUND_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
         state = walk_windowed_run(state, fold_key_block, ctx, seg_start, aligned_end, diag_end, seg_end,
                                   q_start - window + 1, diag_end - window, -window,
                                   CAUSAL_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     else:
-        for key_start in range(shared_start, shared_full_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, shared_end, 0, NO_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-        for key_start in range(shared_full_end, shared_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, shared_end, 0, BOUND_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
         for key_start in range(seg_start, aligned_end, BLOCK_N):
             state = fold_key_block(state, ctx, key_start, seg_end, 0, NO_MASK, False, SOFTCAP,
                                    CHECK_DIMS, BLOCK_N, DOT_PRECISION)

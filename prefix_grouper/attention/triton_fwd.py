@@ -47,7 +47,7 @@ def attend_key_block(
 
 @triton.jit
 def prefix_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, sinks_ptr, out_ptr, lse_ptr, q_tiles_ptr,
+    q_ptr, k_ptr, v_ptr, sinks_ptr, out_ptr, lse_ptr, q_tiles_ptr, runs_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_q_heads, heads_per_kv, score_scale, softcap_log2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_DIMS: tl.constexpr,
@@ -67,7 +67,7 @@ def prefix_attention_fwd_kernel(
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     state = (tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32), row_max, row_sum)
-    acc, row_max, row_sum = walk_key_runs(state, attend_key_block, scores_ctx, tile_row, window,
+    acc, row_max, row_sum = walk_key_runs(state, attend_key_block, scores_ctx, tile_row, runs_ptr, window,
                                           CHECK_DIMS, TILE_TOKENS, BLOCK_N, DOT_PRECISION,
                                           HAS_WINDOW, HAS_SOFTCAP)
 
@@ -86,8 +86,8 @@ _prefix_attention_fwd_tuned = autotune_inner_block(prefix_attention_fwd_kernel, 
 
 
 def launch_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tiles: torch.Tensor, packing: HeadPacking,
-    softmax_scale: float, features: ScoreFeatures,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_tiles: torch.Tensor, runs: torch.Tensor,
+    packing: HeadPacking, softmax_scale: float, features: ScoreFeatures,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
@@ -95,6 +95,7 @@ def launch_forward(
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``; each with unit stride on D.
         q_tiles: ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32 schedule built for tiles of
             ``packing.tile_tokens`` tokens.
+        runs: ``[num_runs, ANCESTOR_RUN_COLUMNS]`` int32, the ancestor runs the tiles index.
         packing: the programs' score rows, query heads per program and tokens per tile.
         features: window, softcap and sinks (sinks ``[Hq]`` float32 contiguous, or None).
 
@@ -108,7 +109,7 @@ def launch_forward(
     score_scale, softcap_log2 = features.score_scales(softmax_scale)
     kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, lse if features.sinks is None else features.sinks,  # sinks not read without HAS_SINKS
-        out, lse, q_tiles,
+        out, lse, q_tiles, runs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         num_q_heads, num_q_heads // k.shape[1], score_scale, softcap_log2, features.window_or_zero,

@@ -18,7 +18,9 @@ if not torch.cuda.is_available() and shutil.which("nvidia-smi") is None:
 import pytest  # noqa: E402
 
 from prefix_grouper import GroupLayout  # noqa: E402
-from prefix_grouper.attention.triton_backend import key_tile_rows, query_tile_rows, triton_prefix_attention  # noqa: E402,E501
+from prefix_grouper.attention.triton_backend import (  # noqa: E402
+    key_tile_rows, query_tile_rows, triton_prefix_attention,
+)
 from prefix_grouper.layout import segmentation_of  # noqa: E402
 from prefix_grouper.runtime import triton_unavailable_reason  # noqa: E402
 
@@ -230,3 +232,46 @@ def test_key_schedule_covers_each_visible_pair_once(window):
         index = int(layout.token_segment[q_start])
         assert [tuple(run[:2]) for run in runs[begin:end]] == [
             r for r in segmentation.key_runs(index)[:-1] if r[1]]
+
+
+def test_system_prompt_shared_across_groups_through_the_api():
+    """from_padded(share_across_groups=True): a system prompt shared by two groups' different
+    prompts (a depth-2 tree with completion leaves, one of them empty), via prefix_attention."""
+    from prefix_grouper import prefix_attention
+
+    system, prompts = [5, 6, 7, 8, 9, 10, 11], ([20, 21, 22], [30, 31, 32, 33, 34])
+    rows = [system + list(p) for p in prompts]
+    width = max(map(len, rows))
+    prompt_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    completion_mask = torch.tensor([[1] * 6 + [0] * 3, [0] * 9, [1] * 9, [1] * 2 + [0] * 7])
+    layout = GroupLayout.from_padded(prompt_mask.to(DEVICE), completion_mask.to(DEVICE), [2, 2],
+                                     prompt_ids=prompt_ids.to(DEVICE), share_across_groups=True)
+    assert not layout.is_flat and layout.total_tokens == len(system) + 3 + 5 + 6 + 9 + 2
+    _check(layout, q_heads=2, kv_heads=1, seed=9)
+    gen = torch.Generator(device=DEVICE).manual_seed(10)
+    q, k, v = (torch.randn(layout.total_tokens, 2, 16, generator=gen, device=DEVICE) for _ in range(3))
+    got = prefix_attention(q, k, v, layout, backend="triton", window=4, softcap=2.0)
+    want = prefix_attention(q.double(), k.double(), v.double(), layout, backend="reference", window=4, softcap=2.0)
+    assert (got.double() - want).abs().max().item() <= FP32_ATOL
+
+
+def test_torch_compile_on_tree_layouts():
+    """The ops take a tree as host_segments: fullgraph compile, same loss and gradients as eager."""
+    from prefix_grouper import prefix_attention
+
+    def loss_fn(q, k, v, layout):
+        out, lse = prefix_attention(q, k, v, layout, backend="triton", return_lse=True)
+        return (out ** 2).sum() + lse.sum()
+
+    compiled = torch.compile(loss_fn, backend="inductor" if DEVICE.type == "cuda" else "aot_eager", fullgraph=True)
+    for seed in (10, 11):
+        layout = _layout(seed, max_len=8)
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        inputs = [torch.randn(layout.total_tokens, 2, 16, generator=gen, device=DEVICE) for _ in range(3)]
+        eager = [x.clone().requires_grad_() for x in inputs]
+        traced = [x.clone().requires_grad_() for x in inputs]
+        eager_loss, traced_loss = loss_fn(*eager, layout), compiled(*traced, layout)
+        torch.testing.assert_close(traced_loss, eager_loss)
+        for a, b in zip(torch.autograd.grad(traced_loss, traced), torch.autograd.grad(eager_loss, eager)):
+            torch.testing.assert_close(a, b)

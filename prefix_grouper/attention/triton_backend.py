@@ -3,17 +3,21 @@ optional sliding window, logit softcap and attention sinks.
 
 The kernels (``triton_fwd``, ``triton_bwd``) read the packed batch in place through two
 tile schedules (``triton_schedule``) built once per layout (and tiling, window and
-device) from its host-side lengths, so no call ever synchronizes with the device:
+device) from its host-side segmentation, a prefix tree (a one-level GRPO layout is the
+depth-1 tree), so no call ever synchronizes with the device:
 
 * query tiles ``[num_q_tiles, QUERY_TILE_COLUMNS]`` int32 rows, the fields of
-  :class:`~.triton_common.QueryTile` (``q_start, seg_start, seg_end, shared_start,
-  shared_len``): ``tile_tokens`` tokens of one segment, taken by one program per pack of
-  query heads (:class:`~.triton_common.HeadPacking`); ``shared_*`` is the group's prefix
-  for a suffix tile and empty for a prefix tile (forward and dQ);
+  :class:`~.triton_common.QueryTile` (``q_start, seg_start, seg_end, runs_begin,
+  runs_end``): ``tile_tokens`` tokens of one segment, taken by one program per pack of
+  query heads (:class:`~.triton_common.HeadPacking`); ``runs_begin:runs_end`` index the
+  runs table ``[num_runs, ANCESTOR_RUN_COLUMNS]`` (:class:`~.triton_common.AncestorRun`),
+  the segment's ancestor key runs, root first (a one-level completion: its prefix; a
+  root: none), walked before the segment's own keys (forward and dQ);
 * dK/dV programs ``[num_programs, KEY_TILE_COLUMNS]`` int32 rows, the fields of
   :class:`~.triton_common.KeyTile` (``k_start, k_end, chunk_start, chunk_end,
-  partial_slot``): BLOCK_N keys of one segment against one chunk of the packed queries
-  that see them, and the split key tiles ``[num_split, SPLIT_KEY_TILE_COLUMNS]``
+  partial_slot, pos_shift``): BLOCK_N keys of one segment against one chunk of the packed
+  queries that see them (the segment's later tokens and its whole subtree, one packed
+  range in pre-order), and the split key tiles ``[num_split, SPLIT_KEY_TILE_COLUMNS]``
   (:class:`~.triton_common.SplitKeyTile`) whose partials the reduction kernel sums.
   The chunk length (:func:`dkdv_chunk_rows`) gives the launch at least two programs per
   SM even with GQA's few KV heads. With a window, only the queries whose window reaches a
@@ -21,8 +25,9 @@ device) from its host-side lengths, so no call ever synchronizes with the device
 
 The kernels are wrapped as ``torch.library`` custom ops with fake and autograd
 registrations, so ``torch.compile`` treats them as opaque, differentiable nodes. The ops
-take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` (see
-:func:`~prefix_grouper.layout.encode_host_lengths`), and build the schedules inside their
+take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` on a one-level
+layout (see :func:`~prefix_grouper.layout.encode_host_lengths`), ``GroupLayout.host_segments``
+on a tree, and build the schedules inside their
 real implementations, memoized in the layout's cache (:func:`~prefix_grouper.layout.cached_per_layout`).
 Compiled code thus sees only tensor inputs (and the window and softcap scalars): it never
 traces the Python schedule builder nor specializes on lengths, so after one recompile with
@@ -41,8 +46,8 @@ from ..layout.segmentation import Segmentation
 from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
 from .triton_common import (
-    ANCESTOR_RUN_COLUMNS, KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, ScoreFeatures, head_packing,
-    padded_head_dim,
+    ANCESTOR_RUN_COLUMNS, KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, ScoreFeatures,
+    head_packing, padded_head_dim,
 )
 from .triton_fwd import launch_forward
 from .triton_schedule import dkdv_chunk_rows, key_tile_rows, query_tile_rows
@@ -158,8 +163,8 @@ def _prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor],
     host_lengths: torch.Tensor, softmax_scale: float, window: Optional[int], softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``,
-    sinks ``[Hq]`` or None."""
+    """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``
+    (one level) or ``GroupLayout.host_segments`` (a tree), sinks ``[Hq]`` or None."""
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
     features = _features(host_lengths, q, window, softcap, sinks)
     q_tiles, runs, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
@@ -222,12 +227,13 @@ def triton_prefix_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GroupLayout, softmax_scale: float, *,
     window: Optional[int] = None, softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared-prefix attention with the fused Triton kernels (inputs validated by the caller).
+    """Shared-prefix attention with the fused Triton kernels (inputs validated by the caller):
+    every token sees its segment's ancestor runs and, causally, its own segment.
 
     Args:
         q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]``, ``Hq % Hkv == 0``, fp16/bf16/fp32,
             ``D <= 256``; any strides (a non-unit last-dim stride costs a copy).
-        layout: the batch's :class:`GroupLayout` on q's device.
+        layout: the batch's :class:`GroupLayout` on q's device, one-level or a prefix tree.
         softmax_scale: multiplier of ``q . k`` before the softmax.
         window: an int >= 1: key j is visible from query i only when ``pos_i - window <
             pos_j`` (``layout.position_ids``); key blocks wholly outside are skipped.

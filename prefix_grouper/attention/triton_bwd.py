@@ -10,19 +10,19 @@ reduction done in torch after the kernels (deterministic too).
   packing and key runs.
 * dK/dV: one program per (key-tile chunk, KV head), looping over the query heads that
   share the KV head. The queries that see a key tile form the single packed range
-  ``[k_start, q_end)``:
-  a prefix key tile's range runs from the tile to the end of its group, so it covers the
-  causal prefix queries and then every suffix query of the group (the suffixes are
-  packed right behind their prefix); a suffix key tile's range ends with its suffix.
-  Queries are walked as the diagonal (causal mask, also exact for suffix queries, whose
-  packed index exceeds every prefix key), full unmasked blocks, and a bounded last
-  block. A long range (a prefix tile sees all G*S suffix queries) is split into chunks,
-  one program each (a :class:`~.triton_common.KeyTile` row per chunk), so GQA's few KV
-  heads still fill the GPU; a split tile's programs write fp32 partials to their own
-  scratch slots and ``dkdv_reduce_kernel`` sums them in slot order. No atomics anywhere:
-  the backward is bitwise repeatable. With a window the schedule lists only the queries
-  whose window reaches the tile, one range per segment (each with its ``pos_shift``), and
-  the kernel masks only the last blocks, where some query stops seeing some key.
+  ``[k_start, subtree_end)``: the tile's segment's later tokens, then every token of its
+  descendants (pre-order packing puts a segment's subtree right behind it; on a
+  one-level layout, a prefix tile's range runs to the end of its group, a completion
+  tile's ends with the completion). Queries are walked as the diagonal (causal mask,
+  also exact for descendant queries, whose packed index exceeds every key of the tile),
+  full unmasked blocks, and a bounded last block. A long range (a root tile sees every
+  query below it) is split into chunks, one program each (a
+  :class:`~.triton_common.KeyTile` row per chunk), so GQA's few KV heads still fill the
+  GPU; a split tile's programs write fp32 partials to their own scratch slots and
+  ``dkdv_reduce_kernel`` sums them in slot order. No atomics anywhere: the backward is
+  bitwise repeatable. With a window the schedule lists only the queries whose window
+  reaches the tile, one range per segment (each with its ``pos_shift``), and the kernel
+  masks only the last blocks, where some query stops seeing some key.
 
 lse and delta are kept head-major (``[Hq, T]``) here so a block of query rows reads its
 statistics contiguously.
@@ -208,7 +208,7 @@ def prefix_attention_dkdv_kernel(
     # that starts at the tile (the others start past it, so their causal run is empty).
     diag_end = tl.maximum(chunk_start, tl.minimum(k_start + BLOCK_N, chunk_end))
     if HAS_WINDOW:
-        # A window's schedule also starts chunks (of completions, behind a prefix key
+        # A window's schedule also starts chunks (of descendant segments, behind the key
         # tile) between k_start and k_start + BLOCK_N: end the diagonal on a whole block.
         diag_end = tl.minimum(chunk_end, chunk_start + ((diag_end - chunk_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
     full_end = diag_end + ((chunk_end - diag_end) // BLOCK_M) * BLOCK_M
@@ -289,7 +289,8 @@ _prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel
 def launch_backward(
     dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    q_tiles: torch.Tensor, runs: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor, num_partial_slots: int,
+    q_tiles: torch.Tensor, runs: torch.Tensor, kv_tiles: torch.Tensor, split_kv_tiles: torch.Tensor,
+    num_partial_slots: int,
     packing: HeadPacking, kv_tile_size: int, softmax_scale: float, features: ScoreFeatures,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of shared-prefix attention.

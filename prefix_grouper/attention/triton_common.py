@@ -3,12 +3,13 @@ tile loaders, the key-run walk of a query tile, dot precision and autotuning.
 
 A query tile owns tokens ``[q_start, q_start + TILE_TOKENS)`` of a single segment, clipped
 at ``seg_end``; ``runs_begin:runs_end`` are its segment's ancestor runs in the runs table
-(a one-level completion: its group's prefix; a root: none). The forward and dQ programs own one query tile for ``HEADS_PER_PROGRAM`` query heads
-of one KV head (GQA packing, so each K/V block is loaded once for all of them): their
-``BLOCK_M`` score rows are head-major, row ``r`` is head ``r // TILE_TOKENS`` of the pack
-and token ``q_start + r % TILE_TOKENS`` (rows past ``HEADS_PER_PROGRAM * TILE_TOKENS``
-are idle). They walk the tile's keys with :func:`walk_key_runs`, in runs that never load
-anything the tile cannot see:
+(a one-level completion: its group's prefix; a root: none). The forward and dQ programs
+own one query tile for ``HEADS_PER_PROGRAM`` query heads of one KV head (GQA packing, so
+each K/V block is loaded once for all of them): their ``BLOCK_M`` score rows are
+head-major, row ``r`` is head ``r // TILE_TOKENS`` of the pack and token ``q_start + r %
+TILE_TOKENS`` (rows past ``HEADS_PER_PROGRAM * TILE_TOKENS`` are idle). They walk the
+tile's keys with :func:`walk_key_runs`, in runs that never load anything the tile cannot
+see:
 
 1. each ancestor run, root first: the whole run, no mask except the key bound on its last,
    partial block;

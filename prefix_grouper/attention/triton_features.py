@@ -5,7 +5,7 @@ Triton kernels.
   the log2 domain, so the tanh takes the natural-scale score and its result is scaled by
   ``softcap * log2(e)``; the backward multiplies dS by ``1 - tanh^2``.
 * window: a key is visible from a query when ``pos(q) - window < pos(k)``. Within one run of
-  keys (a group's prefix, or the query's own segment) positions advance with the packed
+  keys (an ancestor's segment, or the query's own) positions advance with the packed
   index, so the keys a tile sees form one interval per run; :func:`window_blocks` turns its
   bounds into the blocks a loop visits and the blocks it must mask.
 """

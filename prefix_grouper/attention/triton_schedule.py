@@ -126,7 +126,8 @@ def _key_tile_query_ranges(segmentation: Segmentation, tile: int, window: Option
     return per_group
 
 
-def dkdv_chunk_rows(segmentation: Segmentation, tile: int, num_kv_heads: int, min_programs: int, window: Optional[int] = None) -> int:
+def dkdv_chunk_rows(segmentation: Segmentation, tile: int, num_kv_heads: int, min_programs: int,
+                    window: Optional[int] = None) -> int:
     """Query rows per dK/dV program: a multiple of ``tile`` such that splitting every key
     tile's query ranges into chunks of that many rows gives the launch about
     ``min_programs`` programs over ``num_kv_heads`` heads, or more (never fewer than one

@@ -26,14 +26,14 @@ FP32_SCALARS = {"softmax_scale", "score_scale", "softcap_log2"}
 
 def signature(kernel, constants):
     # Argument types follow the naming convention of the kernels: tensors of the input
-    # dtype, fp32 statistics, int32 tile schedules, int32 sizes and strides.
+    # dtype, fp32 statistics, int32 tile schedules and runs table, int32 sizes and strides.
     types = {}
     for name in kernel.arg_names:
         if name in constants:
             types[name] = "constexpr"
         elif name in FP32_POINTERS:
             types[name] = "*fp32"
-        elif name.endswith("tiles_ptr"):
+        elif name.endswith(("tiles_ptr", "runs_ptr")):
             types[name] = "*i32"
         elif name.endswith("_ptr"):
             types[name] = "*bf16"

@@ -169,11 +169,11 @@ def test_random_trees_match_per_sequence_attention(seed):
 
 
 def test_deep_chain_and_gqa():
-    """Depth 4 single chains (per-step histories) and 4 query heads on 2 KV heads."""
+    """Depth 4 chains (per-step histories), 4 query heads on 2 KV heads, an odd head dim (7)."""
     layout = _layout(3, num_roots=1, depth=4, max_branch=2, max_len=12)
     assert max(len(segmentation_of(layout.host_segments).key_runs(s))
                for s in range(len(layout.host_segments))) >= 3
-    _check(layout, q_heads=4, kv_heads=2, seed=3)
+    _check(layout, q_heads=4, kv_heads=2, head_dim=7, seed=3)
 
 
 @pytest.mark.parametrize("window", [1, 5, 23])
@@ -275,3 +275,11 @@ def test_torch_compile_on_tree_layouts():
         torch.testing.assert_close(traced_loss, eager_loss)
         for a, b in zip(torch.autograd.grad(traced_loss, traced), torch.autograd.grad(eager_loss, eager)):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("window", [None, 30])
+def test_runs_spanning_several_tiles(window):
+    """Segments of up to 45 tokens: ancestor runs and own segments over several 32-token
+    tiles and 16-key blocks, partial last blocks, split dK/dV ranges."""
+    _check(_layout(12, num_roots=1, depth=3, max_branch=2, max_len=45), q_heads=2, kv_heads=1, window=window,
+           seed=12)

@@ -247,9 +247,9 @@ def random_system_prompt_batch(seed: int):
 def test_share_across_groups_keeps_the_one_level_members(seed):
     prompts, completions, sizes = random_system_prompt_batch(seed)
     prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(prompts, completions, sizes)
-    flat = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids)
-    shared = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
-                                     share_across_groups=True)
+    flat = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
+                                   share_across_groups=False)
+    shared = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids, min_shared=1)
     distinct = {tuple(p[:k]) for p in prompts for k in range(1, len(p) + 1)}
     assert shared.total_tokens == len(distinct) + sum(map(len, completions))
     assert shared.is_flat == (len(distinct) == sum(map(len, prompts)) and len(set(map(tuple, prompts))) == len(prompts))
@@ -290,12 +290,17 @@ def test_share_across_groups_keeps_the_one_level_members(seed):
 def test_share_across_groups_example_and_checks():
     prompts, completions, sizes = [[5, 6, 7, 1, 2], [5, 6, 7, 3], [9, 8]], [[11, 12], [13], [14], [], [17]], [2, 2, 1]
     prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(prompts, completions, sizes)
-    shared = GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=True)
+    shared = GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, min_shared=3)
     assert not shared.is_flat and shared.has_completions
     assert shared.total_tokens == 3 + 2 + 1 + 2 + 5  # [5 6 7] once
-    # With min_shared=4 the 3-token system run is not split out: the flat layout.
-    assert GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=True,
-                                   min_shared=4).is_flat
+    # By default (min_shared=4) the 3-token system run is not split out: the flat layout.
+    assert GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids).is_flat
+    assert GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=False).is_flat
+    system = [21, 22, 23, 24]  # a 4-token system prompt is shared by default
+    system_batch = padded_batch([system + p for p in prompts], completions, sizes)
+    with_system = GroupLayout.from_padded(system_batch[1], system_batch[3], prompt_ids=system_batch[0])
+    # [21 22 23 24] once; [5 6 7], shared by two groups, is under 4 tokens: kept per group.
+    assert not with_system.is_flat and with_system.total_tokens == 4 + (3 + 2) + (3 + 1) + 2 + 5
     bad = prompt_ids.clone()
     bad[2:4, -4] = 99  # group 1 rewrites the shared run
     with pytest.raises(ValueError, match="shares across groups"):
@@ -303,7 +308,8 @@ def test_share_across_groups_example_and_checks():
     with pytest.raises(ValueError, match="needs prompt_ids"):
         GroupLayout.from_padded(prompt_mask, completion_mask, sizes, share_across_groups=True)
     with pytest.raises(ValueError, match="min_shared"):
-        GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, min_shared=2)
+        GroupLayout.from_padded(prompt_mask, completion_mask, prompt_ids=prompt_ids, share_across_groups=False,
+                                min_shared=2)
 
 
 def test_very_ragged_batch_is_sorted_without_a_padded_copy():
@@ -325,7 +331,7 @@ def test_to_rebuilds_tree_layouts_on_another_device():
     prompts, completions, sizes = [[5, 6, 1], [5, 6, 2]], [[3], [4, 4], [7]], [2, 1]
     prompt_ids, prompt_mask, _, completion_mask = padded_batch(prompts, completions, sizes)
     shared = GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
-                                     share_across_groups=True).to("meta")
+                                     min_shared=1).to("meta")
     assert shared.has_completions and not shared.is_flat
     assert shared.completion_group.device.type == "meta" and shared.segments[0] == (0, 2, -1)
 

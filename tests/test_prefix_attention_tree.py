@@ -164,7 +164,7 @@ def test_single_sequence_and_all_duplicates(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("feature", ["plain", "window4-softcap-sinks"])
 def test_system_prompt_shared_across_groups(feature, backend, monkeypatch):
-    """from_padded(share_across_groups=True): a common system prompt under every group's prompt."""
+    """from_padded(share_across_groups=True, min_shared=1): a common system prompt under every group's prompt."""
     system, rng = list(range(100, 109)), random.Random(5)
     prompts = [system + [rng.randrange(50) for _ in range(n)] for n in (3, 6)]
     width = max(map(len, prompts))
@@ -172,7 +172,7 @@ def test_system_prompt_shared_across_groups(feature, backend, monkeypatch):
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     completion_mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     layout = GroupLayout.from_padded(prompt_mask, completion_mask, [2, 2], prompt_ids=prompt_ids,
-                                     share_across_groups=True)
+                                     share_across_groups=True, min_shared=1)
     assert len(layout.segmentation.groups) == 1  # one root: the system prompt
     check_against_sequences(layout, 4, 2, 4, FEATURES[feature], run_backend(backend, monkeypatch))
 

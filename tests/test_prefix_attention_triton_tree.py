@@ -235,7 +235,7 @@ def test_key_schedule_covers_each_visible_pair_once(window):
 
 
 def test_system_prompt_shared_across_groups_through_the_api():
-    """from_padded(share_across_groups=True): a system prompt shared by two groups' different
+    """from_padded(share_across_groups=True, min_shared=1): a system prompt shared by two groups' different
     prompts (a depth-2 tree with completion leaves, one of them empty), via prefix_attention."""
     from prefix_grouper import prefix_attention
 
@@ -246,7 +246,7 @@ def test_system_prompt_shared_across_groups_through_the_api():
     prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     completion_mask = torch.tensor([[1] * 6 + [0] * 3, [0] * 9, [1] * 9, [1] * 2 + [0] * 7])
     layout = GroupLayout.from_padded(prompt_mask.to(DEVICE), completion_mask.to(DEVICE), [2, 2],
-                                     prompt_ids=prompt_ids.to(DEVICE), share_across_groups=True)
+                                     prompt_ids=prompt_ids.to(DEVICE), share_across_groups=True, min_shared=1)
     assert not layout.is_flat and layout.total_tokens == len(system) + 3 + 5 + 6 + 9 + 2
     _check(layout, q_heads=2, kv_heads=1, seed=9)
     gen = torch.Generator(device=DEVICE).manual_seed(10)

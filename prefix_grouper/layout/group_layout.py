@@ -20,7 +20,10 @@ from .segmentation import Segment, Segmentation, segmentation_of
 from .sequences import SequenceMembers
 from .tree import SequenceTree, checked_sequences, sequence_tree, tree_from_groups
 
-__all__ = ["GroupLayout", "NotOneLevelError"]
+__all__ = ["DEFAULT_MIN_SHARED", "GroupLayout", "NotOneLevelError"]
+
+# Fewest tokens of a run that different prompts share before from_padded splits it out.
+DEFAULT_MIN_SHARED = 4
 
 # Members that only a layout of prompts and completions has (from_lengths / from_padded).
 _ONE_LEVEL_MEMBERS = frozenset({
@@ -189,8 +192,8 @@ class GroupLayout(SequenceMembers, CompletionPacking):
         group_sizes: Sequence[int] | torch.Tensor | None = None,
         *,
         prompt_ids: torch.Tensor | None = None,
-        share_across_groups: bool = False,
-        min_shared: int = 1,
+        share_across_groups: bool | None = None,
+        min_shared: int | None = None,
     ) -> "GroupLayout":
         """Layout of what a GRPO loop holds: left-padded prompts and right-padded completions.
 
@@ -208,22 +211,28 @@ class GroupLayout(SequenceMembers, CompletionPacking):
             share_across_groups: also share the leading runs that DIFFERENT groups' prompts
                 have in common (a system prompt, a tool schema): the layout is then the prefix
                 tree of the prompts, each group's completions leaves under its prompt (needs
-                ``prompt_ids``). Its one-level members (``pack``, ``completion_positions``,
+                ``prompt_ids``). Default (None): share whenever ``prompt_ids`` is given. Its one-level members (``pack``, ``completion_positions``,
                 ``completion_logit_positions``, ``unpack_completions``, ``completion_mask``,
                 the lengths) work as on a flat layout, ``is_flat`` is False and the
                 packed-range members (``host_lengths``, ``cu_seqlens``, ``prefix_starts``,
                 ``token_group``, ``micro_batch_groups``) raise. Without any shared run the
                 layout is the flat one.
-            min_shared: with ``share_across_groups``, runs shared by different prompts are
-                split out only from this many tokens (see :meth:`from_sequences`).
+            min_shared: runs shared by different prompts are split out only from this many
+                tokens (default 4, so that a shared BOS or chat-template header alone stays
+                per group; see :meth:`from_sequences`).
 
         Reads the mask lengths back to the host (a few synchronizations, once per batch).
         """
         prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
+        if share_across_groups is None:
+            share_across_groups = prompt_ids is not None
         if not share_across_groups:
-            if min_shared != 1:
-                raise ValueError(f"min_shared = {min_shared!r} is only read with share_across_groups=True")
+            if min_shared is not None:
+                raise ValueError(f"min_shared = {min_shared!r} is only read when runs are shared across groups "
+                                 f"(prompt_ids given, share_across_groups not False)")
             return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
+        if min_shared is None:
+            min_shared = DEFAULT_MIN_SHARED
         if prompt_ids is None:
             raise ValueError("share_across_groups=True needs prompt_ids: runs are shared by their tokens")
         prompts = group_prompt_tokens(prompt_ids, prefix_lens, [len(g) for g in suffix_lens])

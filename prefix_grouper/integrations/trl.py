@@ -239,7 +239,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
                                              attention_mask[rows, prompt_width - 1:], chunk_sizes,
                                              prompt_ids=input_ids[rows, :prompt_width - 1],
                                              share_across_groups=self.share_across_groups,
-                                             min_shared=MIN_SHARED_TOKENS if self.share_across_groups else 1)
+                                             min_shared=MIN_SHARED_TOKENS if self.share_across_groups else None)
             scores, _ = completion_logits(model_call, layout, input_ids[rows, :prompt_width - 1],
                                           input_ids[rows, prompt_width - 1:])
             chunk_scores.append(_completion_scores(scores, layout, logits_to_keep))

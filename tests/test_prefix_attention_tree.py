@@ -226,8 +226,10 @@ def test_non_finite_kv_stays_in_its_subtree(backend, monkeypatch):
     clean, poisoned = run(False), run(True)
     rows = mask[:, token]
     keys = mask[rows].any(0)
-    assert 1 < int(rows.sum()) < layout.total_tokens
-    assert not poisoned[0][rows].isfinite().all()
+    # Every row that sees the poisoned key through the window (window=4 below) is poisoned;
+    # the rest of its subtree may be too (0 * inf), everything outside it is clean.
+    seen = prefix_sharing_mask(layout, 4)[:, token]
+    assert not poisoned[0][seen].reshape(int(seen.sum()), -1).isfinite().all(dim=1).any()
     for label, a, e in zip(["out", "dq", "dk", "dv"], poisoned, clean):
         unaffected = ~keys if label in ("dk", "dv") else ~rows
         assert torch.equal(a[unaffected], e[unaffected]), label

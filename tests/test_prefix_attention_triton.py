@@ -238,6 +238,22 @@ def test_custom_op_registration():
         fwd(q, k, v, None, torch.tensor([2, 3, 2, 2, 1, 2, 0]), *plain[1:])
 
 
+def test_eager_calls_skip_the_library_dispatch(monkeypatch):
+    """Eager calls run the kernels through a plain autograd.Function, never the custom ops
+    (whose dispatch costs host time per layer); torch.compile takes the ops (next test)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the torch.library op")
+
+    monkeypatch.setattr(triton_backend, "_prefix_attention_fwd", refuse)
+    monkeypatch.setattr(triton_backend, "_prefix_attention_bwd", refuse)
+    layout = _layout(RAGGED)
+    q, k, v = (x.requires_grad_() for x in _inputs(layout, 4, 2, 16, seed=3))
+    out, lse = prefix_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert type(out.grad_fn).__name__ == "_EagerPrefixAttentionBackward"
+    (out.sum() + lse.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
 def test_torch_compile_fullgraph_across_layouts(monkeypatch):
     """One compiled function serves many layouts: no recompile per layout, no retraced
     schedule builder, schedules built once per layout, results equal eager."""

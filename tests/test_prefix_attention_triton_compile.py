@@ -6,6 +6,8 @@ head-dim-128 specialization of every kernel, plain and with the window, softcap 
 switched on, catches those, and the matmul kernels must use Hopper's wgmma. Runs in a subprocess because
 compiling needs triton imported without TRITON_INTERPRET.
 """
+from pathlib import Path
+
 import pytest
 
 from conftest import assert_compiles_for_sm90
@@ -13,34 +15,12 @@ from conftest import assert_compiles_for_sm90
 pytest.importorskip("triton")
 
 COMPILE_KERNELS = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+sys.path.insert(0, SCRIPTS)
+from sm90_kernel_report import compile_sm90, jit_function
 from prefix_grouper.attention.triton_bwd import (delta_kernel, dkdv_reduce_kernel,
                                                  prefix_attention_dkdv_kernel, prefix_attention_dq_kernel)
 from prefix_grouper.attention.triton_fwd import prefix_attention_fwd_kernel
-
-FP32_POINTERS = {"lse_ptr", "delta_ptr", "dlse_ptr", "dk_partial_ptr", "dv_partial_ptr", "sinks_ptr"}
-FP32_SCALARS = {"softmax_scale", "score_scale", "softcap_log2"}
-
-
-def signature(kernel, constants):
-    # Argument types follow the naming convention of the kernels: tensors of the input
-    # dtype, fp32 statistics, int32 tile schedules and runs table, int32 sizes and strides.
-    types = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            types[name] = "constexpr"
-        elif name in FP32_POINTERS:
-            types[name] = "*fp32"
-        elif name.endswith(("tiles_ptr", "runs_ptr")):
-            types[name] = "*i32"
-        elif name.endswith("_ptr"):
-            types[name] = "*bf16"
-        else:
-            types[name] = "fp32" if name in FP32_SCALARS else "i32"
-    return types
-
 
 plain = dict(HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_SINKS=False)
 every_feature = dict(HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_SINKS=True)
@@ -60,13 +40,9 @@ for kernel, constants in [
     (dkdv_reduce_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_N=128)),
     (delta_kernel, dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_T=64, HAS_DLSE=True)),
 ]:
-    while not isinstance(kernel, triton.runtime.JITFunction):  # unwrap autotuners/heuristics
-        kernel = kernel.fn
-    constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
-    source = ASTSource(fn=kernel, signature=signature(kernel, constants), constexprs=constants)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    ptx = compile_sm90(kernel, constants, num_warps=8, num_stages=3).asm["ptx"]
     assert "ld.global" in ptx, kernel
-    if kernel.fn.__name__ not in ("delta_kernel", "dkdv_reduce_kernel"):  # those have no matmul
+    if jit_function(kernel).fn.__name__ not in ("delta_kernel", "dkdv_reduce_kernel"):  # those have no matmul
         # Hopper's asynchronous warpgroup MMA, not the Ampere mma.sync path.
         assert "wgmma.mma_async" in ptx, (kernel, constants)
 print("compiled")
@@ -74,4 +50,5 @@ print("compiled")
 
 
 def test_attention_kernels_compile_for_sm90():
-    assert_compiles_for_sm90(COMPILE_KERNELS, timeout=900)
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    assert_compiles_for_sm90(COMPILE_KERNELS.replace("SCRIPTS", repr(scripts)), timeout=900)

@@ -1,16 +1,23 @@
-"""The Triton kernels' autotuning space: small by default, the whole sweep on request."""
+"""The Triton kernels' autotuning: the register-budget candidates by default, the whole sweep
+on request, one fixed config with no sweep when it is off."""
 import pytest
 
 pytest.importorskip("triton")
 
 from prefix_grouper.attention import triton_common  # noqa: E402
-from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_tuned  # noqa: E402
+from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_tuned, prefix_attention_fwd_kernel  # noqa: E402
 
 
-def test_default_space_is_the_hopper_candidates(monkeypatch):
+def test_default_space_is_eight_warp_candidates(monkeypatch):
     monkeypatch.delenv(triton_common.AUTOTUNE_ENV, raising=False)
-    sizes, warps, stages = triton_common.autotune_space()
-    assert (sizes, warps, stages) == ((64, 128), (4, 8), (3,))
+    assert triton_common.autotune_mode() == "quick"
+    assert triton_common.autotune_space() == ((32, 64, 128), (8,), (3,))
+
+
+def test_off_mode_builds_the_quick_candidates(monkeypatch):
+    # The tuned kernels still exist when tuning is off (launchable just does not use them).
+    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
+    assert triton_common.autotune_space() == ((32, 64, 128), (8,), (3,))
 
 
 def test_full_space_on_request(monkeypatch):
@@ -22,13 +29,40 @@ def test_full_space_on_request(monkeypatch):
 def test_unknown_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "fast")
     with pytest.raises(ValueError, match="PREFIX_GROUPER_AUTOTUNE"):
-        triton_common.autotune_space()
+        triton_common.autotune_mode()
 
 
-@pytest.mark.parametrize("tile, expected", [(128, {64, 128}), (64, {64}), (32, {16})])
-def test_pruning_keeps_dividing_candidates(tile, expected):
+@pytest.mark.parametrize("tile, head_dim_pad, expected", [
+    (128, 128, {32, 64}),  # 128 * 128 is over the register budget
+    (128, 64, {32, 64, 128}),
+    (128, 256, {32}),
+    (64, 128, {32, 64}),
+    (32, 128, {32}),
+    (16, 128, {16}),  # a tile shorter than every candidate gets itself
+    (64, 512, {16}),  # nothing inside the budget: the smallest dividing block
+])
+def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head_dim_pad, expected):
     # The forward's inner block is BLOCK_N; its tile argument is BLOCK_M.
     prune = _prefix_attention_fwd_tuned.early_config_prune
-    kept = prune(_prefix_attention_fwd_tuned.configs, {"BLOCK_M": tile})
+    kept = prune(_prefix_attention_fwd_tuned.configs, {"BLOCK_M": tile, "HEAD_DIM_PAD": head_dim_pad})
     assert {c.kwargs["BLOCK_N"] for c in kept} == expected
-    assert len(kept) == len(expected) * 2  # 4 and 8 warps, 3 stages
+    assert all(c.num_warps == 8 and c.num_stages == 3 for c in kept)
+
+
+@pytest.mark.parametrize("head_dim_pad, tile, expected", [(128, 128, 64), (64, 128, 64), (256, 64, 32),
+                                                          (16, 128, 64), (128, 32, 32)])
+def test_fixed_inner_block_divides_the_tile_within_the_budget(head_dim_pad, tile, expected):
+    inner = triton_common.fixed_inner_block(head_dim_pad, tile)
+    assert inner == expected and tile % inner == 0
+
+
+def test_off_mode_launches_the_plain_kernel_with_fixed_options(monkeypatch):
+    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
+    monkeypatch.setattr(triton_common, "triton_interpreted", lambda: False)
+    kernel, fixed = triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
+                                             128, 128)
+    assert kernel is prefix_attention_fwd_kernel
+    assert fixed == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "quick")
+    assert triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
+                                    128, 128) == (_prefix_attention_fwd_tuned, {})

@@ -336,8 +336,10 @@ def launch_backward(
     dk_partial, dv_partial = (
         torch.empty((num_partial_slots, num_kv_heads, kv_tile_size, head_dim), dtype=torch.float32,
                     device=q.device) for _ in range(2))
-    dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N")
-    dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M")
+    dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N",
+                                     head_dim_pad, packing.block_m)
+    dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
+                                         head_dim_pad, kv_tile_size)
 
     dq_kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, dout, lse_by_head, delta, dq, q_tiles, runs,

@@ -113,26 +113,53 @@ def head_packing(block_m: int, heads_per_kv: int) -> HeadPacking:
 # Inner block of every kernel under the interpreter (no autotuning there): with the
 # interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
 INTERPRETER_INNER_BLOCK = 16
-# GPU autotuning space. The first H200 runs (2026-12-04, triton 3.6) spent over 75 s in a
+# GPU autotuning. The first H200 runs (2026-12-04, triton 3.6) spent over 75 s in a
 # process's first bf16 forward+backward of one shape without finishing it: 24 configs per
-# kernel and key, each compiled and benchmarked, times 3 kernels. The default therefore
-# tries only the Hopper candidates (64- and 128-wide inner blocks, 4 or 8 warps, 3 stages),
-# 4 per kernel; PREFIX_GROUPER_AUTOTUNE=full restores the whole sweep (smaller blocks, 2 and
-# 4 stages) to check that nothing faster was pruned. Tuned choices are cached on disk by
-# triton (cache_results), so later processes skip the sweep.
+# kernel and key, each compiled and benchmarked, times 3 kernels. ptxas's reports for
+# sm_90a (``scripts/sm90_kernel_report.py``, compiled on a CPU without a GPU; results in
+# benchmarks/results/sm90_ptxas_cpu_2026-12-04/) show every 4-warp config spilling more
+# registers than its 8-warp twin (at head dim 128, 4-40x more), and spills growing with the
+# inner block times the head dim; those configs also compile slowest (up to 17 s each on
+# that CPU). So by default ("quick") each kernel tries only 8 warps, 3 stages and the inner
+# blocks of at most INNER_TILE_ELEMENTS / HEAD_DIM_PAD rows (head dim 128: 32 and 64; 64:
+# 32, 64 and 128; 256: 32), and tuned choices are cached on disk by triton (cache_results),
+# so later processes skip the sweep. "full" restores the whole sweep, unpruned, to check on
+# a GPU that nothing faster was pruned; "off" launches one fixed config per kernel with no
+# benchmarking (correctness runs, where a sweep costs minutes of compiling).
 AUTOTUNE_ENV = "PREFIX_GROUPER_AUTOTUNE"
 _AUTOTUNE_SPACES = {
-    "quick": ((64, 128), (4, 8), (3,)),
+    "quick": ((32, 64, 128), (8,), (3,)),
     "full": ((16, 32, 64, 128), (4, 8), (2, 3, 4)),
 }
+AUTOTUNE_MODES = ("quick", "full", "off")
+INNER_TILE_ELEMENTS = 8192
+FIXED_CONFIG = {"num_warps": 8, "num_stages": 3}  # the "off" mode's launch options
+
+
+def autotune_mode() -> str:
+    """``$PREFIX_GROUPER_AUTOTUNE``: "quick" (default), "full" or "off"."""
+    mode = os.environ.get(AUTOTUNE_ENV, "quick")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV} must be one of {list(AUTOTUNE_MODES)}, got {mode!r}")
+    return mode
 
 
 def autotune_space() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(inner block sizes, warps, stages)`` chosen by ``$PREFIX_GROUPER_AUTOTUNE``."""
-    mode = os.environ.get(AUTOTUNE_ENV, "quick")
-    if mode not in _AUTOTUNE_SPACES:
-        raise ValueError(f"{AUTOTUNE_ENV} must be one of {sorted(_AUTOTUNE_SPACES)}, got {mode!r}")
-    return _AUTOTUNE_SPACES[mode]
+    """``(inner block sizes, warps, stages)`` the autotuned kernels are built with (read when
+    they are defined, at import): the "full" sweep or the "quick" candidates."""
+    return _AUTOTUNE_SPACES["full" if autotune_mode() == "full" else "quick"]
+
+
+def fits_register_budget(inner: int, head_dim_pad: int) -> bool:
+    """Whether an inner block of ``inner`` rows of width ``head_dim_pad`` stays inside the
+    budget that keeps ptxas's spills small (see the autotuning comment above)."""
+    return inner * head_dim_pad <= INNER_TILE_ELEMENTS
+
+
+def fixed_inner_block(head_dim_pad: int, tile: int) -> int:
+    """The "off" mode's inner block: 64 rows, fewer where the register budget or the tile
+    (both powers of two, so the result divides the tile) asks for it."""
+    return min(64, max(16, INNER_TILE_ELEMENTS // head_dim_pad), tile)
 
 
 def _torch_allows_tf32() -> bool:
@@ -161,30 +188,36 @@ def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, .
     """``kernel`` autotuned over its inner block ``inner``, a divisor of the schedule's tile
     (kernel argument ``tile``), per head dim, tile size and ``extra_keys`` arguments (and,
     as triton always does, per tensor dtype)."""
-    def keep_dividing(configs, named_args, **kwargs):
-        # An inner block longer than the tile, or not dividing it, only adds masked work.
-        size = kwargs.get(tile, named_args.get(tile))
-        return [c for c in configs if c.kwargs[inner] <= size and size % c.kwargs[inner] == 0]
-
     sizes, warps_options, stages_options = autotune_space()
+    prune_to_budget = autotune_mode() != "full"
+
+    def kept_configs(configs, named_args, **kwargs):
+        size = kwargs.get(tile, named_args.get(tile))
+        head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+        # An inner block longer than the tile, or not dividing it, only adds masked work.
+        dividing = [c for c in configs if c.kwargs[inner] <= size and size % c.kwargs[inner] == 0]
+        preferred = [c for c in dividing if c.kwargs[inner] in sizes
+                     and (not prune_to_budget or fits_register_budget(c.kwargs[inner], head_dim_pad))]
+        if preferred:
+            return preferred
+        smallest = min(c.kwargs[inner] for c in dividing)
+        return [c for c in dividing if c.kwargs[inner] == smallest]
+
     # A tile shorter than every candidate (not the GPU schedule's, but kept valid) gets the tile itself.
     configs = [triton.Config({inner: size}, num_warps=warps, num_stages=stages)
                for size in sorted({16, *sizes}) for warps in warps_options for stages in stages_options]
-
-    def keep_dividing_or_smallest(configs, named_args, **kwargs):
-        kept = keep_dividing(configs, named_args, **kwargs)
-        preferred = [c for c in kept if c.kwargs[inner] in sizes]
-        return preferred or kept
-
     return triton.autotune(configs=configs, key=["HEAD_DIM", tile, *extra_keys], cache_results=True,
-                           prune_configs_by={"early_config_prune": keep_dividing_or_smallest})(kernel)
+                           prune_configs_by={"early_config_prune": kept_configs})(kernel)
 
 
-def launchable(kernel, tuned, inner: str):
-    """``(kernel to launch, its fixed meta-arguments)``: the autotuned kernel on a GPU, the
-    plain one with a fixed inner block under the interpreter (nothing to tune there)."""
+def launchable(kernel, tuned, inner: str, head_dim_pad: int, tile: int):
+    """``(kernel to launch, its fixed meta-arguments)``: the autotuned kernel on a GPU; the
+    plain one with a fixed inner block under the interpreter (nothing to tune there) or
+    when ``$PREFIX_GROUPER_AUTOTUNE`` is "off" (``tile``: the kernel's tile argument)."""
     if triton_interpreted():
         return kernel, {inner: INTERPRETER_INNER_BLOCK}
+    if autotune_mode() == "off":
+        return kernel, {inner: fixed_inner_block(head_dim_pad, tile), **FIXED_CONFIG}
     return tuned, {}
 
 

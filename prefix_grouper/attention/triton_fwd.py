@@ -105,7 +105,8 @@ def launch_forward(
     head_dim_pad = padded_head_dim(head_dim)
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
-    kernel, fixed = launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N")
+    kernel, fixed = launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N", head_dim_pad,
+                               packing.block_m)
     score_scale, softcap_log2 = features.score_scales(softmax_scale)
     kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, lse if features.sinks is None else features.sinks,  # sinks not read without HAS_SINKS

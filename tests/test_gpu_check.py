@@ -1,0 +1,102 @@
+"""The prepared device call (scripts/gpu_check.sh, scripts/gpu_probe.py) checked on CPU, so a
+GPU session's few minutes are not spent finding a typo or a wrong reference.
+
+The device call can only be run where a GPU is lent; what it names (benchmark configs,
+suites, test files) and the probe's own bf16 baseline can be checked here.
+"""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_grouper import GroupLayout
+from prefix_grouper.attention.reference import reference_prefix_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = (ROOT / "scripts" / "gpu_check.sh").read_text()
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_probe  # noqa: E402
+
+
+def _step_words(step_name: str) -> list[str]:
+    """The words of one `step "<name>" ...` command (continuation lines joined)."""
+    joined = SCRIPT.replace("\\\n", " ")
+    line = next(line for line in joined.splitlines() if line.startswith(f'step "{step_name}"'))
+    return shlex.split(line)
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
+
+
+def test_attention_configs_exist_on_the_gpu():
+    from benchmarks import bench_attention
+
+    words = _step_words("attention suite")
+    named = words[words.index("--configs") + 1:]
+    known = {c[0] for c in bench_attention.GPU_CONFIGS + bench_attention.FEATURE_GPU_CONFIGS}
+    assert named and set(named) <= known, set(named) - known
+
+
+def test_suites_and_test_files_exist():
+    from benchmarks.run import SUITES
+
+    for step in ("model suite", "quick suites"):
+        words = _step_words(step)
+        suites = words[words.index("--suite") + 1:]
+        assert suites and set(suites) <= set(SUITES), (step, suites)
+    files = [w for w in _step_words("GPU tests") if w.startswith("tests/")]
+    assert files and all((ROOT / f).is_file() for f in files), files
+
+
+def test_timeouts_fit_the_budget():
+    # Under 8 minutes of steps, so one device call leaves time for a second in a 15-minute lease.
+    defaults = [int(s) for s in re.findall(r'"\$\{[A-Z_]+_S:-(\d+)\}"', SCRIPT)]
+    assert len(defaults) == 7 and sum(defaults) <= 480, defaults
+
+
+def test_correctness_steps_run_without_the_autotuning_sweep():
+    for step in ("bf16 probe (features, repeatability, host sync)", "GPU tests"):
+        assert "PREFIX_GROUPER_AUTOTUNE=off" in _step_words(step), step
+
+
+@pytest.mark.parametrize("window, softcap, sinks", [(None, None, False), (5, None, False), (None, 3.0, False),
+                                                    (None, None, True), (4, 2.0, True)])
+def test_probe_baseline_is_the_reference_in_float64(window, softcap, sinks):
+    """The probe's PyTorch-eager baseline computes the same attention as the reference, so
+    its bf16 error is a fair yardstick (fp64 in, one float32 softmax: ~1e-7 apart)."""
+    layout = GroupLayout.from_lengths([1, 9, 4], [[3, 0], [1, 7, 2], [5]])
+    gen = torch.Generator().manual_seed(7)
+    t = layout.total_tokens
+    q, k, v = (torch.randn(t, h, 16, generator=gen, dtype=torch.float64) for h in (6, 2, 2))
+    sink_logits = torch.randn(6, generator=gen, dtype=torch.float64) if sinks else None
+    ours = gpu_probe.eager_attention(q, k, v, layout, window, softcap, sink_logits)
+    truth, _ = reference_prefix_attention(q, k, v, layout, 16 ** -0.5, window=window, softcap=softcap,
+                                          sinks=sink_logits)
+    torch.testing.assert_close(ours, truth, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_layout", [gpu_probe.random_layout, gpu_probe.random_tree])
+def test_probe_cases_run_end_to_end(make_layout, capsys):
+    """A probe case, with the torch backend in float32 standing in for Triton in bf16: the
+    random layouts build, every gradient is compared, and a correct backend passes."""
+    gen = torch.Generator().manual_seed(3)
+    features = dict(window=17, softcap=3.0, sinks=True)
+    failures = gpu_probe.check_case("cpu", make_layout(gen, "cpu"), (4, 2, 16), features, gen, "cpu",
+                                    backend="torch", dtype=torch.float32)
+    printed = capsys.readouterr().out
+    assert failures == 0, printed
+    assert all(f"{name} " in printed for name in ("out", "dq", "dk", "dv", "dsinks"))
+    assert "bitwise repeatable: True" in printed
+
+
+def test_probe_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_probe.py")], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr

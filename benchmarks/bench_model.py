@@ -13,8 +13,10 @@ Approaches, on the same weights and batch (gradient checkpointing on):
 A step is forward + backward of the summed completion log-probs. Every approach's log-probs
 are compared with the unpacked ones before it is timed; one that differs is not timed.
 Reports the median step time, tokens per second (the batch's [prompt; completion] row
-tokens, the same for every approach, so ratios of it are speedups), peak extra memory and
-the ideal token ratio (unpacked tokens / packed tokens: the speedup if time were linear in
+tokens, the same for every approach, so ratios of it are speedups), peak extra memory, on
+CUDA the GPU kernels' time in one profiled step (torch.profiler) and the rest of the median
+step, the time outside kernels (host work, launch gaps, syncs; the top kernels are printed),
+and the ideal token ratio (unpacked tokens / packed tokens: the speedup if time were linear in
 tokens). Models are built from Qwen2Config with random weights (nothing is downloaded):
 Qwen2.5-0.5B and 1.5B shapes in bf16 at P4096 S256 G8 on CUDA, a tiny one in fp32 on CPU.
 
@@ -113,6 +115,25 @@ def flex_completion_log_probs(model, layout, prompts, completions, flex):
     return layout.unpack_completions(token_log_probs(logits, input_ids[layout.completion_positions()]))
 
 
+def kernel_ms(step, device: torch.device, approach: str) -> float:
+    """The GPU kernels' total time in one ``step()`` (torch.profiler, CUDA activity; one
+    stream, so their sum is the time the GPU was busy), printing the costliest; nan off CUDA."""
+    if device.type != "cuda":
+        return math.nan
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    print(f"{approach}: costliest kernels of one step\n"
+          + events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70), flush=True)
+    busy_us = sum(e.self_device_time_total for e in events)
+    # No device events recorded (a profiler without CUDA support) is no measurement, not 0 ms.
+    return busy_us / 1e3 if busy_us > 0 else math.nan
+
+
 def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repeats) -> Iterator[dict]:
     """One row per approach on one config, each as soon as measured."""
     import transformers
@@ -143,7 +164,7 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
     unpacked_tokens, packed_tokens = layout.unpacked_tokens(), layout.total_tokens
     completion_tokens = sum(len(c) for c in completions)
 
-    def row(approach, diff=math.nan, grad_diff=math.nan, ms=math.nan, mib=math.nan, note=""):
+    def row(approach, diff=math.nan, grad_diff=math.nan, ms=math.nan, mib=math.nan, busy_ms=math.nan, note=""):
         if note:
             print(f"{name}, {approach}: {note}", flush=True)
         return {
@@ -153,7 +174,8 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
             "completion_tokens": completion_tokens, "ideal_token_ratio": f"{unpacked_tokens / packed_tokens:.2f}",
             "max_abs_logprob_diff_vs_unpacked": f"{diff:.2e}", "logprob_tolerance": f"{TOLERANCES[dtype]:.0e}",
             "max_rel_grad_diff_vs_unpacked": f"{grad_diff:.2e}", "step_ms": f"{ms:.1f}", **spread("step_ms", ms, 1),
-            "tokens_per_s": f"{unpacked_tokens / ms * 1e3:.0f}", "peak_extra_mib": f"{mib:.0f}", "note": note,
+            "tokens_per_s": f"{unpacked_tokens / ms * 1e3:.0f}", "peak_extra_mib": f"{mib:.0f}",
+            "kernel_ms": f"{busy_ms:.1f}", "outside_kernels_ms": f"{ms - busy_ms:.1f}", "note": note,
         }
 
     if flex_missing is not None:
@@ -180,7 +202,7 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
                                                       f"{TOLERANCES[dtype]:.0e}")
         else:
             yield row(approach, diff, grad_diff, measure_ms(step, device, *repeats, whole_steps=True),
-                      peak_extra_mib(step, device))
+                      peak_extra_mib(step, device), kernel_ms(step, device, approach))
         del grads
         owner.zero_grad(set_to_none=True)
 
@@ -204,6 +226,7 @@ def summary(rows) -> list[str]:
     lines = table_lines(rows, [
         ("config", -30, "config"), ("approach", -22, "approach"), ("step ms", 10, "step_ms"),
         ("tokens/s", 10, "tokens_per_s"), ("peak MiB", 10, "peak_extra_mib"),
+        ("kernels ms", 11, "kernel_ms"), ("outside ms", 11, "outside_kernels_ms"),
         ("ideal", 7, lambda r: f"{r['ideal_token_ratio']}x"), ("logp diff", 11, "max_abs_logprob_diff_vs_unpacked"),
         ("grad diff", 11, "max_rel_grad_diff_vs_unpacked"), ("  note", -6, lambda r: f"  {r['note']}")])
     return lines

@@ -7,7 +7,7 @@ the bundled ``ptxas -v`` then reports registers per thread and spill-store bytes
 what the default autotuning space is pruned by (see ``triton_common``); they say nothing of
 speed, which only a GPU run measures.
 
-    python scripts/sm90_kernel_report.py --out benchmarks/results/sm90_ptxas_cpu_2026-12-04/kernels.csv
+    python scripts/sm90_kernel_report.py --out benchmarks/results/sm90_ptxas_cpu_2026-12-04/kernels_triton3.6.csv
 
 Run it without TRITON_INTERPRET (the kernels must be real JIT functions).
 """
@@ -104,6 +104,37 @@ def cpu_name() -> str:
         return platform.machine()
 
 
+def plot_report(rows: list[dict], path: str) -> None:
+    """Spill-store bytes per config: one panel per kernel, bars per (warps, stages); ``rows``
+    as written to the CSV (or read back from it)."""
+    from prefix_grouper.trainers.metrics import pyplot_or_none
+
+    plt = pyplot_or_none(f"the plot {path}")
+    if plt is None:
+        return
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    variants = list(dict.fromkeys((r["num_warps"], r["num_stages"]) for r in rows))
+    fig, axes = plt.subplots(len(kernels), 1, figsize=(12, 3.2 * len(kernels)), squeeze=False)
+    width = 0.8 / len(variants)
+    for ax, kernel in zip(axes[:, 0], kernels):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        shapes = list(dict.fromkeys((r["head_dim"], r["tile"], r["inner_block"]) for r in mine))
+        for i, (warps, stages) in enumerate(variants):
+            spills = {(r["head_dim"], r["tile"], r["inner_block"]): int(r["spill_store_bytes"]) for r in mine
+                      if (r["num_warps"], r["num_stages"]) == (warps, stages)}
+            offset = (i - (len(variants) - 1) / 2) * width
+            ax.bar([x + offset for x, shape in enumerate(shapes) if shape in spills],
+                   [spills[shape] for shape in shapes if shape in spills], width,
+                   label=f"{warps} warps, {stages} stages")
+        ax.set_xticks(range(len(shapes)), [f"D{d}\n{t}x{i}" for d, t, i in shapes], fontsize=7)
+        ax.set_ylabel("spill-store bytes")
+        ax.set_title(f"{kernel}: head dim, tile x inner block (sm_90a, ptxas)", fontsize=9)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -117,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", type=parse_ints, default=[64, 128])
     parser.add_argument("--inner", type=parse_ints, default=[32, 64, 128])
     parser.add_argument("--warps", type=parse_ints, default=[4, 8])
-    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--stages", type=parse_ints, default=[2, 3])
     parser.add_argument("--out", required=True, help="CSV to write")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -133,28 +164,30 @@ def main(argv=None) -> int:
 
     kernels = {"fwd": prefix_attention_fwd_kernel, "dq": prefix_attention_dq_kernel,
                "dkdv": prefix_attention_dkdv_kernel}
-    cases = [case for case in itertools.product(kernels, args.head_dims, args.tiles, args.inner, args.warps)
-             if case[3] <= case[2]]
+    cases = [case for case in itertools.product(kernels, args.head_dims, args.tiles, args.inner, args.warps,
+                                                args.stages) if case[3] <= case[2]]
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     fields = ["kernel", "head_dim", "tile", "inner_block", "num_warps", "num_stages", "registers",
               "spill_store_bytes", "shared_bytes", "compile_s", "target", "triton", "cpu", "commit", "utc"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    rows = []
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        for name, head_dim, tile, inner, warps in tqdm(cases, desc="compiling for sm_90a", unit="config"):
+        for name, head_dim, tile, inner, warps, stages in tqdm(cases, desc="compiling for sm_90a", unit="config"):
             start = time.perf_counter()
-            compiled = compile_sm90(kernels[name], kernel_constants(name, head_dim, tile, inner), warps, args.stages)
+            compiled = compile_sm90(kernels[name], kernel_constants(name, head_dim, tile, inner), warps, stages)
             compile_s = time.perf_counter() - start
             registers, spills = ptxas_report(compiled.asm["ptx"])
-            writer.writerow(dict(kernel=name, head_dim=head_dim, tile=tile, inner_block=inner, num_warps=warps,
-                                 num_stages=args.stages, registers=registers, spill_store_bytes=spills,
-                                 shared_bytes=compiled.metadata.shared, compile_s=f"{compile_s:.2f}",
-                                 target="sm_90a", triton=triton.__version__, cpu=cpu_name(),
-                                 commit=commit, utc=stamp))
+            rows.append(dict(kernel=name, head_dim=head_dim, tile=tile, inner_block=inner, num_warps=warps,
+                             num_stages=stages, registers=registers, spill_store_bytes=spills,
+                             shared_bytes=compiled.metadata.shared, compile_s=f"{compile_s:.2f}",
+                             target="sm_90a", triton=triton.__version__, cpu=cpu_name(), commit=commit, utc=stamp))
+            writer.writerow(rows[-1])
             handle.flush()
-    print(f"wrote {args.out} ({len(cases)} configs)")
+    plot_report(rows, os.path.splitext(args.out)[0] + ".png")
+    print(f"wrote {args.out} and its .png ({len(cases)} configs)")
     return 0
 
 

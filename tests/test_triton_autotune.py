@@ -1,10 +1,15 @@
 """The Triton kernels' autotuning: the register-budget candidates by default, the whole sweep
 on request, one fixed config with no sweep when it is off."""
+import os
+
 import pytest
 
 pytest.importorskip("triton")
 
 from prefix_grouper.attention import triton_common  # noqa: E402
+from prefix_grouper.attention.triton_bwd import (  # noqa: E402
+    _prefix_attention_dkdv_tuned, _prefix_attention_dq_tuned, prefix_attention_dkdv_kernel,
+)
 from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_tuned, prefix_attention_fwd_kernel  # noqa: E402
 
 
@@ -18,6 +23,15 @@ def test_off_mode_builds_the_quick_candidates(monkeypatch):
     # The tuned kernels still exist when tuning is off (launchable just does not use them).
     monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
     assert triton_common.autotune_space() == ((32, 64, 128), (8,), (3,))
+
+
+@pytest.mark.skipif(os.environ.get(triton_common.AUTOTUNE_ENV) == "full", reason="built with the full sweep")
+def test_each_kernel_tries_its_own_stages():
+    # The kernels were built at import, from the quick space ("off" builds it too).
+    assert {c.num_stages for c in _prefix_attention_fwd_tuned.configs} == {3}
+    assert {c.num_stages for c in _prefix_attention_dq_tuned.configs} == {3}
+    assert {c.num_stages for c in _prefix_attention_dkdv_tuned.configs} == {2, 3}
+    assert triton_common.autotune_space((2, 3)) == ((32, 64, 128), (8,), (2, 3))
 
 
 def test_full_space_on_request(monkeypatch):
@@ -63,6 +77,9 @@ def test_off_mode_launches_the_plain_kernel_with_fixed_options(monkeypatch):
                                              128, 128)
     assert kernel is prefix_attention_fwd_kernel
     assert fixed == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    kernel, fixed = triton_common.launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
+                                             256, 64, fixed_stages=2)
+    assert fixed == {"BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
     monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "quick")
     assert triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
                                     128, 128) == (_prefix_attention_fwd_tuned, {})

@@ -117,23 +117,23 @@ INTERPRETER_INNER_BLOCK = 16
 # process's first bf16 forward+backward of one shape without finishing it: 24 configs per
 # kernel and key, each compiled and benchmarked, times 3 kernels. ptxas's reports for
 # sm_90a (``scripts/sm90_kernel_report.py``, compiled on a CPU without a GPU; results in
-# benchmarks/results/sm90_ptxas_cpu_2026-12-04/) show every 4-warp config spilling more
-# registers than its 8-warp twin (at head dim 128, 4-40x more), and spills growing with the
-# inner block times the head dim; those configs also compile slowest (up to 17 s each on
-# that CPU). So by default ("quick") each kernel tries only 8 warps, 3 stages and the inner
-# blocks of at most INNER_TILE_ELEMENTS / HEAD_DIM_PAD rows (head dim 128: 32 and 64; 64:
-# 32, 64 and 128; 256: 32), and tuned choices are cached on disk by triton (cache_results),
-# so later processes skip the sweep. "full" restores the whole sweep, unpruned, to check on
-# a GPU that nothing faster was pruned; "off" launches one fixed config per kernel with no
-# benchmarking (correctness runs, where a sweep costs minutes of compiling).
+# benchmarks/results/sm90_ptxas_cpu_2026-12-04/) show 4-warp configs spilling more registers
+# than their 8-warp twins, spills growing with the inner block times the head dim, and the
+# dK/dV kernel spilling less with 2 pipeline stages than with 3 (the forward and dQ do not
+# change); the spilling configs also compile slowest. So by default ("quick") each kernel
+# tries only 8 warps, its own stages (dK/dV 2 and 3, the others 3) and the inner blocks of
+# at most INNER_TILE_ELEMENTS / HEAD_DIM_PAD rows (head dim 128: 32 and 64; 64: 32, 64 and
+# 128; 256: 32), and tuned choices are cached on disk by triton (cache_results), so later
+# processes skip the sweep. "full" restores the whole sweep, unpruned, to check on a GPU
+# that nothing faster was pruned; "off" launches one fixed config per kernel (8 warps,
+# :func:`fixed_inner_block`, dK/dV 2 stages, the others 3) with no benchmarking, for
+# correctness runs, where a sweep costs minutes of compiling.
 AUTOTUNE_ENV = "PREFIX_GROUPER_AUTOTUNE"
-_AUTOTUNE_SPACES = {
-    "quick": ((32, 64, 128), (8,), (3,)),
-    "full": ((16, 32, 64, 128), (4, 8), (2, 3, 4)),
-}
+QUICK_INNER_BLOCKS = (32, 64, 128)
+QUICK_WARPS = 8
+FULL_SPACE = ((16, 32, 64, 128), (4, 8), (2, 3, 4))
 AUTOTUNE_MODES = ("quick", "full", "off")
 INNER_TILE_ELEMENTS = 8192
-FIXED_CONFIG = {"num_warps": 8, "num_stages": 3}  # the "off" mode's launch options
 
 
 def autotune_mode() -> str:
@@ -144,10 +144,13 @@ def autotune_mode() -> str:
     return mode
 
 
-def autotune_space() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(inner block sizes, warps, stages)`` the autotuned kernels are built with (read when
-    they are defined, at import): the "full" sweep or the "quick" candidates."""
-    return _AUTOTUNE_SPACES["full" if autotune_mode() == "full" else "quick"]
+def autotune_space(quick_stages: tuple[int, ...] = (3,)) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(inner block sizes, warps, stages)`` an autotuned kernel is built with (read when it
+    is defined, at import): the "full" sweep, or the "quick" candidates with the kernel's
+    ``quick_stages``."""
+    if autotune_mode() == "full":
+        return FULL_SPACE
+    return QUICK_INNER_BLOCKS, (QUICK_WARPS,), quick_stages
 
 
 def fits_register_budget(inner: int, head_dim_pad: int) -> bool:
@@ -184,11 +187,13 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, ...] = ()):
+def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, ...] = (),
+                         quick_stages: tuple[int, ...] = (3,)):
     """``kernel`` autotuned over its inner block ``inner``, a divisor of the schedule's tile
     (kernel argument ``tile``), per head dim, tile size and ``extra_keys`` arguments (and,
-    as triton always does, per tensor dtype)."""
-    sizes, warps_options, stages_options = autotune_space()
+    as triton always does, per tensor dtype); ``quick_stages``: its pipeline depths in the
+    default space."""
+    sizes, warps_options, stages_options = autotune_space(quick_stages)
     prune_to_budget = autotune_mode() != "full"
 
     def kept_configs(configs, named_args, **kwargs):
@@ -210,14 +215,16 @@ def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, .
                            prune_configs_by={"early_config_prune": kept_configs})(kernel)
 
 
-def launchable(kernel, tuned, inner: str, head_dim_pad: int, tile: int):
+def launchable(kernel, tuned, inner: str, head_dim_pad: int, tile: int, fixed_stages: int = 3):
     """``(kernel to launch, its fixed meta-arguments)``: the autotuned kernel on a GPU; the
-    plain one with a fixed inner block under the interpreter (nothing to tune there) or
-    when ``$PREFIX_GROUPER_AUTOTUNE`` is "off" (``tile``: the kernel's tile argument)."""
+    plain one with a fixed inner block under the interpreter (nothing to tune there) or,
+    when ``$PREFIX_GROUPER_AUTOTUNE`` is "off", with :func:`fixed_inner_block` (``tile``: the
+    kernel's tile argument), 8 warps and ``fixed_stages``."""
     if triton_interpreted():
         return kernel, {inner: INTERPRETER_INNER_BLOCK}
     if autotune_mode() == "off":
-        return kernel, {inner: fixed_inner_block(head_dim_pad, tile), **FIXED_CONFIG}
+        return kernel, {inner: fixed_inner_block(head_dim_pad, tile), "num_warps": QUICK_WARPS,
+                        "num_stages": fixed_stages}
     return tuned, {}
 
 

@@ -45,6 +45,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, record its time an
 }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# What ran: the results are only worth committing from a clean commit (a session snapshots one
+# with `git clone . .snap` and carries .snap, wheels copied into .snap/.whl).
+echo "commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown), $(git status --porcelain 2>/dev/null | wc -l) changed files"
 # The device image has no trl (nor datasets, dill, multiprocess) and no liger-kernel, and cannot
 # download: a session carries them as wheels in .whl/ (see the device tool's README).
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -1,9 +1,10 @@
 """GPU correctness probe of the Triton attention (bf16), run by scripts/gpu_check.sh.
 
 For random ragged GQA layouts and random prefix trees (``GroupLayout.from_sequences``), with
-and without a sliding window, a logit softcap and attention sinks, it compares the Triton backend's bf16 outputs and gradients (q, k, v, sinks)
-with the float64 reference, against PyTorch's own bf16 error: eager attention (bf16 matmuls,
-float32 softmax, as transformers' eager path computes) on the same inputs. The pass bound is
+and without a sliding window, a logit softcap and attention sinks, it compares the Triton
+backend's bf16 outputs and gradients (q, k, v, sinks) with the float64 reference, against
+PyTorch's own bf16 error: eager attention (bf16 matmuls, float32 softmax, as transformers'
+eager path computes) on the same inputs. The pass bound is
 error(Triton) <= 2 x error(PyTorch bf16) + 1e-3 (the additive floor keeps near-zero eager
 errors, e.g. of a one-token row, from making the bound vacuous-tight). It also checks bitwise
 repeatability of two identical calls and that forward and backward never synchronize with

@@ -57,15 +57,15 @@ def jit_function(kernel):
     return kernel
 
 
-def compile_sm90(kernel, constants: dict, num_warps: int, num_stages: int):
-    """``kernel`` compiled for sm_90 (bf16 tensors) with ``constants`` as constexprs."""
+def compile_sm90(kernel, constants: dict, num_warps: int, num_stages: int, dtype: str = "bf16"):
+    """``kernel`` compiled for sm_90 (``dtype`` tensors) with ``constants`` as constexprs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = jit_function(kernel)
     constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
-    source = ASTSource(fn=kernel, signature=kernel_signature(kernel, constants), constexprs=constants)
+    source = ASTSource(fn=kernel, signature=kernel_signature(kernel, constants, dtype), constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -87,9 +87,9 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1)) if spills else 0
 
 
-def kernel_constants(name: str, head_dim: int, tile: int, inner: int) -> dict:
+def kernel_constants(name: str, head_dim: int, tile: int, inner: int, precision: str = "tf32") -> dict:
     """The constexprs of one kernel's plain (no window, softcap or sinks) MHA launch."""
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, CHECK_DIMS=False, DOT_PRECISION="tf32",
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, CHECK_DIMS=False, DOT_PRECISION=precision,
                   HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_SINKS=False)
     if name == "dkdv":  # key tile BLOCK_N, inner query block BLOCK_M
         return dict(common, BLOCK_N=tile, BLOCK_M=inner)
@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--inner", type=parse_ints, default=[32, 64, 128])
     parser.add_argument("--warps", type=parse_ints, default=[4, 8])
     parser.add_argument("--stages", type=parse_ints, default=[2, 3])
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp32-ieee"], default="bf16",
+                        help="tensor dtype; fp32 dots use TF32 unless fp32-ieee (torch's default precision)")
     parser.add_argument("--out", required=True, help="CSV to write")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -168,8 +170,9 @@ def main(argv=None) -> int:
                                                 args.stages) if case[3] <= case[2]]
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    fields = ["kernel", "head_dim", "tile", "inner_block", "num_warps", "num_stages", "registers",
-              "spill_store_bytes", "shared_bytes", "compile_s", "target", "triton", "cpu", "commit", "utc"]
+    dtype, precision = ("fp32", "ieee") if args.dtype == "fp32-ieee" else (args.dtype, "tf32")
+    fields = ["kernel", "dtype", "dot_precision", "head_dim", "tile", "inner_block", "num_warps", "num_stages",
+              "registers", "spill_store_bytes", "shared_bytes", "compile_s", "target", "triton", "cpu", "commit", "utc"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rows = []
     with open(args.out, "w", newline="") as handle:
@@ -177,11 +180,13 @@ def main(argv=None) -> int:
         writer.writeheader()
         for name, head_dim, tile, inner, warps, stages in tqdm(cases, desc="compiling for sm_90a", unit="config"):
             start = time.perf_counter()
-            compiled = compile_sm90(kernels[name], kernel_constants(name, head_dim, tile, inner), warps, stages)
+            compiled = compile_sm90(kernels[name], kernel_constants(name, head_dim, tile, inner, precision), warps,
+                                    stages, dtype)
             compile_s = time.perf_counter() - start
             registers, spills = ptxas_report(compiled.asm["ptx"])
-            rows.append(dict(kernel=name, head_dim=head_dim, tile=tile, inner_block=inner, num_warps=warps,
-                             num_stages=stages, registers=registers, spill_store_bytes=spills,
+            rows.append(dict(kernel=name, dtype=dtype, dot_precision=precision, head_dim=head_dim, tile=tile,
+                             inner_block=inner, num_warps=warps, num_stages=stages, registers=registers,
+                             spill_store_bytes=spills,
                              shared_bytes=compiled.metadata.shared, compile_s=f"{compile_s:.2f}",
                              target="sm_90a", triton=triton.__version__, cpu=cpu_name(), commit=commit, utc=stamp))
             writer.writerow(rows[-1])

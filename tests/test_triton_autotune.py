@@ -46,27 +46,31 @@ def test_unknown_mode_names_the_variable(monkeypatch):
         triton_common.autotune_mode()
 
 
-@pytest.mark.parametrize("tile, head_dim_pad, expected", [
-    (128, 128, {32, 64}),  # 128 * 128 is over the register budget
-    (128, 64, {32, 64, 128}),
-    (128, 256, {32}),
-    (64, 128, {32, 64}),
-    (32, 128, {32}),
-    (16, 128, {16}),  # a tile shorter than every candidate gets itself
-    (64, 512, {16}),  # nothing inside the budget: the smallest dividing block
+@pytest.mark.parametrize("tile, head_dim_pad, precision, expected", [
+    (128, 128, "tf32", {32, 64}),  # 128 * 128 is over the register budget
+    (128, 64, "tf32", {32, 64, 128}),
+    (128, 256, "tf32", {32}),
+    (64, 128, "tf32", {32, 64}),
+    (32, 128, "tf32", {32}),
+    (16, 128, "tf32", {16}),  # a tile shorter than every candidate gets itself
+    (64, 512, "tf32", {16}),  # nothing inside the budget: the smallest dividing block
+    (64, 64, "ieee", {32}),  # fp32 FMA dots: a quarter of the budget
+    (32, 128, "ieee", {16}),
 ])
-def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head_dim_pad, expected):
+def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head_dim_pad, precision, expected):
     # The forward's inner block is BLOCK_N; its tile argument is BLOCK_M.
     prune = _prefix_attention_fwd_tuned.early_config_prune
-    kept = prune(_prefix_attention_fwd_tuned.configs, {"BLOCK_M": tile, "HEAD_DIM_PAD": head_dim_pad})
+    kept = prune(_prefix_attention_fwd_tuned.configs, {"BLOCK_M": tile, "HEAD_DIM_PAD": head_dim_pad,
+                                                       "DOT_PRECISION": precision})
     assert {c.kwargs["BLOCK_N"] for c in kept} == expected
     assert all(c.num_warps == 8 and c.num_stages == 3 for c in kept)
 
 
-@pytest.mark.parametrize("head_dim_pad, tile, expected", [(128, 128, 64), (64, 128, 64), (256, 64, 32),
-                                                          (16, 128, 64), (128, 32, 32)])
-def test_fixed_inner_block_divides_the_tile_within_the_budget(head_dim_pad, tile, expected):
-    inner = triton_common.fixed_inner_block(head_dim_pad, tile)
+@pytest.mark.parametrize("head_dim_pad, tile, precision, expected", [
+    (128, 128, "tf32", 64), (64, 128, "tf32", 64), (256, 64, "tf32", 32), (16, 128, "tf32", 64), (128, 32, "tf32", 32),
+    (64, 64, "ieee", 32), (128, 32, "ieee", 16), (256, 16, "ieee", 16)])
+def test_fixed_inner_block_divides_the_tile_within_the_budget(head_dim_pad, tile, precision, expected):
+    inner = triton_common.fixed_inner_block(head_dim_pad, tile, precision)
     assert inner == expected and tile % inner == 0
 
 
@@ -74,12 +78,25 @@ def test_off_mode_launches_the_plain_kernel_with_fixed_options(monkeypatch):
     monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
     monkeypatch.setattr(triton_common, "triton_interpreted", lambda: False)
     kernel, fixed = triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
-                                             128, 128)
+                                             128, 128, "tf32")
     assert kernel is prefix_attention_fwd_kernel
     assert fixed == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     kernel, fixed = triton_common.launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
-                                             256, 64, fixed_stages=2)
+                                             256, 64, "tf32", fixed_stages=2)
     assert fixed == {"BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
     monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "quick")
     assert triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
-                                    128, 128) == (_prefix_attention_fwd_tuned, {})
+                                    128, 128, "tf32") == (_prefix_attention_fwd_tuned, {})
+
+
+@pytest.mark.parametrize("head_dim, dtype, tf32, expected", [
+    (128, "bfloat16", False, 128), (64, "float32", True, 128), (64, "float32", False, 64),
+    (128, "float32", False, 32), (256, "float32", False, 16), (256, "float16", False, 64), (80, "float16", False, 128)])
+def test_gpu_tiles_narrow_with_row_width_and_fp32_fma_dots(monkeypatch, head_dim, dtype, tf32, expected):
+    import torch
+
+    from prefix_grouper.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(triton_backend, "dot_precision", lambda dt: "tf32" if tf32 or dt != torch.float32 else "ieee")
+    assert triton_backend._tile_sizes(head_dim, getattr(torch, dtype)) == (expected, expected)

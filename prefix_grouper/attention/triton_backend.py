@@ -49,7 +49,7 @@ from ..runtime import device_guard, triton_interpreted
 from .triton_bwd import launch_backward
 from .triton_common import (
     ANCESTOR_RUN_COLUMNS, KEY_TILE_COLUMNS, QUERY_TILE_COLUMNS, SPLIT_KEY_TILE_COLUMNS, HeadPacking, ScoreFeatures,
-    head_packing, padded_head_dim,
+    dot_precision, head_packing, padded_head_dim,
 )
 from .triton_fwd import launch_forward
 from .triton_schedule import dkdv_chunk_rows, key_tile_rows, query_tile_rows
@@ -69,12 +69,15 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     only the inner block, a divisor of these.
 
     Wide rows (fp32, large head dims) get shorter tiles so a tile's Q, accumulators and
-    the K/V pipeline stages fit in registers and shared memory.
+    the K/V pipeline stages fit in registers and shared memory; fp32 without TF32 ("ieee"
+    dots, FMA loops over register operands) counts its rows twice as wide: at 128 rows and
+    head dim 64, ptxas spilled over 100 KB per thread for sm_90a, and each kernel took over
+    a minute to compile (scripts/sm90_kernel_report.py's method).
     """
     if triton_interpreted():
         return _INTERPRETER_TILE, _INTERPRETER_TILE
-    row_bytes = padded_head_dim(head_dim) * dtype.itemsize
-    tile = 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32
+    row_bytes = padded_head_dim(head_dim) * dtype.itemsize * (2 if dot_precision(dtype) == "ieee" else 1)
+    tile = 128 if row_bytes <= 256 else 64 if row_bytes <= 512 else 32 if row_bytes <= 1024 else 16
     return tile, tile
 
 

@@ -338,9 +338,9 @@ def launch_backward(
         torch.empty((num_partial_slots, num_kv_heads, kv_tile_size, head_dim), dtype=torch.float32,
                     device=q.device) for _ in range(2))
     dq_kernel, dq_fixed = launchable(prefix_attention_dq_kernel, _prefix_attention_dq_tuned, "BLOCK_N",
-                                     head_dim_pad, packing.block_m)
+                                     head_dim_pad, packing.block_m, precision)
     dkdv_kernel, dkdv_fixed = launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
-                                         head_dim_pad, kv_tile_size, fixed_stages=2)
+                                         head_dim_pad, kv_tile_size, precision, fixed_stages=2)
 
     dq_kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, dout, lse_by_head, delta, dq, q_tiles, runs,

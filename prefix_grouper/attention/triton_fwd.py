@@ -105,8 +105,9 @@ def launch_forward(
     head_dim_pad = padded_head_dim(head_dim)
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    precision = dot_precision(q.dtype)
     kernel, fixed = launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N", head_dim_pad,
-                               packing.block_m)
+                               packing.block_m, precision)
     score_scale, softcap_log2 = features.score_scales(softmax_scale)
     kernel[(q_tiles.shape[0] * (num_q_heads // packing.heads_per_program),)](
         q, k, v, lse if features.sinks is None else features.sinks,  # sinks not read without HAS_SINKS
@@ -116,7 +117,7 @@ def launch_forward(
         num_q_heads, num_q_heads // k.shape[1], score_scale, softcap_log2, features.window_or_zero,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CHECK_DIMS=head_dim != head_dim_pad,
         BLOCK_M=packing.block_m, TILE_TOKENS=packing.tile_tokens,
-        HEADS_PER_PROGRAM=packing.heads_per_program, DOT_PRECISION=dot_precision(q.dtype),
+        HEADS_PER_PROGRAM=packing.heads_per_program, DOT_PRECISION=precision,
         HAS_SINKS=features.sinks is not None, **features.switches(), **fixed,
     )
     return out, lse

@@ -4,7 +4,7 @@ configurations on Hopper (sm_90a), measured on any machine: no GPU is needed.
 Each kernel (forward, dQ, dK/dV) is compiled with ``triton.compile`` for
 ``GPUTarget("cuda", 90, 32)`` at every requested head dim, tile, inner block and warp count;
 the bundled ``ptxas -v`` then reports registers per thread and spill-store bytes. These are
-what the default autotuning space is pruned by (see ``triton_common``); they say nothing of
+what the default autotuning space is pruned by (see ``triton_autotune``); they say nothing of
 speed, which only a GPU run measures.
 
     python scripts/sm90_kernel_report.py --out benchmarks/results/sm90_ptxas_cpu_2026-12-04/kernels_triton3.6.csv

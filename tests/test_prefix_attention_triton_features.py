@@ -21,7 +21,8 @@ from prefix_grouper.attention import triton_fwd  # noqa: E402
 from prefix_grouper.attention.triton_backend import (  # noqa: E402
     _tile_sizes, key_tile_rows, query_tile_rows, triton_prefix_attention,
 )
-from prefix_grouper.attention.triton_common import INTERPRETER_INNER_BLOCK, head_packing  # noqa: E402
+from prefix_grouper.attention.triton_autotune import INTERPRETER_INNER_BLOCK  # noqa: E402
+from prefix_grouper.attention.triton_common import head_packing  # noqa: E402
 from prefix_grouper.runtime import triton_interpreted, triton_unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

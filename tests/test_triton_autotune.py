@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from prefix_grouper.attention import triton_common  # noqa: E402
+from prefix_grouper.attention import triton_autotune  # noqa: E402
 from prefix_grouper.attention.triton_bwd import (  # noqa: E402
     _prefix_attention_dkdv_tuned, _prefix_attention_dq_tuned, prefix_attention_dkdv_kernel,
 )
@@ -14,36 +14,36 @@ from prefix_grouper.attention.triton_fwd import _prefix_attention_fwd_tuned, pre
 
 
 def test_default_space_is_eight_warp_candidates(monkeypatch):
-    monkeypatch.delenv(triton_common.AUTOTUNE_ENV, raising=False)
-    assert triton_common.autotune_mode() == "quick"
-    assert triton_common.autotune_space() == ((32, 64, 128), (8,), (3,))
+    monkeypatch.delenv(triton_autotune.AUTOTUNE_ENV, raising=False)
+    assert triton_autotune.autotune_mode() == "quick"
+    assert triton_autotune.autotune_space() == ((32, 64, 128), (8,), (3,))
 
 
 def test_off_mode_builds_the_quick_candidates(monkeypatch):
     # The tuned kernels still exist when tuning is off (launchable just does not use them).
-    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
-    assert triton_common.autotune_space() == ((32, 64, 128), (8,), (3,))
+    monkeypatch.setenv(triton_autotune.AUTOTUNE_ENV, "off")
+    assert triton_autotune.autotune_space() == ((32, 64, 128), (8,), (3,))
 
 
-@pytest.mark.skipif(os.environ.get(triton_common.AUTOTUNE_ENV) == "full", reason="built with the full sweep")
+@pytest.mark.skipif(os.environ.get(triton_autotune.AUTOTUNE_ENV) == "full", reason="built with the full sweep")
 def test_each_kernel_tries_its_own_stages():
     # The kernels were built at import, from the quick space ("off" builds it too).
     assert {c.num_stages for c in _prefix_attention_fwd_tuned.configs} == {3}
     assert {c.num_stages for c in _prefix_attention_dq_tuned.configs} == {3}
     assert {c.num_stages for c in _prefix_attention_dkdv_tuned.configs} == {2, 3}
-    assert triton_common.autotune_space((2, 3)) == ((32, 64, 128), (8,), (2, 3))
+    assert triton_autotune.autotune_space((2, 3)) == ((32, 64, 128), (8,), (2, 3))
 
 
 def test_full_space_on_request(monkeypatch):
-    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "full")
-    sizes, warps, stages = triton_common.autotune_space()
+    monkeypatch.setenv(triton_autotune.AUTOTUNE_ENV, "full")
+    sizes, warps, stages = triton_autotune.autotune_space()
     assert len(sizes) * len(warps) * len(stages) == 24
 
 
 def test_unknown_mode_names_the_variable(monkeypatch):
-    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "fast")
+    monkeypatch.setenv(triton_autotune.AUTOTUNE_ENV, "fast")
     with pytest.raises(ValueError, match="PREFIX_GROUPER_AUTOTUNE"):
-        triton_common.autotune_mode()
+        triton_autotune.autotune_mode()
 
 
 @pytest.mark.parametrize("tile, head_dim_pad, precision, expected", [
@@ -70,22 +70,22 @@ def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head
     (128, 128, "tf32", 64), (64, 128, "tf32", 64), (256, 64, "tf32", 32), (16, 128, "tf32", 64), (128, 32, "tf32", 32),
     (64, 64, "ieee", 32), (128, 32, "ieee", 16), (256, 16, "ieee", 16)])
 def test_fixed_inner_block_divides_the_tile_within_the_budget(head_dim_pad, tile, precision, expected):
-    inner = triton_common.fixed_inner_block(head_dim_pad, tile, precision)
+    inner = triton_autotune.fixed_inner_block(head_dim_pad, tile, precision)
     assert inner == expected and tile % inner == 0
 
 
 def test_off_mode_launches_the_plain_kernel_with_fixed_options(monkeypatch):
-    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "off")
-    monkeypatch.setattr(triton_common, "triton_interpreted", lambda: False)
-    kernel, fixed = triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
+    monkeypatch.setenv(triton_autotune.AUTOTUNE_ENV, "off")
+    monkeypatch.setattr(triton_autotune, "triton_interpreted", lambda: False)
+    kernel, fixed = triton_autotune.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
                                              128, 128, "tf32")
     assert kernel is prefix_attention_fwd_kernel
     assert fixed == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    kernel, fixed = triton_common.launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
+    kernel, fixed = triton_autotune.launchable(prefix_attention_dkdv_kernel, _prefix_attention_dkdv_tuned, "BLOCK_M",
                                              256, 64, "tf32", fixed_stages=2)
     assert fixed == {"BLOCK_M": 32, "num_warps": 8, "num_stages": 2}
-    monkeypatch.setenv(triton_common.AUTOTUNE_ENV, "quick")
-    assert triton_common.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
+    monkeypatch.setenv(triton_autotune.AUTOTUNE_ENV, "quick")
+    assert triton_autotune.launchable(prefix_attention_fwd_kernel, _prefix_attention_fwd_tuned, "BLOCK_N",
                                     128, 128, "tf32") == (_prefix_attention_fwd_tuned, {})
 
 

@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune_inner_block, launchable
 from .triton_common import (
-    BOUND_MASK, CAUSAL_MASK, FEATURE_SWITCHES, LOG2E, NO_MASK, HeadPacking, ScoreFeatures, autotune_inner_block,
-    dot_precision, key_block_scores, launchable, load_key_tile, load_row_pair, load_split_key_tile, load_tile,
-    padded_head_dim, query_tile_prologue, walk_key_runs,
+    BOUND_MASK, CAUSAL_MASK, FEATURE_SWITCHES, LOG2E, NO_MASK, HeadPacking, ScoreFeatures, dot_precision,
+    key_block_scores, load_key_tile, load_row_pair, load_split_key_tile, load_tile, padded_head_dim,
+    query_tile_prologue, walk_key_runs,
 )
 from .triton_features import softcapped_scores
 

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_autotune import autotune_inner_block, launchable
 from .triton_common import (
-    FEATURE_SWITCHES, LN2, LOG2E, HeadPacking, ScoreFeatures, autotune_inner_block, dot_precision,
-    key_block_scores, launchable, padded_head_dim, query_tile_prologue, walk_key_runs,
+    FEATURE_SWITCHES, LN2, LOG2E, HeadPacking, ScoreFeatures, dot_precision, key_block_scores, padded_head_dim,
+    query_tile_prologue, walk_key_runs,
 )
 
 

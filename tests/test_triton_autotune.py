@@ -54,8 +54,9 @@ def test_unknown_mode_names_the_variable(monkeypatch):
     (32, 128, "tf32", {32}),
     (16, 128, "tf32", {16}),  # a tile shorter than every candidate gets itself
     (64, 512, "tf32", {16}),  # nothing inside the budget: the smallest dividing block
-    (64, 64, "ieee", {32}),  # fp32 FMA dots: a quarter of the budget
+    (64, 64, "ieee", {16}),  # fp32 FMA dots: an eighth of the budget
     (32, 128, "ieee", {16}),
+    (128, 32, "ieee", {32}),
 ])
 def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head_dim_pad, precision, expected):
     # The forward's inner block is BLOCK_N; its tile argument is BLOCK_M.
@@ -68,7 +69,7 @@ def test_pruning_keeps_dividing_candidates_inside_the_register_budget(tile, head
 
 @pytest.mark.parametrize("head_dim_pad, tile, precision, expected", [
     (128, 128, "tf32", 64), (64, 128, "tf32", 64), (256, 64, "tf32", 32), (16, 128, "tf32", 64), (128, 32, "tf32", 32),
-    (64, 64, "ieee", 32), (128, 32, "ieee", 16), (256, 16, "ieee", 16)])
+    (64, 64, "ieee", 16), (128, 32, "ieee", 16), (32, 128, "ieee", 32), (256, 16, "ieee", 16)])
 def test_fixed_inner_block_divides_the_tile_within_the_budget(head_dim_pad, tile, precision, expected):
     inner = triton_autotune.fixed_inner_block(head_dim_pad, tile, precision)
     assert inner == expected and tile % inner == 0

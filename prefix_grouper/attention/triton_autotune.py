@@ -57,9 +57,10 @@ def autotune_space(quick_stages: tuple[int, ...] = (3,)) -> tuple[tuple[int, ...
 def inner_tile_elements(precision: str) -> int:
     """The register budget of an inner block, in rows times padded head dim: tensor-core dots
     (bf16, fp16, tf32) keep their operands in shared memory; fp32 "ieee" dots are FMA loops
-    over register operands, and ptxas spilled tens of KB per thread (or gave up at 32
-    registers) beyond a quarter of the budget."""
-    return INNER_TILE_ELEMENTS if precision != "ieee" else INNER_TILE_ELEMENTS // 4
+    over register operands: at head dims 64 and 128, on their fp32 tiles, only 16-row inner
+    blocks kept every kernel's spills under 200 bytes (kernels_fp32_ieee_triton3.6.csv in
+    benchmarks/results/sm90_ptxas_cpu_2026-12-04/), hence an eighth."""
+    return INNER_TILE_ELEMENTS if precision != "ieee" else INNER_TILE_ELEMENTS // 8
 
 
 def fits_register_budget(inner: int, head_dim_pad: int, precision: str) -> bool:

@@ -70,9 +70,9 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
     Wide rows (fp32, large head dims) get shorter tiles so a tile's Q, accumulators and
     the K/V pipeline stages fit in registers and shared memory; fp32 without TF32 ("ieee"
-    dots, FMA loops over register operands) counts its rows twice as wide: at 128 rows and
-    head dim 64, ptxas spilled over 100 KB per thread for sm_90a, and each kernel took over
-    a minute to compile (scripts/sm90_kernel_report.py's method).
+    dots, FMA loops over register operands) counts its rows twice as wide: with 128-row
+    tiles ptxas spilled up to 75 KB per thread at head dim 64 and 115 KB at 128 for sm_90a
+    (benchmarks/results/sm90_ptxas_cpu_2026-12-04/kernels_fp32_ieee_triton3.6.csv).
     """
     if triton_interpreted():
         return _INTERPRETER_TILE, _INTERPRETER_TILE

@@ -3,7 +3,8 @@
 CI runs the kernels through the interpreter, which accepts code the GPU compiler rejects
 (type changes across loop iterations, layouts tl.dot cannot take); compiling the bf16
 head-dim-128 specialization of every kernel, plain and with the window, softcap and sinks
-switched on, catches those, and the matmul kernels must use Hopper's wgmma. Runs in a subprocess because
+switched on (and the fp32 forward and dK/dV without TF32 at their tiles), catches those,
+and the bf16 matmul kernels must use Hopper's wgmma. Runs in a subprocess because
 compiling needs triton imported without TRITON_INTERPRET.
 """
 from pathlib import Path
@@ -45,6 +46,14 @@ for kernel, constants in [
     if jit_function(kernel).fn.__name__ not in ("delta_kernel", "dkdv_reduce_kernel"):  # those have no matmul
         # Hopper's asynchronous warpgroup MMA, not the Ampere mma.sync path.
         assert "wgmma.mma_async" in ptx, (kernel, constants)
+# fp32 without TF32 at its GPU tiles (head dim 64: 64-row tiles, 16-row inner blocks): FMA
+# dots, no wgmma.
+fp32 = dict(HEAD_DIM=64, HEAD_DIM_PAD=64, CHECK_DIMS=False, DOT_PRECISION="ieee", **plain)
+for kernel, constants in [
+    (prefix_attention_fwd_kernel, dict(fp32, BLOCK_M=64, TILE_TOKENS=64, HEADS_PER_PROGRAM=1, BLOCK_N=16)),
+    (prefix_attention_dkdv_kernel, dict(fp32, BLOCK_M=16, BLOCK_N=64)),
+]:
+    assert "ld.global" in compile_sm90(kernel, constants, num_warps=8, num_stages=2, dtype="fp32").asm["ptx"]
 print("compiled")
 """
 

@@ -335,3 +335,15 @@ def test_bf16_flash_attention_rule(head_dim):
     again = _grads(triton_fn, q, k, v, out_weight, lse_weight)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
+
+def test_fake_tensors_take_the_op_and_its_fake():
+    """Outside torch.compile, FakeTensor inputs (shape propagation, memory planning) still
+    reach the custom op's fake, never the kernels."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layout = _layout(RAGGED)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q, k, v = (mode.from_tensor(x) for x in _inputs(layout, 4, 2, 16, seed=4))
+        out, lse = prefix_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32

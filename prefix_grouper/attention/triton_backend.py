@@ -283,6 +283,8 @@ def triton_prefix_attention(
     # Only tensors and scalars cross into the ops: torch.compile traces no schedule
     # building and does not specialize on the layout's lengths.
     host = layout.host_lengths if layout.is_flat else layout.host_segments
-    op = _prefix_attention_fwd if torch.compiler.is_compiling() else _EagerPrefixAttention.apply
+    # Tensor subclasses (FakeTensor, FunctionalTensor, ...) take the op, whose fake they need.
+    plain_eager = not torch.compiler.is_compiling() and all(type(x) is torch.Tensor for x in (q, k, v))
+    op = _EagerPrefixAttention.apply if plain_eager else _prefix_attention_fwd
     return op(q, k, v, sinks, host, float(softmax_scale), None if window is None else int(window),
               None if softcap is None else float(softcap))

@@ -10,8 +10,8 @@
 # the advantages suite 23 s; the probe, the attention suite and the GPU test files did not
 # reach a result (a process's first Triton attention call autotuned 24 configs per kernel
 # for over 75 s), and the model suite's FlexAttention compiles did not finish its first
-# config in 80 s. Since then the default autotuning tries 1-3 configs per kernel (8 warps;
-# see triton_common), and the correctness steps (probe, tests) run with
+# config in 80 s. Since then the default autotuning tries 1-4 configs per kernel (8 warps;
+# see triton_autotune), and the correctness steps (probe, tests) run with
 # PREFIX_GROUPER_AUTOTUNE=off: one config per kernel, no sweep, since every feature
 # combination and head dim they cover is a new autotuning key. The test files run last.
 #   step                                                   timeout (env override)

@@ -283,7 +283,7 @@ def dkdv_reduce_kernel(
 
 _prefix_attention_dq_tuned = autotune_inner_block(prefix_attention_dq_kernel, "BLOCK_N", "BLOCK_M",
                                                   extra_keys=("TILE_TOKENS", *FEATURE_SWITCHES))
-# dK/dV spills fewer registers with 2 pipeline stages than with 3 (see triton_common).
+# dK/dV spills fewer registers with 2 pipeline stages than with 3 (see triton_autotune).
 _prefix_attention_dkdv_tuned = autotune_inner_block(prefix_attention_dkdv_kernel, "BLOCK_M", "BLOCK_N",
                                                     extra_keys=FEATURE_SWITCHES, quick_stages=(2, 3))
 

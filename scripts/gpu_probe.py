@@ -84,24 +84,24 @@ def check_case(label, layout, heads, features, gen, device, backend="triton", dt
     window, softcap = features.get("window"), features.get("softcap")
     grad_out = torch.randn(t, hq, d, generator=gen).to(device)
     inputs64 = [x.double() for x in (q, k, v)] + [None if sinks is None else sinks.double()]
-    inputs16 = [x.to(dtype) for x in (q, k, v)] + [sinks]
+    inputs_low = [x.to(dtype) for x in (q, k, v)] + [sinks]
 
     def ours(q, k, v, s, backend):
         return prefix_attention(q, k, v, layout, sinks=s, backend=backend, window=window, softcap=softcap)
 
     truth = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, "reference"), inputs64, grad_out.double())
-    triton = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs16, grad_out)
+    measured = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs_low, grad_out)
     eager = outputs_and_grads(lambda q, k, v, s=None: eager_attention(q, k, v, layout, window, softcap, s),
-                              inputs16, grad_out)
+                              inputs_low, grad_out)
     names = ["out", "dq", "dk", "dv", "dsinks"][:len(truth)]
     failures, worst = 0, []
-    for name, a, b, e in zip(names, triton, truth, eager):
+    for name, a, b, e in zip(names, measured, truth, eager):
         ours_err, eager_err = rel_err(a, b), rel_err(e, b)
         ok = ours_err <= 2 * eager_err + 1e-3
         failures += not ok
         worst.append(f"{name} {ours_err:.2e}/{eager_err:.2e}{'' if ok else ' FAIL'}")
-    again = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs16, grad_out)
-    repeatable = all(torch.equal(a, b) for a, b in zip(triton, again))
+    again = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs_low, grad_out)
+    repeatable = all(torch.equal(a, b) for a, b in zip(measured, again))
     failures += not repeatable
     print(f"{label} T={t} Hq/Hkv={hq}/{hkv} D={d} {features or 'plain'}: rel err {backend}/eager {dtype}: "
           + ", ".join(worst) + f"; bitwise repeatable: {repeatable}", flush=True)

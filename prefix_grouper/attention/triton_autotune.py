@@ -74,12 +74,13 @@ def fixed_inner_block(head_dim_pad: int, tile: int, precision: str) -> int:
     (both powers of two, so the result divides the tile) asks for it, never under 16."""
     return min(64, max(16, inner_tile_elements(precision) // head_dim_pad), tile)
 
+
 def autotune_inner_block(kernel, inner: str, tile: str, extra_keys: tuple[str, ...] = (),
                          quick_stages: tuple[int, ...] = (3,)):
     """``kernel`` autotuned over its inner block ``inner``, a divisor of the schedule's tile
     (kernel argument ``tile``), per head dim, tile size, dot precision and ``extra_keys``
-    arguments (and, as triton always does, per tensor dtype); ``quick_stages``: its pipeline depths in the
-    default space."""
+    arguments (and, as triton always does, per tensor dtype); ``quick_stages``: its pipeline
+    depths in the default space."""
     sizes, warps_options, stages_options = autotune_space(quick_stages)
     prune_to_budget = autotune_mode() != "full"
 

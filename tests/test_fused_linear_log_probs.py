@@ -13,6 +13,7 @@ import torch
 from conftest import assert_compiles_for_sm90
 from prefix_grouper import fused_linear_log_probs
 from prefix_grouper.logprobs import default_chunk_size, reference_log_probs, resolve_backend
+from prefix_grouper.logprobs.api import MIN_VOCAB_BLOCK, backward_blocks
 from prefix_grouper.logprobs.triton_impl import MAX_BLOCK_V
 
 BACKENDS = ["torch", "triton"]  # triton under the interpreter here (tests/conftest.py)
@@ -86,6 +87,43 @@ def test_vocabulary_of_several_kernel_tiles(backend, dtype):
         torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
 
 
+@pytest.mark.parametrize("chunk_size, blocks", [(20, (37, 378)), (5, (13, 256))], ids=["vocab-blocks", "2d-blocks"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_blocks_across_the_vocabulary(backend, chunk_size, blocks):
+    """More rows than a chunk: the backward walks blocks of vocabulary columns (every row at
+    once: 2 blocks of 378 and 322 columns), or, where that would leave fewer than 256
+    columns, row blocks too (3 x 3 blocks, weight gradient summed over row blocks). Targets
+    sit in every column block and on its first and last column."""
+    rows, vocab = 37, 700
+    assert backward_blocks(rows, vocab, chunk_size) == blocks
+    hidden, weight, bias, targets = make_inputs(rows, vocab, 5, torch.float64, seed=3)
+    targets[:6] = torch.tensor([0, 255, 256, 377, 378, vocab - 1])
+    upstream = torch.randn(2, rows, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=TEMPERATURE, return_entropy=True,
+                                               chunk_size=chunk_size, backend=backend),
+        (hidden, weight, bias), upstream)
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b, TEMPERATURE),
+                                (hidden, weight, bias), upstream)
+    for name, got, want in zip(OUTPUTS, ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("rows, vocab, chunk_size", [(0, 9, 4), (4, 9, 4), (5, 9, 4), (2048, 151936, 441),
+                                                     (32768, 151936, 441), (10**6, 151936, 441), (10**6, 7, 1)])
+def test_backward_blocks_fit_the_chunk_budget(rows, vocab, chunk_size):
+    """Blocks hold at most a forward chunk's logits (chunk_size x V); all rows at once while
+    that leaves >= MIN_VOCAB_BLOCK columns (GRPO's 2048-32768 completion tokens of Qwen's
+    vocabulary: 2 to 28 blocks of columns, no weight-gradient accumulator)."""
+    row_block, columns = backward_blocks(rows, vocab, chunk_size)
+    assert 1 <= columns <= vocab and row_block >= 1
+    assert row_block * columns <= max(chunk_size * vocab, MIN_VOCAB_BLOCK)
+    if rows <= chunk_size:
+        assert columns == vocab
+    if rows * min(vocab, MIN_VOCAB_BLOCK) <= chunk_size * vocab:
+        assert row_block >= rows
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64_both_outputs(backend):
     """The full Jacobian of both outputs w.r.t. hidden, weight and bias (any upstream gradient)."""
@@ -110,37 +148,42 @@ def test_half_inputs_give_float32_outputs_and_half_grads(backend, dtype):
         torch.testing.assert_close(got.double(), want, atol=0.06, rtol=0.02, msg=name)
 
 
-def head_weight_grad_error(log_probs_fn, rows, width, vocab):
-    """Relative Frobenius error, against float64, of the bf16 LM-head weight gradient of
-    ``sum(g * log_probs_fn(hidden, weight, targets))`` for a random upstream ``g``."""
+def head_grad_errors(log_probs_fn, rows, width, vocab):
+    """Relative Frobenius errors, against float64, of the bf16 hidden and LM-head weight
+    gradients of ``sum(g * log_probs_fn(hidden, weight, targets))`` for a random upstream
+    ``g``: ``[(hidden, weight) of PyTorch's plain path, (hidden, weight) of log_probs_fn]``."""
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(rows, width, generator=gen, dtype=torch.float64) / width**0.5
     weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64) * 2  # logits of a few units
     targets = torch.randint(vocab, (rows,), generator=gen)
     upstream = torch.randn(rows, generator=gen, dtype=torch.float64)
 
-    def weight_grad(fn, dtype):
-        w = weight.to(dtype).detach().clone().requires_grad_()
-        (fn(hidden.to(dtype), w, targets).double() * upstream).sum().backward()
-        return w.grad.double()
+    def grads(fn, dtype):
+        h, w = (x.to(dtype).detach().clone().requires_grad_() for x in (hidden, weight))
+        (fn(h, w, targets).double() * upstream).sum().backward()
+        return h.grad.double(), w.grad.double()
 
     def plain(h, w, t):  # PyTorch's own path: bf16 logits, float32 log_softmax
         return torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
 
-    exact = weight_grad(lambda h, w, t: torch.log_softmax(h @ w.t(), -1).gather(1, t[:, None]).squeeze(1),
-                        torch.float64)
-    return [((weight_grad(fn, torch.bfloat16) - exact).norm() / exact.norm()).item() for fn in (plain, log_probs_fn)]
+    exact = grads(lambda h, w, t: torch.log_softmax(h @ w.t(), -1).gather(1, t[:, None]).squeeze(1), torch.float64)
+    return [tuple(((got - want).norm() / want.norm()).item() for got, want in zip(grads(fn, torch.bfloat16), exact))
+            for fn in (plain, log_probs_fn)]
 
 
-@pytest.mark.parametrize("backend,rows,chunk", [("torch", 4096, 64), ("triton", 512, 8)])
-def test_bfloat16_weight_gradient_is_as_accurate_as_pytorchs(backend, rows, chunk):
-    """64 chunks sum into the weight gradient: in bf16 each sum rounds (measured 2.9x and 2.5x
-    PyTorch's error on these shapes); in float32, cast once, 1.1x and 1.4x. Bound: 2x.
-    The triton shape is smaller (the interpreter runs it), with the same 64 chunks."""
-    plain, fused = head_weight_grad_error(
-        lambda h, w, t: fused_linear_log_probs(h, w, t, chunk_size=chunk, backend=backend), rows, 64, 512)
-    assert 0 < plain < 0.01
-    assert fused <= 2 * plain, (fused, plain)
+@pytest.mark.parametrize("backend,rows,vocab,chunk", [("torch", 4096, 512, 64), ("torch", 512, 4096, 16),
+                                                     ("triton", 512, 512, 8)])
+def test_bfloat16_gradients_are_as_accurate_as_pytorchs(backend, rows, vocab, chunk):
+    """The backward's blocks (torch: 32 row x 2 vocabulary blocks, then 2 x 16; triton, a shape
+    the interpreter runs: 32 x 2) sum into the weight gradient over row blocks and into the
+    hidden gradient over vocabulary blocks. Summed in bf16 each sum rounds (measured 2.9x and
+    2.5x PyTorch's weight-gradient error, 64 chunks); in float32, cast once, the errors were
+    1.1x (both gradients, both torch shapes). Bound: 2x."""
+    (plain_hidden, plain_weight), (fused_hidden, fused_weight) = head_grad_errors(
+        lambda h, w, t: fused_linear_log_probs(h, w, t, chunk_size=chunk, backend=backend), rows, 64, vocab)
+    assert 0 < plain_hidden < 0.01 and 0 < plain_weight < 0.01
+    assert fused_weight <= 2 * plain_weight, (fused_weight, plain_weight)
+    assert fused_hidden <= 2 * plain_hidden, (fused_hidden, plain_hidden)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,9 +333,11 @@ def test_cuda_bfloat16_matches_reference_and_holds_only_chunks(backend):
     extra = torch.cuda.max_memory_allocated() - before
     # At most ~3 float32 chunks at a time (torch backend: upcast logits, exp, bf16 gradient
     # copy), plus the gradients and outputs; full float32 logits would be 4096 * 50000 * 4
-    # = 819 MB, this bound 4 chunks = 205 MB plus 26 MB. The weight gradient adds a float32
-    # accumulator and a bf16 per-chunk product beside its bf16 result (6 bytes per weight).
-    grads_and_outputs = (hidden.numel() + weight.numel()) * 2 + weight.numel() * 6 + 4 * 4096 * 4
+    # = 819 MB, this bound 4 chunks = 205 MB plus 8 MB. The backward's blocks are all 4096
+    # rows by 3125 columns (backward_blocks), so the weight gradient is written once, in bf16,
+    # with no float32 [V, H] accumulator; the hidden gradient sums in a float32 [C, H] one.
+    grads_and_outputs = (hidden.numel() + weight.numel()) * 2 + hidden.numel() * 4 + 4 * 4096 * 4
+    assert backward_blocks(4096, 50000, chunk) == (4096, 3125)
     assert extra <= 4 * chunk * 50000 * 4 + grads_and_outputs + 2**20, extra
 
 

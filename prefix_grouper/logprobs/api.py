@@ -4,10 +4,15 @@ ever holding more than one chunk of logits.
 The forward walks the rows in chunks: ``logits = hidden[chunk] @ weight.T + bias`` (cuBLAS,
 in the input dtype), reduced per row in float32 (float64 for float64 inputs) to
 ``log p(target)``, ``lse`` and entropy; only those ``[C]`` statistics are kept. The backward
-recomputes each chunk's logits, overwrites them with their gradient and applies the two
-matmuls of the head's backward. That is one more ``hidden @ weight.T`` than plain PyTorch
-(and than Liger-Kernel, whose loss is a scalar so it can form gradients in the forward): an
-upstream gradient per row, for both outputs, is only known in the backward.
+walks blocks of the same size, but across the vocabulary: a block's logits gradient needs
+only its rows' saved ``lse`` and entropy, and a block of every row and some vocabulary
+columns gives those columns' weight gradient in one matmul over all rows, written once in
+the weight's dtype (cuBLAS accumulates in float32, as PyTorch's own backward of the head),
+with no float32 ``[V, H]`` accumulator summed chunk after chunk. The ``[C, H]`` hidden
+gradient is what sums over the blocks. Recomputing the logits is one more
+``hidden @ weight.T`` than plain PyTorch (and than Liger-Kernel, whose loss is a scalar so
+it can form gradients in the forward): an upstream gradient per row, for both outputs, is
+only known in the backward.
 """
 from __future__ import annotations
 
@@ -80,6 +85,22 @@ def inputs_dtype_matmuls(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+# Narrowest vocabulary block of the backward: narrower, the head's matmuls get skinny; a
+# batch with more rows than a chunk's logits hold at this width is cut into row blocks too.
+MIN_VOCAB_BLOCK = 256
+
+
+def backward_blocks(rows: int, vocab_size: int, chunk_size: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the backward's blocks of logits: at most ``chunk_size * vocab_size``
+    entries (the forward's chunk), every row at once (the whole vocabulary when the rows fit
+    one chunk) unless that leaves fewer than :data:`MIN_VOCAB_BLOCK` columns."""
+    if rows <= chunk_size:
+        return max(rows, 1), vocab_size
+    budget = chunk_size * vocab_size
+    columns = min(vocab_size, max(MIN_VOCAB_BLOCK, budget // rows))
+    return min(rows, max(1, budget // columns)), columns
+
+
 def chunk_logits(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A fresh ``[c, V]`` buffer of logits in the input dtype, which the kernels may overwrite."""
     return hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
@@ -113,37 +134,59 @@ class FusedLinearLogProbs(torch.autograd.Function):
                           else grad_log_probs.to(lse.dtype).contiguous())
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(lse.dtype).contiguous()
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        # The weight and bias gradients sum over every chunk: they accumulate in float32
-        # (float64 for float64 inputs) and are cast to the parameters' dtype once at the end.
-        # Summing bf16 partial products in bf16 would round after every chunk (measured 3.7x
-        # PyTorch's own error at 64 chunks); one bf16 matmul per chunk rounds each term once.
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if needs_weight else None
-        chunk_grad_weight = (torch.empty_like(weight) if needs_weight and weight.dtype != lse.dtype else None)
-        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if needs_bias else None
+        rows, vocab_size = hidden.shape[0], weight.shape[0]
+        row_block, vocab_block = backward_blocks(rows, vocab_size, ctx.chunk_size)
+        # Sums over several blocks accumulate in float32 (float64 for float64 inputs) and are
+        # cast once at the end: summing bf16 partial products in bf16 would round after every
+        # block (measured 3.7x PyTorch's own error at 64 chunks).
+        grad_hidden = grad_hidden_sum = None
+        if needs_hidden:
+            grad_hidden = (torch.empty_like(hidden) if vocab_block == vocab_size
+                           else torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device))
+        grad_weight = torch.zeros_like(weight) if needs_weight and rows == 0 else (
+            torch.empty_like(weight) if needs_weight else None)
+        grad_bias = torch.zeros(vocab_size, dtype=lse.dtype, device=weight.device) if needs_bias else None
         with inputs_dtype_matmuls(hidden.device):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                end = min(start + ctx.chunk_size, hidden.shape[0])
-                hidden_chunk = hidden[start:end]
-                grad_logits = ctx.kernels.grad_logits_(
-                    chunk_logits(hidden_chunk, weight, bias), targets[start:end], lse[start:end], entropy[start:end],
-                    grad_log_probs[start:end], None if grad_entropy is None else grad_entropy[start:end],
-                    ctx.inv_temperature)
-                if needs_bias:
-                    grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
-                # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
-                grad_logits = grad_logits.to(weight.dtype)
-                if needs_hidden:
-                    torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-                if needs_weight and chunk_grad_weight is None:
-                    grad_weight.addmm_(grad_logits.t(), hidden_chunk)
-                elif needs_weight:
-                    grad_weight += torch.mm(grad_logits.t(), hidden_chunk, out=chunk_grad_weight)
-        if needs_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+            for v_start in range(0, vocab_size, vocab_block):
+                v_end = min(v_start + vocab_block, vocab_size)
+                weight_block = weight[v_start:v_end]
+                grad_weight_sum = (torch.zeros(weight_block.shape, dtype=lse.dtype, device=weight.device)
+                                   if needs_weight and row_block < rows else None)
+                for start in range(0, rows, row_block):
+                    end = min(start + row_block, rows)
+                    hidden_chunk = hidden[start:end]
+                    grad_logits = ctx.kernels.grad_logits_(
+                        chunk_logits(hidden_chunk, weight_block, None if bias is None else bias[v_start:v_end]),
+                        targets[start:end], v_start, lse[start:end], entropy[start:end], grad_log_probs[start:end],
+                        None if grad_entropy is None else grad_entropy[start:end], ctx.inv_temperature)
+                    if needs_bias:
+                        grad_bias[v_start:v_end] += grad_logits.sum(0, dtype=grad_bias.dtype)
+                    # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
+                    grad_logits = grad_logits.to(weight.dtype)
+                    if needs_hidden:
+                        _mm_into(grad_hidden[start:end], grad_logits, weight_block, add=vocab_block < vocab_size)
+                    if grad_weight_sum is not None:
+                        _mm_into(grad_weight_sum, grad_logits.t(), hidden_chunk, add=True)
+                    elif needs_weight:
+                        torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight[v_start:v_end])
+                if grad_weight_sum is not None:
+                    grad_weight[v_start:v_end] = grad_weight_sum
+        if needs_hidden:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if needs_bias:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
+    """``out = a @ b`` or, with ``add``, ``out += a @ b``; ``out`` may be of a wider dtype than
+    ``a`` and ``b`` (an accumulator): the product is then rounded to theirs before the sum."""
+    if not add:
+        torch.mm(a, b, out=out)
+    elif out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += torch.mm(a, b)
 
 
 def check_chunk_size(value: Any) -> int | None:

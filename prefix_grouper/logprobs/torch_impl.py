@@ -33,16 +33,20 @@ def chunk_stats_torch(logits: torch.Tensor, targets: torch.Tensor, inv_temperatu
     torch.sub(log_sum, torch.linalg.vecdot(exp_shifted, shifted) / sum_exp, out=entropy)
 
 
-def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, lse: torch.Tensor,
                              entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor | None,
                              inv_temperature: float) -> torch.Tensor:
     """The gradient of ``sum(grad_log_probs * log_probs + grad_entropy * entropy)`` with respect
-    to ``logits [c, V]``, in the statistics' dtype (in the logits' buffer when that is float32/64).
+    to ``logits [c, v]``, the columns ``[vocab_start, vocab_start + v)`` of the vocabulary, in the
+    statistics' dtype (in the logits' buffer when that is float32/64).
 
     With ``z = logits * inv_temperature``: ``d log p_t / d z = onehot_t - p`` and
     ``d H / d z = -p (log p + H)``; both are scaled by ``inv_temperature`` for the chain to
-    the raw logits. ``lse``, ``entropy``, ``grad_*`` are ``[c]`` in the statistics' dtype;
-    ``grad_entropy`` None (the entropy was not used) skips its term.
+    the raw logits. ``p`` needs only the row's ``lse`` over the whole vocabulary, so any block
+    of columns is computed on its own. ``targets [c]`` are ids in the whole vocabulary (the
+    one-hot term lands only where a target is inside the block); ``lse``, ``entropy``,
+    ``grad_*`` are ``[c]`` in the statistics' dtype; ``grad_entropy`` None (the entropy was not
+    used) skips its term.
     """
     log_p = logits.to(lse.dtype).mul_(inv_temperature).sub_(lse[:, None])
     p = log_p.exp()
@@ -52,5 +56,8 @@ def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, lse: t
         # A banned token (-inf logit) has p = 0; clamping its log p keeps p (log p + H) at 0, not NaN.
         grad = log_p.clamp_(min=torch.finfo(log_p.dtype).min).add_(entropy[:, None]).mul_(p)
         grad.mul_(-grad_entropy[:, None]).addcmul_(p, grad_log_probs[:, None], value=-1)
-    grad.scatter_add_(1, targets[:, None], grad_log_probs[:, None])
+    columns = targets - vocab_start
+    inside = (columns >= 0) & (columns < grad.shape[1])
+    grad.scatter_add_(1, columns.clamp(0, grad.shape[1] - 1)[:, None],
+                      torch.where(inside, grad_log_probs, 0.0)[:, None])
     return grad.mul_(inv_temperature)

@@ -5,8 +5,8 @@ One program per row of a logits chunk ``[c, V]`` walks the vocabulary in ``BLOCK
   the row. The entropy is carried as ``sum_j e_j (z_j - m)`` with ``e_j = exp(z_j - m)``
   (every term <= 0, rescaled when the running max ``m`` moves), so
   ``H = log s - (sum_j e_j (z_j - m)) / s`` has no cancellation even for a peaked row.
-- ``log_prob_grad_kernel``: recomputes ``p`` from the stored ``lse`` and overwrites the row
-  with the gradient of the logits (one read, one write).
+- ``log_prob_grad_kernel``: recomputes ``p`` from the stored ``lse`` and overwrites a row of
+  a block of vocabulary columns with the gradient of the logits (one read, one write).
 Logits stay in the input dtype in memory (bf16/fp16 chunks are half the bytes of float32
 ones and need no upcast pass); the kernels compute in the dtype of the ``[c]`` statistics,
 float32 (float64 for float64 inputs), and write the gradient back in the logits' dtype,
@@ -68,11 +68,12 @@ if triton is not None:
         tl.store(entropy_ptr + row, log_sum - sum_exp_shift / sum_exp)
 
     @triton.jit
-    def log_prob_grad_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, entropy_ptr, grad_log_probs_ptr,
-                             grad_entropy_ptr, vocab_size, inv_temperature: tl.float64,
+    def log_prob_grad_kernel(logits_ptr, row_stride, targets_ptr, vocab_start, lse_ptr, entropy_ptr,
+                             grad_log_probs_ptr, grad_entropy_ptr, vocab_size, inv_temperature: tl.float64,
                              HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Overwrite ``logits [c, V]`` with ``d(g_lp log p_t + g_H H) / d logits``, row by row
-        (``g_H = 0`` without HAS_GRAD_ENTROPY; ``entropy_ptr``, ``grad_entropy_ptr`` unread then)."""
+        """Overwrite ``logits [c, vocab_size]``, the vocabulary's columns from ``vocab_start`` on,
+        with ``d(g_lp log p_t + g_H H) / d logits``, row by row (``g_H = 0`` without
+        HAS_GRAD_ENTROPY; ``entropy_ptr``, ``grad_entropy_ptr`` unread then)."""
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         dtype = lse_ptr.dtype.element_ty
@@ -82,7 +83,7 @@ if triton is not None:
         if HAS_GRAD_ENTROPY:
             entropy = tl.load(entropy_ptr + row)
             grad_entropy = tl.load(grad_entropy_ptr + row)
-        target = tl.load(targets_ptr + row)
+        target = tl.load(targets_ptr + row) - vocab_start  # a column of this block, or outside it
         cols = tl.arange(0, BLOCK_V)
         for start in range(0, vocab_size, BLOCK_V):
             inside = start + cols < vocab_size
@@ -109,14 +110,14 @@ def chunk_stats_triton(logits: torch.Tensor, targets: torch.Tensor, inv_temperat
                                        inv_temperature, **_launch_config(vocab_size))
 
 
-def chunk_grad_logits_triton_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+def chunk_grad_logits_triton_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, lse: torch.Tensor,
                               entropy: torch.Tensor, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor | None,
                               inv_temperature: float) -> torch.Tensor:
     """Same contract as :func:`..torch_impl.chunk_grad_logits_torch_`: the gradient, in place."""
     rows, vocab_size = logits.shape
     has_grad_entropy = grad_entropy is not None
     with device_guard(logits):
-        log_prob_grad_kernel[(rows,)](logits, logits.stride(0), targets, lse, entropy, grad_log_probs,
+        log_prob_grad_kernel[(rows,)](logits, logits.stride(0), targets, vocab_start, lse, entropy, grad_log_probs,
                                       grad_entropy if has_grad_entropy else grad_log_probs, vocab_size,
                                       inv_temperature, HAS_GRAD_ENTROPY=has_grad_entropy,
                                       **_launch_config(vocab_size))

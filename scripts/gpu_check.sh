@@ -17,9 +17,10 @@
 #   step                                                   timeout (env override)
 #   build the extension (nvcc, sm_90a)                     BUILD_S=40
 #   scripts/gpu_probe.py: bf16 vs fp64 against PyTorch's
-#     own bf16 error, features, repeatability, host sync   PROBE_S=90
+#     own bf16 error, features, repeatability, host sync
+#     (attention alone, and where a model step syncs)     PROBE_S=100
 #   compute-sanitizer on the CUDA advantage op             SANITIZER_S=20
-#   attention suite (the configs with targets)             ATTENTION_S=150
+#   attention suite (the configs with targets)             ATTENTION_S=140
 #   model suite (1.5B shape first)                         MODEL_S=100
 #   log_probs and advantages at --quick                    QUICK_SUITES_S=35
 #   GPU test files (triton attention, fused log-probs)     TESTS_S=40
@@ -56,7 +57,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step build "${BUILD_S:-40}" env MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e .
-step "bf16 probe (features, repeatability, host sync)" "${PROBE_S:-90}" \
+step "bf16 probe (features, repeatability, host sync)" "${PROBE_S:-100}" \
   env PREFIX_GROUPER_AUTOTUNE=off python3 scripts/gpu_probe.py
 step "compute-sanitizer (CUDA advantage op)" "${SANITIZER_S:-20}" compute-sanitizer --tool memcheck \
   --error-exitcode 1 python3 -c "
@@ -66,7 +67,7 @@ r = torch.randn(97, device='cuda', dtype=torch.float64)
 g = torch.arange(97, device='cuda') // 7
 print(grpo_advantages(r, g, backend='cuda').abs().sum().item())"
 # The configs that carry targets first (the whole suite does not fit beside the others).
-step "attention suite" "${ATTENTION_S:-150}" python3 -m benchmarks.bench_attention --out runs/bench --configs \
+step "attention suite" "${ATTENTION_S:-140}" python3 -m benchmarks.bench_attention --out runs/bench --configs \
   "P4096 S512 G8" "Qwen2.5-1.5B attn P4096 S256 G8" "Qwen2.5-0.5B attn P4096 S256 G8" "ragged GQA 4 groups" \
   "P8192 S512 G8 no window" "P8192 S512 G8 window 4096" "P8192 S512 G8 window 1024" \
   "P8192 S512 G8 softcap 50" "P8192 S512 G8 sinks"

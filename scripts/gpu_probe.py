@@ -8,17 +8,27 @@ eager path computes) on the same inputs. The pass bound is
 error(Triton) <= 2 x error(PyTorch bf16) + 1e-3 (the additive floor keeps near-zero eager
 errors, e.g. of a one-token row, from making the bound vacuous-tight). It also checks bitwise
 repeatability of two identical calls and that forward and backward never synchronize with
-the host (torch.cuda.set_sync_debug_mode("error")). Prints one line per case and exits 1 on
-any failure.
+the host (torch.cuda.set_sync_debug_mode("error")), and lists where a whole model step
+(``completion_log_probs`` forward + backward on a 2-layer Qwen2 with the 1.5B model's heads,
+gradient checkpointing on) synchronizes: a sync in this package's code fails (the fused
+path's one documented read of the targets' range excepted), one in transformers or torch is
+reported. Prints one line per case and exits 1 on any failure.
 """
 from __future__ import annotations
 
+import os
 import sys
+import warnings
+from collections import Counter
 
 import torch
 
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention.reference import prefix_sharing_mask
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__import__("prefix_grouper").__file__))
+# The fused head's one sync: check_targets reads (min, max) of the targets back (documented there).
+ALLOWED_SYNC_FILES = {"fused": {os.path.join(PACKAGE_DIR, "logprobs", "api.py")}, "plain": set()}
 
 
 def eager_attention(q, k, v, layout, window, softcap, sinks):
@@ -108,6 +118,69 @@ def check_case(label, layout, heads, features, gen, device, backend="triton", dt
     return failures
 
 
+def sync_sites(run) -> Counter:
+    """``Counter`` of ``"file:line"`` where ``run()`` made CUDA synchronize with the host
+    (torch.cuda.set_sync_debug_mode("warn")'s warnings, attributed to the Python line that
+    called the op)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+
+def unexpected_sync_sites(sites: Counter, allowed_files: set[str]) -> Counter:
+    """The sites inside this package outside ``allowed_files`` (transformers' and torch's are
+    reported, not failures: this package cannot change them)."""
+    return Counter({site: n for site, n in sites.items()
+                    if site.startswith(PACKAGE_DIR + os.sep) and site.rsplit(":", 1)[0] not in allowed_files})
+
+
+def model_steps(device, dtype=torch.bfloat16) -> dict:
+    """``{"plain": step, "fused": step}``: forward + backward of the summed completion log-probs
+    of a 2-layer Qwen2 with the 1.5B model's attention heads (12/2, head dim 128), gradient
+    checkpointing on, LM head applied plainly or by ``fused_linear_log_probs``."""
+    import transformers
+
+    from prefix_grouper.integrations.transformers import completion_log_probs
+
+    config = transformers.Qwen2Config(hidden_size=1536, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=1024)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).to(device, dtype)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    layout = GroupLayout.from_lengths([300, 41], [[64, 7, 0], [33]], device=device)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1024, (n,), generator=gen).to(device) for n in layout.prefix_lens_list]
+    completions = [torch.randint(1024, (n,), generator=gen).to(device)
+                   for group in layout.suffix_lens_per_group for n in group]
+
+    def step(fused):
+        values, mask = completion_log_probs(model, layout, prompts, completions, fused=fused)
+        (values * mask).sum().backward()
+
+    return {"plain": lambda: step(False), "fused": lambda: step(True)}
+
+
+def check_model_step_syncs(device) -> int:
+    """Print where a model step syncs, plain and fused head; return the number of failures."""
+    failures = 0
+    for head, step in model_steps(device).items():
+        step()  # warm: compiles, autotuning, per-layout caches
+        torch.cuda.synchronize()
+        sites = sync_sites(step)
+        ours = unexpected_sync_sites(sites, ALLOWED_SYNC_FILES[head])
+        failures += bool(ours)
+        listed = ", ".join(f"{os.path.relpath(site)} x{n}" for site, n in sites.most_common()) or "none"
+        print(f"host syncs in a model step ({head} head): {sum(sites.values())} ({listed}): "
+              f"{'FAIL' if ours else 'PASS'}", flush=True)
+    return failures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_probe: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -139,6 +212,7 @@ def main() -> int:
             print(f"host sync in forward+backward ({'features' if features else 'plain'}): FAIL {error}", flush=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    failures += check_model_step_syncs(device)
     print("gpu_probe:", "PASS" if failures == 0 else f"FAIL ({failures})")
     return 1 if failures else 0
 

@@ -100,3 +100,17 @@ def test_probe_without_a_gpu_says_so():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_probe.py")], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_probe_model_steps_run():
+    """The probe's model steps (timed for host syncs on the GPU) run as written, here in fp32."""
+    for head, step in gpu_probe.model_steps(torch.device("cpu"), torch.float32).items():
+        step()
+
+
+def test_probe_sync_sites_fail_only_in_this_package():
+    inside = f"{gpu_probe.PACKAGE_DIR}/models/packed.py:120"
+    allowed = f"{gpu_probe.PACKAGE_DIR}/logprobs/api.py:211"
+    sites = gpu_probe.Counter({inside: 2, allowed: 1, "/x/site-packages/transformers/modeling.py:9": 3})
+    assert gpu_probe.unexpected_sync_sites(sites, gpu_probe.ALLOWED_SYNC_FILES["fused"]) == {inside: 2}
+    assert gpu_probe.unexpected_sync_sites(sites, gpu_probe.ALLOWED_SYNC_FILES["plain"]) == {inside: 2, allowed: 1}

@@ -218,10 +218,18 @@ def sequence_log_probs(model, layout: GroupLayout, packed_ids: torch.Tensor, com
     _check_packed_ids(layout, packed_ids)
     logits_at, targets_at = layout.cached(("sequence_targets", str(layout.device), tuple(completion_lens)),
                                           lambda: _sequence_targets(layout, completion_lens))
+    mask, padded_index = layout.cached(("sequence_padding", str(layout.device), tuple(completion_lens)),
+                                       lambda: _padding(completion_lens, layout.device))
     logits = packed_logits(model, layout, packed_ids, positions=logits_at, backend=backend)
     per_token = token_log_probs(logits, packed_ids[targets_at], temperature)
-    lengths = torch.tensor(completion_lens, device=per_token.device)
-    mask = torch.arange(max(completion_lens, default=0), device=per_token.device)[None, :] < lengths[:, None]
-    values = per_token.new_zeros(mask.shape)
-    values[mask] = per_token
-    return values, mask
+    # index_copy at host-built indices: a boolean-mask assignment would read a count back
+    # from the device (a sync) on every call.
+    values = per_token.new_zeros(mask.numel()).index_copy(0, padded_index, per_token)
+    return values.view(mask.shape), mask
+
+
+def _padding(lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [N, max_len] bool, flat index [sum(lens)] of every real entry)`` of rows of ``lens``."""
+    width = max(lens, default=0)
+    mask = torch.arange(width)[None, :] < torch.tensor(lens, dtype=torch.long).reshape(-1, 1)
+    return mask.to(device), mask.flatten().nonzero().flatten().to(device)

@@ -247,6 +247,23 @@ def key_block_scores(
 
 
 @triton.jit
+def walk_run(
+    state, fold_key_block, ctx, run_start, mask_from, run_end, key_end,
+    END_MASK: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_DIMS: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold the blocks of run ``[run_start, run_end)`` with no window: unmasked up to
+    ``mask_from``, ``END_MASK`` from there on (the run's last, partial or diagonal blocks)."""
+    for key_start in range(run_start, mask_from, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, key_end, 0, NO_MASK, False, SOFTCAP,
+                               CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    for key_start in range(mask_from, run_end, BLOCK_N):
+        state = fold_key_block(state, ctx, key_start, key_end, 0, END_MASK, False, SOFTCAP,
+                               CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+    return state
+
+
+@triton.jit
 def walk_windowed_run(
     state, fold_key_block, ctx, run_start, mask_from, run_end, key_end, lowest_key, lowest_full_key,
     window_shift, END_MASK: tl.constexpr, SOFTCAP: tl.constexpr, CHECK_DIMS: tl.constexpr,
@@ -289,12 +306,8 @@ def walk_ancestor_run(
                                   q_start + limit + 1, diag_end + limit, limit,
                                   BOUND_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     else:
-        for key_start in range(run_start, full_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, run_end, 0, NO_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-        for key_start in range(full_end, run_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, run_end, 0, BOUND_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        state = walk_run(state, fold_key_block, ctx, run_start, full_end, run_end, run_end,
+                         BOUND_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     return state
 
 
@@ -326,10 +339,6 @@ def walk_key_runs(
                                   q_start - window + 1, diag_end - window, -window,
                                   CAUSAL_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     else:
-        for key_start in range(seg_start, aligned_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, seg_end, 0, NO_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
-        for key_start in range(aligned_end, diag_end, BLOCK_N):
-            state = fold_key_block(state, ctx, key_start, seg_end, 0, CAUSAL_MASK, False, SOFTCAP,
-                                   CHECK_DIMS, BLOCK_N, DOT_PRECISION)
+        state = walk_run(state, fold_key_block, ctx, seg_start, aligned_end, diag_end, seg_end,
+                         CAUSAL_MASK, SOFTCAP, CHECK_DIMS, BLOCK_N, DOT_PRECISION)
     return state

@@ -44,3 +44,20 @@ def assert_compiles_for_sm90(script: str, timeout: int) -> None:
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def trainer_gradients(trainer, prepared, use_prefix_grouper):
+    """``(stats, {parameter name: gradient})`` of one accumulation of ``prepared`` from zero."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stats = trainer.accumulate_gradients(prepared, use_prefix_grouper=use_prefix_grouper)
+    return stats, {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters()}
+
+
+def assert_same_gradients(actual, expected):
+    """Equal within 1e-10 of each parameter's largest gradient entry: fp64 end to end (norms
+    kept in fp64 by load_policy), two paths that differ only in summation order (packed or
+    tree against the rows, whole or split batches) are ~1e-15 apart."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert (actual[name] - expected[name]).abs().max().item() <= 1e-10 * scale, name

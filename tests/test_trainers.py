@@ -5,26 +5,12 @@ import os
 import pytest
 import torch
 
+from conftest import assert_same_gradients, trainer_gradients
 from prefix_grouper.train import main
 from prefix_grouper.trainers import ALGORITHMS, LOSS_TYPES, TrainConfig, build_trainer
 
 # Tiny batches: 2 prompts (or reset states) x 3 completions (or episodes).
 SMALL = dict(group_size=3, prompts_per_step=2)
-
-
-def gradients(trainer, prepared, use_prefix_grouper):
-    trainer.optimizer.zero_grad(set_to_none=True)
-    stats = trainer.accumulate_gradients(prepared, use_prefix_grouper=use_prefix_grouper)
-    return stats, {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters()}
-
-
-def assert_same_gradients(actual, expected):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        # fp64 end to end (norms kept in fp64 by load_policy): the two paths differ only in
-        # summation order, ~1e-15 relative; 1e-10 is the bound.
-        scale = expected[name].abs().max().item()
-        assert (actual[name] - expected[name]).abs().max().item() <= 1e-10 * scale, name
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -33,10 +19,10 @@ def test_grouped_and_unpacked_give_equal_loss_and_gradients(algo):
     prepared = trainer.prepare(trainer.rollout())
     # A first update moves the policy off the recorded old log-probs, so the ratio, the
     # clipping and the KL to the reference all take part in the compared step.
-    gradients(trainer, prepared, True)
+    trainer_gradients(trainer, prepared, True)
     trainer.optimizer.step()
-    grouped_stats, grouped = gradients(trainer, prepared, True)
-    unpacked_stats, unpacked = gradients(trainer, prepared, False)
+    grouped_stats, grouped = trainer_gradients(trainer, prepared, True)
+    unpacked_stats, unpacked = trainer_gradients(trainer, prepared, False)
     assert grouped_stats["ratio"] != 1 and grouped_stats["kl"] > 0
     assert abs(grouped_stats["loss"] - unpacked_stats["loss"]) <= 1e-10 * max(1.0, abs(unpacked_stats["loss"]))
     assert_same_gradients(grouped, unpacked)
@@ -60,8 +46,8 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     config.micro_batch_rows = 4  # groups of 3: one group per micro-batch
     split = trainer.prepare(rollout)
     assert len(whole.batches) == 1 and [b.layout.num_groups for b in split.batches] == [1, 1, 1, 1]
-    whole_stats, whole_grads = gradients(trainer, whole, True)
-    split_stats, split_grads = gradients(trainer, split, True)
+    whole_stats, whole_grads = trainer_gradients(trainer, whole, True)
+    split_stats, split_grads = trainer_gradients(trainer, split, True)
     assert abs(whole_stats["loss"] - split_stats["loss"]) <= 1e-12
     assert_same_gradients(split_grads, whole_grads)
 

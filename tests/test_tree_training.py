@@ -6,25 +6,12 @@ import json
 import pytest
 import torch
 
+from conftest import assert_same_gradients, trainer_gradients
 from prefix_grouper.train import main
 from prefix_grouper.trainers import TrainConfig, build_trainer
 
 SMALL = dict(group_size=3, prompts_per_step=2)
 TASK = "keydoor-history"
-
-
-def gradients(trainer, prepared, use_prefix_grouper):
-    trainer.optimizer.zero_grad(set_to_none=True)
-    stats = trainer.accumulate_gradients(prepared, use_prefix_grouper=use_prefix_grouper)
-    return stats, {n: p.grad.clone() for n, p in trainer.policy.model.named_parameters()}
-
-
-def assert_same_gradients(actual, expected):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        # fp64 end to end: the tree and the rows differ only in summation order (~1e-15).
-        scale = expected[name].abs().max().item()
-        assert (actual[name] - expected[name]).abs().max().item() <= 1e-10 * scale, name
 
 
 def test_history_prompts_chain_each_trajectorys_steps():
@@ -55,10 +42,10 @@ def test_tree_and_unpacked_give_equal_loss_and_gradients(algo):
     prepared = trainer.prepare(trainer.rollout())
     assert all(b.tree is not None for b in prepared.batches)
     # A first update moves the policy off the recorded old log-probs (ratio, clipping, KL all active).
-    gradients(trainer, prepared, True)
+    trainer_gradients(trainer, prepared, True)
     trainer.optimizer.step()
-    tree_stats, tree = gradients(trainer, prepared, True)
-    unpacked_stats, unpacked = gradients(trainer, prepared, False)
+    tree_stats, tree = trainer_gradients(trainer, prepared, True)
+    unpacked_stats, unpacked = trainer_gradients(trainer, prepared, False)
     assert tree_stats["ratio"] != 1 and tree_stats["kl"] > 0
     assert abs(tree_stats["loss"] - unpacked_stats["loss"]) <= 1e-10 * max(1.0, abs(unpacked_stats["loss"]))
     assert_same_gradients(tree, unpacked)
@@ -76,8 +63,8 @@ def test_tree_micro_batches_give_the_whole_batch_gradient():
     config.micro_batch_rows = 5
     split = trainer.prepare(rollout)
     assert len(whole.batches) == 1 and len(split.batches) > 1
-    whole_stats, whole_grads = gradients(trainer, whole, True)
-    split_stats, split_grads = gradients(trainer, split, True)
+    whole_stats, whole_grads = trainer_gradients(trainer, whole, True)
+    split_stats, split_grads = trainer_gradients(trainer, split, True)
     assert abs(whole_stats["loss"] - split_stats["loss"]) <= 1e-12
     assert_same_gradients(split_grads, whole_grads)
 

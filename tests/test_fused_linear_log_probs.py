@@ -87,6 +87,39 @@ def test_vocabulary_of_several_kernel_tiles(backend, dtype):
         torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_final_logit_softcap_matches_float64_reference(backend, dtype):
+    """Gemma 2's ``softcap * tanh(logits / softcap)`` before the temperature, on logits of
+    several softcaps (bias up to 30, softcap 3: the tanh saturates), with a banned token
+    (a -inf bias caps to -softcap, as in the model), over row chunks and vocabulary blocks."""
+    hidden, weight, bias, targets = make_inputs(37, 700, 5, dtype, seed=4)
+    bias = bias * 10
+    bias[3] = float("-inf")
+    targets[:2] = torch.tensor([3, 699])
+    upstream = torch.randn(2, 37, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = values_and_grads(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=TEMPERATURE, softcap=3.0,
+                                               return_entropy=True, chunk_size=5, backend=backend),
+        (hidden, weight, bias), upstream)
+    expected = values_and_grads(lambda h, w, b: reference_log_probs(h, w, targets, b, TEMPERATURE, softcap=3.0),
+                                (hidden.double(), weight.double(), bias.double()), upstream)
+    for name, got, want in zip(OUTPUTS, ours, expected):
+        torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], msg=name)
+    uncapped = fused_linear_log_probs(hidden, weight, targets, bias=bias, temperature=TEMPERATURE, backend=backend)
+    assert (uncapped - ours[0]).abs().max() > 1.0  # the cap is really applied
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64_with_softcap(backend):
+    hidden, weight, bias, targets = make_inputs(3, 5, 2, torch.float64, seed=2)
+    inputs = [t.requires_grad_() for t in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_log_probs(h, w, targets, bias=b, temperature=1.3, softcap=0.8,
+                                               return_entropy=True, chunk_size=2, backend=backend),
+        inputs)
+
+
 @pytest.mark.parametrize("chunk_size, blocks", [(20, (37, 378)), (5, (13, 256))], ids=["vocab-blocks", "2d-blocks"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_blocks_across_the_vocabulary(backend, chunk_size, blocks):
@@ -291,6 +324,12 @@ def error_cases():
         (dict(temperature=1e-38), ValueError, r"temperature must be at least 5.42e-20 for torch.float32"),
         (dict(temperature=1e-30), ValueError, "temperature must be at least"),
         (dict(temperature=5e-324), ValueError, "temperature must be at least"),
+        (dict(softcap=0.0), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap=-30.0), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite number"),
+        (dict(softcap="30"), TypeError, "softcap must be a real number"),
+        # 1/softcap would overflow float32 in the kernels.
+        (dict(softcap=1e-39), ValueError, r"softcap must be in \[2.94e-39, 1.84e\+19\] for torch.float32"),
         (dict(chunk_size=0), ValueError, "chunk_size must be a positive number of rows"),
         (dict(chunk_size=2.0), TypeError, "chunk_size must be None or a positive int"),
         (dict(chunk_size=True), TypeError, "chunk_size must be None or a positive int"),
@@ -391,6 +430,7 @@ def test_peak_memory_stays_bounded_under_an_address_space_limit():
 
 
 COMPILE_KERNELS = r"""
+import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -400,9 +440,10 @@ from prefix_grouper.logprobs.triton_impl import log_prob_grad_kernel, log_prob_s
 for kernel in (log_prob_stats_kernel, log_prob_grad_kernel):
     for logits, dtype in (("*fp32", "*fp32"), ("*bf16", "*fp32"), ("*fp16", "*fp32"), ("*fp64", "*fp64")):
         signature = {p.name: (dtype if p.name.endswith("_ptr") else "i64") for p in kernel.params}
-        signature.update(logits_ptr=logits, targets_ptr="*i64", vocab_size="i32", inv_temperature="fp64")
-        for has_grad_entropy in ((True, False) if kernel is log_prob_grad_kernel else (None,)):
-            constants = dict(BLOCK_V=4096)
+        signature.update(logits_ptr=logits, targets_ptr="*i64", vocab_size="i32", scale="fp64", inv_softcap="fp64")
+        for has_grad_entropy, has_softcap in itertools.product(
+                (True, False) if kernel is log_prob_grad_kernel else (None,), (False, True)):
+            constants = dict(BLOCK_V=4096, HAS_SOFTCAP=has_softcap)
             if has_grad_entropy is not None:
                 constants.update(HAS_GRAD_ENTROPY=has_grad_entropy)
             signature.update({name: "constexpr" for name in constants})

@@ -163,12 +163,31 @@ def test_fused_head_on_cuda_matches_the_model_head():
                                  [c.cuda() for c in completions], tol=1e-4, backend="auto", temperature=0.7)
 
 
-def test_fused_head_refuses_final_logit_softcapping():
-    config = transformers.Gemma2Config(**TINY_CONFIG, head_dim=8)
-    assert config.final_logit_softcapping is not None
+def test_fused_head_applies_final_logit_softcapping():
+    """Gemma 2 caps its logits (config.final_logit_softcapping; 0.05 here, so that the tiny
+    random model's logits, up to 0.4, are bent hard): the fused head applies the cap, in fp64
+    equal to the model's own logits through fused=False, at temperature 0.7; the cap moves
+    log-probs by 0.2."""
+    config = transformers.Gemma2Config(**TINY_CONFIG, head_dim=8, final_logit_softcapping=0.05)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).double()
+    layout, prompts, completions = ragged_batch()
+    assert_fused_matches_unfused(model, layout, prompts, completions, temperature=0.7)
+    uncapped_config = transformers.Gemma2Config(**TINY_CONFIG, head_dim=8, final_logit_softcapping=None)
+    uncapped = transformers.Gemma2ForCausalLM(uncapped_config).double()
+    uncapped.load_state_dict(model.state_dict())
+    capped_values, mask = completion_log_probs(model, layout, prompts, completions, fused=True)
+    uncapped_values, _ = completion_log_probs(uncapped, layout, prompts, completions, fused=True)
+    assert (capped_values - uncapped_values)[mask].abs().max() > 0.1  # the cap changes what is compared
+
+
+def test_fused_head_refuses_a_logit_scaling_beside_a_softcap():
+    config = transformers.Gemma2Config(**TINY_CONFIG, head_dim=8, final_logit_softcapping=30.0)
+    config.logit_scale = 0.5
     model = transformers.Gemma2ForCausalLM(config)
     layout, prompts, completions = ragged_batch()
-    with pytest.raises(ValueError, match=r"fused=True cannot apply gemma2's final-logit softcapping"):
+    with pytest.raises(ValueError, match=r"in which order 'gemma2' applies config.logit_scale and "
+                                         r"config.final_logit_softcapping"):
         completion_log_probs(model, layout, prompts, completions, fused=True)
 
 

@@ -110,18 +110,19 @@ class FusedLinearLogProbs(torch.autograd.Function):
     """``(log_probs [C], entropy [C])``; saves the inputs and ``lse [C]``, never logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature: float, chunk_size: int, kernels: ChunkKernels):
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature: float, softcap: float | None, chunk_size: int,
+                kernels: ChunkKernels):
         rows, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
         log_probs, lse, entropy = (torch.empty(rows, dtype=dtype, device=hidden.device) for _ in range(3))
         with inputs_dtype_matmuls(hidden.device):
             for start in range(0, rows, chunk_size):
                 end = min(start + chunk_size, rows)
                 kernels.stats(chunk_logits(hidden[start:end], weight, bias), targets[start:end], inv_temperature,
-                              log_probs[start:end], lse[start:end], entropy[start:end])
+                              softcap, log_probs[start:end], lse[start:end], entropy[start:end])
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         # An output the loss does not use gets grad None, not zeros: the entropy term is skipped.
         ctx.set_materialize_grads(False)
-        ctx.inv_temperature, ctx.chunk_size, ctx.kernels = inv_temperature, chunk_size, kernels
+        ctx.inv_temperature, ctx.softcap, ctx.chunk_size, ctx.kernels = inv_temperature, softcap, chunk_size, kernels
         return log_probs, entropy
 
     @staticmethod
@@ -158,7 +159,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
                     grad_logits = ctx.kernels.grad_logits_(
                         chunk_logits(hidden_chunk, weight_block, None if bias is None else bias[v_start:v_end]),
                         targets[start:end], v_start, lse[start:end], entropy[start:end], grad_log_probs[start:end],
-                        None if grad_entropy is None else grad_entropy[start:end], ctx.inv_temperature)
+                        None if grad_entropy is None else grad_entropy[start:end], ctx.inv_temperature, ctx.softcap)
                     if needs_bias:
                         grad_bias[v_start:v_end] += grad_logits.sum(0, dtype=grad_bias.dtype)
                     # cuBLAS at the weight's precision, as plain PyTorch's backward of the head would run.
@@ -175,7 +176,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if needs_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
@@ -214,6 +215,21 @@ def check_inverse_temperature(temperature: Any, dtype: torch.dtype) -> float:
                          f"that dtype's largest value ({largest:.3g}) for the scaled logits; got "
                          f"temperature={temperature!r}")
     return 1.0 / temperature
+
+
+def check_softcap(softcap: Any, inv_temperature: float, dtype: torch.dtype) -> float | None:
+    """``softcap`` as a float (or None), refused where the kernels' ``1 / softcap`` or the
+    capped logits' bound ``softcap / temperature`` would leave :func:`compute_dtype`'s range
+    (as for the temperature, the scaled logits keep the square root of its largest value)."""
+    if softcap is None:
+        return None
+    softcap = check_positive_real(softcap, "softcap")
+    largest = torch.finfo(compute_dtype(dtype)).max
+    if 1.0 / softcap > largest or softcap * inv_temperature > largest ** 0.5:
+        raise ValueError(f"softcap must be in [{1.0 / largest:.3g}, {largest ** 0.5 / inv_temperature:.3g}] for "
+                         f"{dtype} inputs at this temperature (computed in {compute_dtype(dtype)}), got "
+                         f"softcap={softcap!r}")
+    return softcap
 
 
 def check_operands(hidden: Any, weight: Any, bias: Any) -> None:
@@ -258,8 +274,8 @@ def check_targets(targets: Any, hidden: torch.Tensor, vocab_size: int) -> torch.
 
 
 def fused_linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                           bias: torch.Tensor | None = None, temperature: float = 1.0, return_entropy: bool = False,
-                           chunk_size: int | None = None, backend: str = "auto"):
+                           bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                           return_entropy: bool = False, chunk_size: int | None = None, backend: str = "auto"):
     """``log_softmax((hidden @ weight.T + bias) / temperature)`` gathered at ``targets``.
 
     Args:
@@ -269,6 +285,9 @@ def fused_linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         targets: ``[C]`` integer token ids in ``[0, V)``.
         bias: optional ``[V]``, hidden's dtype and device.
         temperature: positive finite; the logits are divided by it (TRL/verl sampling temperature).
+        softcap: optional positive real: the logits are capped to ``softcap * tanh(logits /
+            softcap)`` before the temperature, as Gemma 2's forward does with
+            ``config.final_logit_softcapping``.
         return_entropy: also return the entropy of the same distribution.
         chunk_size: rows per chunk of logits; default :func:`default_chunk_size`
             (:data:`LOGITS_CHUNK_BYTES` of upcast logits).
@@ -281,9 +300,10 @@ def fused_linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     check_operands(hidden, weight, bias)
     targets = check_targets(targets, hidden, weight.shape[0])
     inv_temperature = check_inverse_temperature(temperature, hidden.dtype)
+    softcap = check_softcap(softcap, inv_temperature, hidden.dtype)
     check_bool(return_entropy, "return_entropy")
     chunk_size = check_chunk_size(chunk_size) or default_chunk_size(weight.shape[0], hidden.dtype)
     kernels = registry.implementation(OP, resolve_backend(backend, hidden.device))
-    log_probs, entropy = FusedLinearLogProbs.apply(hidden, weight, bias, targets, inv_temperature, chunk_size,
-                                                   kernels)
+    log_probs, entropy = FusedLinearLogProbs.apply(hidden, weight, bias, targets, inv_temperature, softcap,
+                                                   chunk_size, kernels)
     return (log_probs, entropy) if return_entropy else log_probs

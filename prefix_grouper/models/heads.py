@@ -21,22 +21,26 @@ _LOGIT_SCALINGS = {
 }
 
 
-def fused_head(model, temperature: float) -> tuple[torch.nn.Linear, float]:
-    """``(lm_head, temperature)`` for :func:`fused_linear_log_probs`: the model's output
-    embedding and the temperature with the logit scaling of its forward folded in.
+def fused_head(model, temperature: float) -> tuple[torch.nn.Linear, float, float | None]:
+    """``(lm_head, temperature, softcap)`` for :func:`fused_linear_log_probs`: the model's
+    output embedding, the temperature with the logit scaling of its forward folded in, and
+    its final-logit softcapping (Gemma 2's ``config.final_logit_softcapping``) or None.
 
-    Refuses heads that are not a plain linear map of the last hidden state (final-logit
-    softcapping, an output embedding that is no ``nn.Linear``, a scaling of unknown direction).
+    Refuses heads that are not a linear map of the last hidden state, capped at most (an
+    output embedding that is no ``nn.Linear``, a scaling of unknown direction, a scaling
+    beside a softcap, whose order the fused kernels would have to guess).
     """
     config = model.config.get_text_config()
     model_type = getattr(config, "model_type", None)
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        raise ValueError(f"fused=True cannot apply {model_type}'s final-logit softcapping (config."
-                         f"final_logit_softcapping={config.final_logit_softcapping}): tanh is not a "
-                         f"linear head; use fused=False")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        softcap = check_positive_real(softcap, "config.final_logit_softcapping")
     for attribute, directions in _LOGIT_SCALINGS.items():
         if not hasattr(config, attribute):
             continue
+        if softcap is not None:
+            raise ValueError(f"fused=True does not know in which order {model_type!r} applies config.{attribute} "
+                             f"and config.final_logit_softcapping; use fused=False")
         if model_type not in directions:
             raise ValueError(f"fused=True does not know whether model_type {model_type!r} multiplies or divides "
                              f"its logits by config.{attribute}; use fused=False")
@@ -46,4 +50,4 @@ def fused_head(model, temperature: float) -> tuple[torch.nn.Linear, float]:
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"fused=True needs the model's output embedding to be a torch.nn.Linear [vocab, hidden] "
                         f"(tied or not), got {type(head).__name__}")
-    return head, temperature
+    return head, temperature, softcap

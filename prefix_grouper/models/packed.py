@@ -115,8 +115,8 @@ def completion_log_probs(
         fused: run the model's body only (:func:`completion_hidden_states`) and apply its LM
             head with :func:`prefix_grouper.fused_linear_log_probs`, one chunk of logits at a
             time. A logit scaling of the model's forward (Cohere's ``logit_scale``, Granite's
-            ``logits_scaling``) is folded into the temperature; final-logit softcapping
-            (Gemma 2) is refused.
+            ``logits_scaling``) is folded into the temperature; a final-logit softcapping
+            (Gemma 2) is applied by the fused kernels.
         return_entropy: also return the entropy of every token's distribution.
 
     Returns ``(log_probs [N, max_S], mask [N, max_S] bool)``, or ``(log_probs, entropy
@@ -127,10 +127,10 @@ def completion_log_probs(
     check_bool(fused, "fused")
     check_bool(return_entropy, "return_entropy")
     if fused:
-        head, head_temperature = fused_head(model, temperature)
+        head, head_temperature, softcap = fused_head(model, temperature)
         hidden, targets = completion_hidden_states(model, layout, prompt_ids, completion_ids, backend=backend)
-        per_token = fused_linear_log_probs(hidden, head.weight, targets, bias=head.bias,
-                                           temperature=head_temperature, return_entropy=return_entropy)
+        per_token = fused_linear_log_probs(hidden, head.weight, targets, bias=head.bias, temperature=head_temperature,
+                                           softcap=softcap, return_entropy=return_entropy)
     else:
         logits, targets = completion_logits(model, layout, prompt_ids, completion_ids, backend=backend)
         per_token = token_log_probs(logits, targets, temperature, return_entropy=return_entropy)

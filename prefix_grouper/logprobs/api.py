@@ -140,12 +140,12 @@ class FusedLinearLogProbs(torch.autograd.Function):
         # Sums over several blocks accumulate in float32 (float64 for float64 inputs) and are
         # cast once at the end: summing bf16 partial products in bf16 would round after every
         # block (measured 3.7x PyTorch's own error at 64 chunks).
-        grad_hidden = grad_hidden_sum = None
+        grad_hidden = grad_weight = None
         if needs_hidden:
             grad_hidden = (torch.empty_like(hidden) if vocab_block == vocab_size
                            else torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device))
-        grad_weight = torch.zeros_like(weight) if needs_weight and rows == 0 else (
-            torch.empty_like(weight) if needs_weight else None)
+        if needs_weight:  # every block writes its rows of it, unless there are no rows to write
+            grad_weight = torch.zeros_like(weight) if rows == 0 else torch.empty_like(weight)
         grad_bias = torch.zeros(vocab_size, dtype=lse.dtype, device=weight.device) if needs_bias else None
         with inputs_dtype_matmuls(hidden.device):
             for v_start in range(0, vocab_size, vocab_block):

@@ -176,7 +176,10 @@ class Trainer:
         # The loss runs in float32 (float64 for a float64 model) whatever the model's dtype,
         # as TRL's does: policy_loss upcasts the log-probs, the advantages come in that dtype.
         advantages = prepared.advantages.to(self.device, torch.promote_types(self.policy.model.dtype, torch.float32))
-        sums = dict.fromkeys(("loss", "kl", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy"), 0.0)
+        # Summed on the device in float64 and read back once per step: a read per micro-batch
+        # would wait for its backward before the next micro-batch's forward could be queued.
+        sums = {key: torch.zeros((), dtype=torch.float64, device=self.device)
+                for key in ("loss", "kl", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy")}
         for i, batch in enumerate(batches):
             share = micro_batch_share(c.loss_type, batch.stop - batch.start, tokens[i], rows_total, tokens_total)
             last = i == len(batches) - 1
@@ -189,12 +192,12 @@ class Trainer:
                     ref_log_probs=None if prepared.ref_log_probs is None else prepared.ref_log_probs[i],
                     max_completion_length=self.task.max_new_tokens, num_items_in_batch=tokens_total)
                 (loss * (share * self.dist.world_size)).backward()
-            sums["loss"] += loss.item() * share
+            sums["loss"] += loss.detach().double() * share
             for key, value in stats.items():
-                sums[key] += value.item() * tokens[i]
+                sums[key] += value.detach().double() * tokens[i]
             # Sampled-token estimate of the per-token entropy: -E[log p] under the policy.
-            sums["entropy"] -= (log_probs.detach() * mask).sum().item()
-        totals = dict(zip(sums, self.dist.all_sum(list(sums.values()), self.device)))
+            sums["entropy"] -= (log_probs.detach() * mask).sum().double()
+        totals = dict(zip(sums, self.dist.all_sum(torch.stack(list(sums.values())).tolist(), self.device)))
         return {key: value if key == "loss" else value / max(tokens_total, 1.0) for key, value in totals.items()}
 
     def train_step(self, rollout: Rollout) -> dict[str, float]:

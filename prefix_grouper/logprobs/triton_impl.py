@@ -36,7 +36,7 @@ MAX_BLOCK_V = 8192
 
 
 if triton is not None:
-    from ..attention.triton_features import tanh
+    from ..triton_math import tanh
 
     @triton.jit
     def scaled_logits(x, scale, inv_softcap, HAS_SOFTCAP: tl.constexpr):

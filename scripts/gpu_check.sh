@@ -18,13 +18,14 @@
 #   build the extension (nvcc, sm_90a)                     BUILD_S=40
 #   scripts/gpu_probe.py: bf16 vs fp64 against PyTorch's
 #     own bf16 error, features, repeatability, host sync
-#     (attention alone, and where a model step syncs)     PROBE_S=100
+#     (attention alone; where a model step syncs)         PROBE_S=100
 #   compute-sanitizer on the CUDA advantage op             SANITIZER_S=20
-#   attention suite (the configs with targets)             ATTENTION_S=140
-#   model suite (1.5B shape first)                         MODEL_S=100
-#   log_probs and advantages at --quick                    QUICK_SUITES_S=35
+#   attention suite (the configs with targets)             ATTENTION_S=135
+#   model suite (1.5B shape first)                         MODEL_S=95
+#   log_probs suite (C 8192, the target, and 2048; H 1536) LOG_PROBS_S=30
+#   advantages suite at --quick                            ADVANTAGES_S=20
 #   GPU test files (triton attention, fused log-probs)     TESTS_S=40
-#   total of the timeouts: 475 s; set the ones you need lower to fit a shorter lease.
+#   total of the timeouts: 480 s; set the ones you need lower to fit a shorter lease.
 # Results: runs/bench/<suite>_<device>.csv and .png; with $OUT set (the device tool), also
 # $OUT/bench.tar.gz (the device tool returns at most 8 files) and $OUT/gpu_check.log.
 # To quote a run in the README, commit its CSVs under benchmarks/results/.
@@ -67,12 +68,14 @@ r = torch.randn(97, device='cuda', dtype=torch.float64)
 g = torch.arange(97, device='cuda') // 7
 print(grpo_advantages(r, g, backend='cuda').abs().sum().item())"
 # The configs that carry targets first (the whole suite does not fit beside the others).
-step "attention suite" "${ATTENTION_S:-140}" python3 -m benchmarks.bench_attention --out runs/bench --configs \
+step "attention suite" "${ATTENTION_S:-135}" python3 -m benchmarks.bench_attention --out runs/bench --configs \
   "P4096 S512 G8" "Qwen2.5-1.5B attn P4096 S256 G8" "Qwen2.5-0.5B attn P4096 S256 G8" "ragged GQA 4 groups" \
   "P8192 S512 G8 no window" "P8192 S512 G8 window 4096" "P8192 S512 G8 window 1024" \
   "P8192 S512 G8 softcap 50" "P8192 S512 G8 sinks"
-step "model suite" "${MODEL_S:-100}" python3 -m benchmarks.run --suite model
-step "quick suites" "${QUICK_SUITES_S:-35}" python3 -m benchmarks.run --quick --suite log_probs advantages
+step "model suite" "${MODEL_S:-95}" python3 -m benchmarks.run --suite model
+step "log_probs suite" "${LOG_PROBS_S:-30}" python3 -m benchmarks.bench_log_probs --out runs/bench --configs 8192,1536 \
+  2048,1536
+step "advantages suite" "${ADVANTAGES_S:-20}" python3 -m benchmarks.run --quick --suite advantages
 step "GPU tests" "${TESTS_S:-40}" env PREFIX_GROUPER_AUTOTUNE=off python3 -m pytest -q -x -rs -p no:cacheprovider \
   tests/test_prefix_attention_triton.py tests/test_fused_linear_log_probs.py
 

@@ -45,7 +45,7 @@ def test_attention_configs_exist_on_the_gpu():
 def test_suites_and_test_files_exist():
     from benchmarks.run import SUITES
 
-    for step in ("model suite", "quick suites"):
+    for step in ("model suite", "advantages suite"):
         words = _step_words(step)
         suites = words[words.index("--suite") + 1:]
         assert suites and set(suites) <= set(SUITES), (step, suites)
@@ -53,10 +53,20 @@ def test_suites_and_test_files_exist():
     assert files and all((ROOT / f).is_file() for f in files), files
 
 
+def test_log_probs_step_measures_the_target_shape():
+    """The issue's fused log-probs target is read at C=8192, H=1536 on Qwen's vocabulary."""
+    from benchmarks import bench_log_probs
+
+    words = _step_words("log_probs suite")
+    named = [tuple(int(x) for x in c.split(",")) for c in words[words.index("--configs") + 1:]]
+    assert named[0] == (8192, 1536)
+    assert set(named) <= {(rows, width) for rows, width, _ in bench_log_probs.GPU_CONFIGS}, named
+
+
 def test_timeouts_fit_the_budget():
     # Under 8 minutes of steps, so one device call leaves time for a second in a 15-minute lease.
     defaults = [int(s) for s in re.findall(r'"\$\{[A-Z_]+_S:-(\d+)\}"', SCRIPT)]
-    assert len(defaults) == 7 and sum(defaults) <= 480, defaults
+    assert len(defaults) == 8 and sum(defaults) <= 480, defaults
 
 
 def test_correctness_steps_run_without_the_autotuning_sweep():

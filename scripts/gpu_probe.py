@@ -23,10 +23,11 @@ from collections import Counter
 
 import torch
 
+import prefix_grouper
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention.reference import prefix_sharing_mask
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__import__("prefix_grouper").__file__))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(prefix_grouper.__file__))
 # The fused head's one sync: check_targets reads (min, max) of the targets back (documented there).
 ALLOWED_SYNC_FILES = {"fused": {os.path.join(PACKAGE_DIR, "logprobs", "api.py")}, "plain": set()}
 

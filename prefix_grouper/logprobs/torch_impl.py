@@ -55,10 +55,10 @@ def chunk_grad_logits_torch_(logits: torch.Tensor, targets: torch.Tensor, vocab_
     With ``z`` the scaled logits (:func:`scaled_logits`): ``d log p_t / d z = onehot_t - p``
     and ``d H / d z = -p (log p + H)``; the chain to the raw logits multiplies by
     ``inv_temperature``, and with a softcap also by ``1 - t^2``. ``p`` needs only the row's
-    ``lse`` over the whole vocabulary, so any block of columns is computed on its own. ``targets [c]`` are ids in the whole vocabulary (the
-    one-hot term lands only where a target is inside the block); ``lse``, ``entropy``,
-    ``grad_*`` are ``[c]`` in the statistics' dtype; ``grad_entropy`` None (the entropy was not
-    used) skips its term.
+    ``lse`` over the whole vocabulary, so any block of columns is computed on its own.
+    ``targets [c]`` are ids in the whole vocabulary (the one-hot term lands only where a
+    target is inside the block); ``lse``, ``entropy``, ``grad_*`` are ``[c]`` in the
+    statistics' dtype; ``grad_entropy`` None (the entropy was not used) skips its term.
     """
     log_p, capped = scaled_logits(logits, lse.dtype, inv_temperature, softcap)
     log_p.sub_(lse[:, None])

@@ -216,10 +216,9 @@ def sequence_log_probs(model, layout: GroupLayout, packed_ids: torch.Tensor, com
         raise ValueError(f"completion_lens has {len(completion_lens)} entries, the layout packs "
                          f"{layout.num_sequences} sequences")
     _check_packed_ids(layout, packed_ids)
-    logits_at, targets_at = layout.cached(("sequence_targets", str(layout.device), tuple(completion_lens)),
-                                          lambda: _sequence_targets(layout, completion_lens))
-    mask, padded_index = layout.cached(("sequence_padding", str(layout.device), tuple(completion_lens)),
-                                       lambda: _padding(completion_lens, layout.device))
+    logits_at, targets_at, mask, padded_index = layout.cached(
+        ("sequence_targets", str(layout.device), tuple(completion_lens)),
+        lambda: (*_sequence_targets(layout, completion_lens), *_padding(completion_lens, layout.device)))
     logits = packed_logits(model, layout, packed_ids, positions=logits_at, backend=backend)
     per_token = token_log_probs(logits, packed_ids[targets_at], temperature)
     # index_copy at host-built indices: a boolean-mask assignment would read a count back

@@ -149,7 +149,8 @@ def test_backward_blocks_fit_the_chunk_budget(rows, vocab, chunk_size):
     that leaves >= MIN_VOCAB_BLOCK columns (GRPO's 2048-32768 completion tokens of Qwen's
     vocabulary: 2 to 28 blocks of columns, no weight-gradient accumulator)."""
     row_block, columns = backward_blocks(rows, vocab, chunk_size)
-    assert 1 <= columns <= vocab and row_block >= 1
+    # Never narrower than the minimum block (unless the vocabulary is), never more rows than there are.
+    assert columns >= min(vocab, MIN_VOCAB_BLOCK) and row_block <= max(rows, 1)
     assert row_block * columns <= max(chunk_size * vocab, MIN_VOCAB_BLOCK)
     if rows <= chunk_size:
         assert columns == vocab

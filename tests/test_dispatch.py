@@ -26,7 +26,7 @@ def triton_everywhere(monkeypatch):
 
 
 def test_every_op_is_registered_with_its_backends():
-    assert _dispatch.backend_names("prefix_attention") == ("auto", "reference", "torch", "triton")
+    assert _dispatch.backend_names("prefix_attention") == ("auto", "reference", "torch", "triton", "flash")
     assert _dispatch.backend_names("fused_linear_log_probs") == ("auto", "torch", "triton")
     assert _dispatch.backend_names("advantages") == ("auto", "torch", "triton", "cuda")
     assert attention.BACKENDS == _dispatch.backend_names("prefix_attention")[1:]
@@ -97,7 +97,8 @@ def test_explicit_unavailable_for_a_dtype():
     with pytest.raises(BackendUnavailableError,
                        match=r"^prefix_attention: backend='triton' is not available on cpu for float64: the Triton "
                              r"kernels support float16, bfloat16 and float32, not float64\. Available there: "
-                             r"'reference', 'torch' \('auto' picks 'torch'\)$"):
+                             r"'reference', 'torch' \('auto' picks 'torch'\)\. Also unavailable: 'flash' \(it runs "
+                             r"FlashAttention-class CUDA kernels and needs CUDA tensors, got cpu .*\)$"):
         _dispatch.resolve_backend("prefix_attention", "triton", CPU, torch.float64)
     with pytest.raises(BackendUnavailableError, match="for bfloat16: on CPU \\(the Triton interpreter\\)"):
         attention.resolve_backend("triton", CPU, torch.bfloat16)

@@ -10,13 +10,15 @@ from .._dispatch import Backend, register_op
 from ..checks import check_bool, check_int, check_positive_real
 from ..layout import GroupLayout
 from ..runtime import triton_unavailable_reason
+from .flash_backend import flash_preferred, flash_prefix_attention
+from .flash_engines import engine_unavailable_reason
 from .reference import reference_prefix_attention
 from .torch_backend import torch_prefix_attention
 
 __all__ = ["BACKENDS", "MAX_HEAD_DIM", "available_backends", "prefix_attention", "resolve_backend"]
 
 OP = "prefix_attention"
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "flash")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
@@ -52,6 +54,8 @@ register_op(OP, [
     Backend("reference", _reference),
     Backend("torch", torch_prefix_attention),
     Backend("triton", _triton, unavailable=_triton_unavailable, auto_devices=frozenset({"cuda"})),
+    # "auto" picks flash only where a committed GPU run measured it faster (flash_preferred).
+    Backend("flash", flash_prefix_attention, unavailable=engine_unavailable_reason, auto_devices=frozenset({"cuda"})),
 ], auto_order=("triton", "torch"))
 
 
@@ -64,7 +68,9 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     """The backend ``prefix_attention`` runs for ``backend`` on ``device`` inputs of ``dtype``.
 
     ``"auto"`` is ``"triton"`` on CUDA (not for float64) when Triton is available, else
-    ``"torch"``; an explicit name is returned as is, or refused with the reason it cannot run
+    ``"torch"`` (``prefix_attention`` also picks ``"flash"`` for a call where
+    :data:`~prefix_grouper.attention.flash_backend.FLASH_MEASURED_FASTER` says it measured
+    faster); an explicit name is returned as is, or refused with the reason it cannot run
     (:class:`~prefix_grouper._dispatch.BackendUnavailableError`).
     """
     return registry.resolve_backend(OP, backend, device, dtype)
@@ -201,8 +207,10 @@ def prefix_attention(
             head that joins every row's softmax denominator and has no value (gpt-oss's
             ``sinks``); it is neither scaled nor capped.
         backend: ``"auto"`` (triton on CUDA when available, else torch), ``"torch"``,
-            ``"triton"``, or ``"reference"`` (dense fp32/fp64 ground truth, slow); see
-            :func:`resolve_backend`.
+            ``"triton"``, ``"flash"`` (varlen FlashAttention-class CUDA kernels composed and
+            merged by LSE, float16/bfloat16 on CUDA; on any device and dtype inside
+            ``flash_engine("reference")``; see :mod:`prefix_grouper.attention.flash_backend`),
+            or ``"reference"`` (dense fp32/fp64 ground truth, slow); see :func:`resolve_backend`.
         return_lse: also return the log-sum-exp of the (capped) scores the row sees, the
             sink included.
 
@@ -240,6 +248,8 @@ def prefix_attention(
         _check_sinks(sinks, q)
     features = {"window": window, "softcap": softcap, "sinks": sinks}
     name = resolve_backend(backend, q.device, q.dtype)
+    if backend == "auto" and flash_preferred(q.device, q.dtype, q.shape[-1], layout, softcap):
+        name = "flash"
     out, lse = registry.implementation(OP, name)(q, k, v, layout, softmax_scale, **features, need_lse=return_lse)
     if batched:
         out = out[None]

@@ -7,7 +7,10 @@ Approaches (each on the same packed q/k/v, checked against ours before timing):
   flex     PyTorch FlexAttention with a prefix-sharing block mask, torch.compile'd
            (forward only on CPU: FlexAttention has no CPU backward)
   flashattn flash_attn_varlen_func on the unpacked rows (GPU, where flash-attn is installed)
-  torch / triton   prefix_attention backends of this package
+  torch / triton / flash   prefix_attention backends of this package (triton on GPU only: on
+           CPU it is the interpreter; flash where it takes the call: CUDA, bf16/fp16, head dim a
+           multiple of 8, a softcap only on the flash_attn engine; elsewhere its row holds flash's
+           refusal in ``note`` and no time)
 
 Every approach is warmed up (compiled, autotuned) in exactly the mode it is then timed in,
 forward under no_grad and forward+backward with grad, and the warm-up time is reported on
@@ -39,8 +42,8 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import available_backends
 from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
-from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, measure_ms,
-                     ratios as ratios_of, repeats_of, run_suite, shared_prefix_flops, spread, suite_setup,
+from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, flash_refusal,
+                     measure_ms, ratios as ratios_of, repeats_of, run_suite, shared_prefix_flops, spread, suite_setup,
                      table_lines)
 
 
@@ -89,11 +92,13 @@ BASELINES = ("unpacked", "flex")
 class Approach:
     """``prepare`` turns packed q/k/v into the approach's own input layout once (outside the
     timed region, as a model would hold them); ``run`` is what gets timed. ``backward``:
-    whether ``run`` is differentiable on this device."""
+    whether ``run`` is differentiable on this device. ``unavailable``: why the approach cannot
+    run this config here ("" where it runs): its row says so and holds no time."""
 
     prepare: Callable
-    run: Callable
+    run: Callable | None
     backward: bool = True
+    unavailable: str = ""
 
 
 def run_split(q, k, v, layout):
@@ -155,16 +160,32 @@ def visible_flops(layout, heads, head_dim, window=None):
     return 4 * head_dim * heads * visible
 
 
-def approaches(layout, device, wanted=None, features=None):
-    """``{name: Approach}`` for this layout and device (only the names in ``wanted``, if given);
-    with ``features`` (prefix_attention keywords), only this package's backends."""
+def package_backends(layout, device, dtype, head_dim, features) -> dict:
+    """``{backend: maker of its Approach}`` of this package's backends with ``features``
+    (prefix_attention keywords): those that run on ``device`` (not the reference; not Triton's
+    CPU interpreter, whose timings say nothing about the kernels), then flash, run or refused."""
     packed = lambda q, k, v: (q, k, v)  # noqa: E731
+
+    def maker(backend):
+        return lambda: Approach(packed, lambda q, k, v: prefix_attention(q, k, v, layout, backend=backend,
+                                                                         **features))
+
+    makers = {backend: maker(backend) for backend in available_backends(device)
+              if backend not in ("reference", "flash") and not (backend == "triton" and device.type != "cuda")}
+    # Flash refuses per call (dtype, softcap, head dim), not per device as available_backends asks.
+    refusal = flash_refusal(device, dtype, head_dim, features.get("softcap"))
+    makers["flash"] = maker("flash") if refusal is None else lambda: Approach(packed, None, unavailable=refusal)
+    return makers
+
+
+def approaches(layout, device, dtype, head_dim, wanted=None, features=None):
+    """``{name: Approach}`` for this layout, device, dtype and head dim (only the names in
+    ``wanted``, if given); with ``features`` (prefix_attention keywords), only this package's
+    backends."""
+    ours = package_backends(layout, device, dtype, head_dim, features or {})
     if features:
-        return {backend: Approach(packed, (lambda b: lambda q, k, v: prefix_attention(
-                    q, k, v, layout, backend=b, **features))(backend))
-                for backend in available_backends(device)
-                if backend != "reference" and not (backend == "triton" and device.type != "cuda")
-                and (wanted is None or backend in wanted)}
+        return {name: make() for name, make in ours.items() if wanted is None or name in wanted}
+    packed = lambda q, k, v: (q, k, v)  # noqa: E731
     rows = lambda q, k, v: tuple(unpacked_rows(x, layout)[0] for x in (q, k, v))  # noqa: E731
     makers = {"unpacked": lambda: Approach(rows, unpacked_attention_rows)}
     if layout.num_groups == 1 and len(set(layout.suffix_lens_list)) == 1:
@@ -186,11 +207,7 @@ def approaches(layout, device, wanted=None, features=None):
             makers["flashattn"] = make_flashattn
         except ImportError:
             pass
-    for backend in available_backends(device):
-        # Triton on CPU is the interpreter: its timings say nothing about the kernels.
-        if backend != "reference" and not (backend == "triton" and device.type != "cuda"):
-            makers[backend] = (lambda b: lambda: Approach(
-                packed, lambda q, k, v: prefix_attention(q, k, v, layout, backend=b)))(backend)
+    makers.update(ours)
     return {name: make() for name, make in makers.items() if wanted is None or name in wanted}
 
 
@@ -241,8 +258,30 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
     # Outputs are O(1) (softmax-weighted averages of unit-normal values): a few ulps of the
     # dtype after rounding, not a mask or position error (which moves them by ~0.1).
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+    nan = float("nan")
+
+    def row(approach, err=nan, fwd_warmup_s=nan, fwd_ms=nan, fwd_bwd_warmup_s=nan, fwd_bwd_ms=nan, peak_gib=nan,
+            recompiled=False, note=""):
+        return {
+            "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""),
+            "hq": hq, "hkv": hkv, "d": d,
+            "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": "" if note else err <= agreement,
+            "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}", **spread("fwd_ms", fwd_ms),
+            "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
+            **spread("fwd_bwd_ms", fwd_bwd_ms),
+            "recompiled_during_timing": recompiled,
+            "peak_extra_gib": f"{peak_gib:.3f}",
+            "useful_tflops_fwd": f"{flops / fwd_ms / 1e9:.2f}",
+            "useful_tflops_fwd_bwd": f"{3.5 * flops / fwd_bwd_ms / 1e9:.2f}",
+            "note": note,
+        }
+
     rows = []
-    for approach, provider in approaches(layout, device, wanted, features).items():
+    for approach, provider in approaches(layout, device, dtype, d, wanted, features).items():
+        if provider.unavailable:
+            print(f"{name}, {approach}: not run: {provider.unavailable}", flush=True)
+            rows.append(row(approach, note=f"not run: {provider.unavailable}"))
+            continue
         inputs = provider.prepare(q, k, v)
         leaves = [x.detach().requires_grad_() for x in inputs]
 
@@ -252,7 +291,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
 
         out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device, repeats)
         err = (completion_view(approach, out, layout).float() - ours).abs().max().item()
-        fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = float("nan")
+        fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = nan
         recompiled_fwd_bwd = False
         if provider.backward:
             grad_out = torch.randn_like(out)
@@ -268,18 +307,8 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
                 fwd_bwd()
                 torch.cuda.synchronize()
                 peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rows.append({
-            "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""),
-            "hq": hq, "hkv": hkv, "d": d,
-            "tokens": t, "max_abs_diff_vs_ours": f"{err:.3e}", "agrees": err <= agreement,
-            "fwd_warmup_s": f"{fwd_warmup_s:.2f}", "fwd_ms": f"{fwd_ms:.3f}", **spread("fwd_ms", fwd_ms),
-            "fwd_bwd_warmup_s": f"{fwd_bwd_warmup_s:.2f}", "fwd_bwd_ms": f"{fwd_bwd_ms:.3f}",
-            **spread("fwd_bwd_ms", fwd_bwd_ms),
-            "recompiled_during_timing": recompiled_fwd or recompiled_fwd_bwd,
-            "peak_extra_gib": f"{peak_gib:.3f}",
-            "useful_tflops_fwd": f"{flops / fwd_ms / 1e9:.2f}",
-            "useful_tflops_fwd_bwd": f"{3.5 * flops / fwd_bwd_ms / 1e9:.2f}",
-        })
+        rows.append(row(approach, err, fwd_warmup_s, fwd_ms, fwd_bwd_warmup_s, fwd_bwd_ms, peak_gib,
+                        recompiled_fwd or recompiled_fwd_bwd))
         if err > agreement:
             print(f"WARNING: {approach} differs from prefix_attention by {err:.2e} on {name}")
         for mode, recompiled in (("fwd", recompiled_fwd), ("fwd+bwd", recompiled_fwd_bwd)):
@@ -308,14 +337,14 @@ def run(args) -> Iterator[dict]:
         if unknown:
             raise ValueError(f"--configs: unknown {sorted(unknown)}; this run has {[c[0] for c in configs]}")
         configs = [c for c in configs if c[0] in args.configs]
-    measured = 0
+    written = 0  # rows, measured or saying why not
     for config in tqdm(configs, desc="attention configs"):
         name, prefix, suffix, hq, hkv, d, *features = config
         for row in bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, args.approaches, repeats_of(args),
                                 *features):
-            measured += 1
+            written += 1
             yield row
-    if not measured:
+    if not written:
         raise ValueError(f"--approaches: none of {args.approaches} runs on {device}")
 
 
@@ -326,7 +355,8 @@ def summary(rows) -> list[str]:
         ("warm-up s", 11, lambda r: f"{r['fwd_warmup_s']}+{r['fwd_bwd_warmup_s']}"), ("fwd ms", 10, "fwd_ms"),
         ("fwd+bwd ms", 12, "fwd_bwd_ms"), ("peak GiB", 10, "peak_extra_gib"), ("TF/s fwd", 10, "useful_tflops_fwd"),
         ("TF/s f+b", 10, "useful_tflops_fwd_bwd"), ("diff", 11, "max_abs_diff_vs_ours"),
-        ("", 0, lambda r: "  RECOMPILED" if r["recompiled_during_timing"] else "")])
+        ("", 0, lambda r: "  RECOMPILED" if r["recompiled_during_timing"] else ""),
+        ("", 0, lambda r: f"  {r['note']}" if r["note"] else "")])
     return lines
 
 
@@ -337,9 +367,12 @@ def ratios(rows) -> list[dict]:
 
 
 def plot(rows, path, where):
-    """fwd+bwd times per config and approach (forward-only approaches: their forward time)."""
+    """fwd+bwd times per config and approach (forward-only approaches: their forward time; an
+    approach not run on a config: no bar)."""
     series = {}
     for r in rows:
+        if r["note"]:
+            continue
         label = r["approach"] if r["fwd_bwd_ms"] != "nan" else f"{r['approach']} (fwd only)"
         series.setdefault(label, {})[r["config"]] = float(r["fwd_bwd_ms"] if r["fwd_bwd_ms"] != "nan"
                                                           else r["fwd_ms"])

@@ -9,6 +9,8 @@ Approaches, on the same weights and batch (gradient checkpointing on):
                     it is missing the row says why and is not timed)
   prefix_grouper    one packed row, prefix_grouper.integrations.transformers.completion_log_probs
   prefix_grouper_fused   the same with fused=True (the LM head one chunk of logits at a time)
+  prefix_grouper_flash   prefix_grouper with backend="flash" (FlashAttention-2 varlen calls merged
+                    by LSE); where flash refuses the model (CPU, float32) the row holds its reason
 
 A step is forward + backward of the summed completion log-probs. Every approach's log-probs
 are compared with the unpacked ones before it is timed; one that differs is not timed.
@@ -42,9 +44,8 @@ from prefix_grouper.unpacked import unpacked_completion_log_probs
 
 from .bench_attention import flex_for_layout
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
-                     bar_chart, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite, spread,
-                     suite_setup,
-                     table_lines)
+                     bar_chart, flash_refusal, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite,
+                     spread, suite_setup, table_lines)
 
 TINY = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=8192)
@@ -161,6 +162,12 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
         "prefix_grouper_fused": (model, lambda: completion_log_probs(model, layout, prompts, completions,
                                                                      fused=True)),
     })
+    # The head dim as Qwen2Attention reads it; Qwen2 has no attention softcap.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    flash_refused = flash_refusal(device, dtype, head_dim)
+    if flash_refused is None:
+        approaches["prefix_grouper_flash"] = (model, lambda: completion_log_probs(model, layout, prompts, completions,
+                                                                                  backend="flash"))
     unpacked_tokens, packed_tokens = layout.unpacked_tokens(), layout.total_tokens
     completion_tokens = sum(len(c) for c in completions)
 
@@ -180,6 +187,8 @@ def bench_config(name, sizes, prompt_lens, completion_lens, device, dtype, repea
 
     if flex_missing is not None:
         yield row("flex", note=f"not run: FlexAttention has no backward here ({flex_missing})")
+    if flash_refused is not None:
+        yield row("prefix_grouper_flash", note=f"not run: {flash_refused}")
     reference = reference_grads = None
     for approach, (owner, log_probs) in approaches.items():
         def step():

@@ -19,10 +19,11 @@ random q/k/v per tree token is gathered into the one-level layout and the unpack
 all approaches compute the same attention; each one's outputs are checked against the tree's
 before timing. Approaches: ``unpacked`` (each sequence its own row, SDPA causal),
 ``one-level <backend>`` and ``tree <backend>`` (``prefix_attention``; the torch backend, and
-Triton on a GPU). Per row: unpacked, one-level and tree tokens, fwd+bwd ms (median, min,
-max) and peak extra memory. One more row times ``from_sequences`` on 512 sequences of
-4,096 tokens (a 1,024-token system prompt, 64 questions of 512, G=8 completions of 2,560)
-at full size on every device (64 x 512 with --smoke).
+Triton and flash on a GPU: where flash refuses the call, on CPU or in float32, its two rows
+hold its reason in ``error`` and no time). Per row: unpacked, one-level and tree tokens,
+fwd+bwd ms (median, min, max) and peak extra memory. One more row times ``from_sequences``
+on 512 sequences of 4,096 tokens (a 1,024-token system prompt, 64 questions of 512, G=8
+completions of 2,560) at full size on every device (64 x 512 with --smoke).
 
     python -m benchmarks.bench_tree --quick
     python -m benchmarks.run --suite tree --quick
@@ -43,7 +44,8 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.unpacked import unpacked_attention_rows
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, device_of,
-                     measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite, spread, table_lines)
+                     flash_refusal, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite, spread,
+                     table_lines)
 
 BASELINES = ("unpacked", "one-level torch")
 # Random token ids below SIBLING_ID; a segment's first token is SIBLING_ID + its index among
@@ -169,10 +171,10 @@ def padded_index(positions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def approaches(tree: GroupLayout, flat: GroupLayout, to_flat: torch.Tensor, rows: torch.Tensor,
-               device: torch.device) -> dict:
-    """``{name: (prepare, run, rows_index)}``: ``prepare`` maps the tree's q/k/v to the
-    approach's input, ``run`` is timed, ``rows_index`` maps its output to ``[N, L]`` rows."""
-    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+               backends: list[str]) -> dict:
+    """``{name: (prepare, run, rows_index)}`` of the unpacked rows and every backend's one-level
+    and tree rows: ``prepare`` maps the tree's q/k/v to the approach's input, ``run`` is timed,
+    ``rows_index`` maps its output to ``[N, L]`` rows."""
     made = {"unpacked": (lambda x: x[rows], unpacked_attention_rows, None)}
     for backend in backends:
         made[f"one-level {backend}"] = (lambda x: x[to_flat],
@@ -196,13 +198,23 @@ def bench_shape(name: str, shape: Shape, device, dtype, heads, repeats) -> Itera
     tokens = {"unpacked": unpacked_tokens, "flat": flat.total_tokens, "tree": tree.total_tokens}
     reference = None
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-    for approach, (prepare, run, kind) in approaches(tree, flat, to_flat, tree_rows, device).items():
+
+    def row(approach, kind, err, ms, mib, agrees, error):
+        return {"config": name, "approach": approach, "measured": "attention fwd+bwd",
+                "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
+                "unpacked_tokens": unpacked_tokens, "one_level_tokens": flat.total_tokens,
+                "tree_tokens": tree.total_tokens, "tokens": tokens[kind], "max_abs_diff_vs_unpacked": f"{err:.3e}",
+                "agrees": agrees, "ms": f"{ms:.3f}", **spread("ms", ms), "peak_extra_mib": f"{mib:.1f}",
+                "error": error}
+
+    # Triton on CPU is its interpreter, whose timings say nothing about the kernels.
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    flash_refused = flash_refusal(device, dtype, d)
+    if flash_refused is None:
+        backends.append("flash")
+    for approach, (prepare, run, kind) in approaches(tree, flat, to_flat, tree_rows, backends).items():
         inputs = [prepare(x) for x in (q, k, v)]
         leaves = [x.detach().requires_grad_() for x in inputs]
-        row = {"config": name, "approach": approach, "measured": "attention fwd+bwd",
-               "dtype": str(dtype).replace("torch.", ""), "hq": hq, "hkv": hkv, "d": d,
-               "unpacked_tokens": unpacked_tokens, "one_level_tokens": flat.total_tokens,
-               "tree_tokens": tree.total_tokens, "tokens": tokens[kind or "unpacked"]}
         try:
             with torch.no_grad():
                 out = run(*inputs)
@@ -219,8 +231,11 @@ def bench_shape(name: str, shape: Shape, device, dtype, heads, repeats) -> Itera
             print(f"WARNING: {approach} failed on {name}: {error}")
         if err > agreement:
             print(f"WARNING: {approach} differs from the unpacked rows by {err:.2e} on {name}")
-        yield {**row, "max_abs_diff_vs_unpacked": f"{err:.3e}", "agrees": err <= agreement,
-               "ms": f"{ms:.3f}", **spread("ms", ms), "peak_extra_mib": f"{mib:.1f}", "error": error}
+        yield row(approach, kind or "unpacked", err, ms, mib, err <= agreement, error)
+    if flash_refused is not None:
+        print(f"{name}, flash: not run: {flash_refused}", flush=True)
+        for approach, kind in (("one-level flash", "flat"), ("tree flash", "tree")):
+            yield row(approach, kind, NAN, NAN, NAN, "", f"not run: {flash_refused}")
 
 
 def bench_build(num_sequences: int, length: int, device, repeats) -> dict:

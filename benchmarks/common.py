@@ -150,6 +150,25 @@ def repeats_of(args) -> tuple[int, int]:
     return (0, 1) if args.smoke else (1, 3) if args.quick else (2, 5)
 
 
+def flash_refusal(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float | None = None) -> str | None:
+    """Why ``prefix_attention(backend="flash")`` cannot run a call on ``device`` in ``dtype`` with
+    this head dim and softcap (its own message), or None where it runs.
+
+    Asked of a tiny call, because flash refuses per call, not per device: off CUDA (outside the
+    test engine), in float32, with a softcap on PyTorch's FlashAttention-2 engine, and at head
+    dims that are not a multiple of 8. A row then records the refusal a user would read."""
+    from prefix_grouper import GroupLayout, prefix_attention
+
+    layout = GroupLayout.from_lengths([2], [[1]], device=device)
+    x = torch.zeros(layout.total_tokens, 1, head_dim, device=device, dtype=dtype)
+    try:
+        prefix_attention(x, x, x, layout, backend="flash", softcap=softcap)
+    except ValueError as refusal:  # BackendUnavailableError is one too
+        # The registry's refusal goes on to list every other backend: flash's reason is its head.
+        return str(refusal).split(". Available there:")[0]
+    return None
+
+
 def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     """Useful forward FLOPs: ``4 d [P^2/2 + sum_i (S_i P + S_i^2/2)]`` per head and group."""
     total = 0.0

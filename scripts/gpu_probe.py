@@ -1,14 +1,18 @@
-"""GPU correctness probe of the Triton attention (bf16), run by scripts/gpu_check.sh.
+"""GPU correctness probe of the Triton and flash attention backends (bf16), run by
+scripts/gpu_check.sh.
 
 For random ragged GQA layouts and random prefix trees (``GroupLayout.from_sequences``), with
-and without a sliding window, a logit softcap and attention sinks, it compares the Triton
-backend's bf16 outputs and gradients (q, k, v, sinks) with the float64 reference, against
-PyTorch's own bf16 error: eager attention (bf16 matmuls, float32 softmax, as transformers'
-eager path computes) on the same inputs. The pass bound is
-error(Triton) <= 2 x error(PyTorch bf16) + 1e-3 (the additive floor keeps near-zero eager
-errors, e.g. of a one-token row, from making the bound vacuous-tight). It also checks bitwise
-repeatability of two identical calls and that forward and backward never synchronize with
-the host (torch.cuda.set_sync_debug_mode("error")), and lists where a whole model step
+and without a sliding window, a logit softcap and attention sinks, it compares each backend's
+bf16 outputs and gradients (q, k, v, sinks) with the float64 reference, against PyTorch's own
+bf16 error: eager attention (bf16 matmuls, float32 softmax, as transformers' eager path
+computes) on the same inputs. The pass bound is error(backend) <= 2 x error(PyTorch bf16) +
+1e-3 (the additive floor keeps near-zero eager errors, e.g. of a one-token row, from making
+the bound vacuous-tight). A case flash refuses (a softcap on PyTorch's FlashAttention-2
+engine) prints flash's reason and counts no failure. It also checks bitwise repeatability of
+two identical calls (for flash recorded, and required only under
+torch.use_deterministic_algorithms(True): see check_backend), that flash's fused LSE-merge
+kernel (csrc/flash_merge.cpp) was built and runs, that forward and backward never synchronize
+with the host (torch.cuda.set_sync_debug_mode("error")), and lists where a whole model step
 (``completion_log_probs`` forward + backward on a 2-layer Qwen2 with the 1.5B model's heads,
 gradient checkpointing on) synchronizes: a sync in this package's code fails (the fused
 path's one documented read of the targets' range excepted), one in transformers or torch is
@@ -28,6 +32,7 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention.reference import prefix_sharing_mask
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(prefix_grouper.__file__))
+BACKENDS = ("triton", "flash")
 # The fused head's one sync: check_targets reads (min, max) of the targets back (documented there).
 ALLOWED_SYNC_FILES = {"fused": {os.path.join(PACKAGE_DIR, "logprobs", "api.py")}, "plain": set()}
 
@@ -85,9 +90,9 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check_case(label, layout, heads, features, gen, device, backend="triton", dtype=torch.bfloat16) -> int:
-    """Print one case's errors (``backend`` in ``dtype`` against the fp64 reference, beside
-    eager attention in ``dtype``); return its number of failures."""
+def check_case(label, layout, heads, features, gen, device, backends=BACKENDS, dtype=torch.bfloat16) -> int:
+    """Print one case's errors (each of ``backends`` in ``dtype`` against the fp64 reference,
+    beside eager attention in ``dtype``), one line per backend; return its number of failures."""
     hq, hkv, d = heads
     t = layout.total_tokens
     q, k, v = (torch.randn(t, h, d, generator=gen).to(device) for h in (hq, hkv, hkv))
@@ -97,13 +102,28 @@ def check_case(label, layout, heads, features, gen, device, backend="triton", dt
     inputs64 = [x.double() for x in (q, k, v)] + [None if sinks is None else sinks.double()]
     inputs_low = [x.to(dtype) for x in (q, k, v)] + [sinks]
 
-    def ours(q, k, v, s, backend):
-        return prefix_attention(q, k, v, layout, sinks=s, backend=backend, window=window, softcap=softcap)
+    def ours(backend):
+        return lambda q, k, v, s=None: prefix_attention(q, k, v, layout, sinks=s, backend=backend, window=window,
+                                                        softcap=softcap)
 
-    truth = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, "reference"), inputs64, grad_out.double())
-    measured = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs_low, grad_out)
+    truth = outputs_and_grads(ours("reference"), inputs64, grad_out.double())
     eager = outputs_and_grads(lambda q, k, v, s=None: eager_attention(q, k, v, layout, window, softcap, s),
                               inputs_low, grad_out)
+    where = f"{label} T={t} Hq/Hkv={hq}/{hkv} D={d} {features or 'plain'}"
+    return sum(check_backend(where, backend, ours(backend), inputs_low, grad_out, truth, eager, dtype)
+               for backend in backends)
+
+
+def check_backend(where, backend, run, inputs, grad_out, truth, eager, dtype) -> int:
+    """Print ``backend``'s errors against ``truth`` beside ``eager``'s and whether two identical
+    calls agree bitwise; return its number of failures (0 where flash refuses the case)."""
+    try:
+        measured = outputs_and_grads(run, inputs, grad_out)
+    except ValueError as refusal:  # flash's refusal of a feature or dtype (BackendUnavailableError is one too)
+        if backend != "flash":
+            raise
+        print(f"{where}: {backend} not run: {refusal}", flush=True)
+        return 0
     names = ["out", "dq", "dk", "dv", "dsinks"][:len(truth)]
     failures, worst = 0, []
     for name, a, b, e in zip(names, measured, truth, eager):
@@ -111,12 +131,33 @@ def check_case(label, layout, heads, features, gen, device, backend="triton", dt
         ok = ours_err <= 2 * eager_err + 1e-3
         failures += not ok
         worst.append(f"{name} {ours_err:.2e}/{eager_err:.2e}{'' if ok else ' FAIL'}")
-    again = outputs_and_grads(lambda q, k, v, s=None: ours(q, k, v, s, backend), inputs_low, grad_out)
+    again = outputs_and_grads(run, inputs, grad_out)
     repeatable = all(torch.equal(a, b) for a, b in zip(measured, again))
-    failures += not repeatable
-    print(f"{label} T={t} Hq/Hkv={hq}/{hkv} D={d} {features or 'plain'}: rel err {backend}/eager {dtype}: "
-          + ", ".join(worst) + f"; bitwise repeatable: {repeatable}", flush=True)
+    # FlashAttention-2's backward adds dQ up with atomics in whatever order the blocks finish, so
+    # two flash calls may differ in dq's last bits; both engines accumulate deterministically only
+    # under torch.use_deterministic_algorithms(True) (not warn_only), the one mode where flash
+    # must repeat.
+    required = backend != "flash" or (torch.are_deterministic_algorithms_enabled()
+                                      and not torch.is_deterministic_algorithms_warn_only_enabled())
+    failures += required and not repeatable
+    print(f"{where}: rel err {backend}/eager {dtype}: " + ", ".join(worst)
+          + f"; bitwise repeatable: {repeatable}{'' if required else ' (not required: nondeterministic mode)'}",
+          flush=True)
     return failures
+
+
+def merge_kernel_missing(device) -> str | None:
+    """Why flash's fused LSE-merge kernel cannot run on ``device`` (None: it ran). Flash falls
+    back to a PyTorch merge without a word where the extension lacks it, so every other check
+    would pass on a build that lost it."""
+    from prefix_grouper.attention.flash_merge import merge_partials
+
+    out = torch.zeros(2, 1, 8, device=device, dtype=torch.bfloat16)
+    try:
+        merge_partials([(0, out, torch.zeros(1, 2, device=device))], 2, implementation="cuda")
+    except RuntimeError as reason:
+        return str(reason)
+    return None
 
 
 def sync_sites(run) -> Counter:
@@ -188,7 +229,9 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
-    failures = 0
+    missing = merge_kernel_missing(device)
+    failures = int(missing is not None)
+    print(f"flash merge kernel: {'FAIL ' + missing if missing else 'PASS (the CUDA op ran)'}", flush=True)
     cases = [dict(), dict(window=64), dict(softcap=5.0), dict(sinks=True), dict(window=17, softcap=3.0, sinks=True)]
     for index, features in enumerate(cases * 2):
         heads = (12, 2, 128) if index % 2 == 0 else (14, 2, 64)
@@ -201,18 +244,23 @@ def main() -> int:
     k = torch.randn(layout.total_tokens, 2, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
     sinks = torch.randn(8, device=device, requires_grad=True)
-    for features in (dict(), dict(window=128, softcap=20.0, sinks=sinks)):
-        prefix_attention(q, k, v, layout, **features).sum().backward()  # warm: autotune may sync
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            prefix_attention(q, k, v, layout, **features).sum().backward()
-            print(f"no host sync in forward+backward ({'features' if features else 'plain'}): PASS", flush=True)
-        except RuntimeError as error:
-            failures += 1
-            print(f"host sync in forward+backward ({'features' if features else 'plain'}): FAIL {error}", flush=True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    # Flash's window and sinks without a softcap, which PyTorch's FlashAttention-2 engine refuses.
+    sync_features = {"triton": (dict(), dict(window=128, softcap=20.0, sinks=sinks)),
+                     "flash": (dict(), dict(window=128, sinks=sinks))}
+    for backend in BACKENDS:
+        for features in sync_features[backend]:
+            what = f"{backend}, {', '.join(features) or 'plain'}"
+            prefix_attention(q, k, v, layout, backend=backend, **features).sum().backward()  # warm: autotuning may sync
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                prefix_attention(q, k, v, layout, backend=backend, **features).sum().backward()
+                print(f"no host sync in forward+backward ({what}): PASS", flush=True)
+            except RuntimeError as error:
+                failures += 1
+                print(f"host sync in forward+backward ({what}): FAIL {error}", flush=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     failures += check_model_step_syncs(device)
     print("gpu_probe:", "PASS" if failures == 0 else f"FAIL ({failures})")
     return 1 if failures else 0

@@ -12,7 +12,7 @@ PROVENANCE = ["suite", "device", "versions", "git_commit", "timestamp_utc"]
 # Columns each suite's rows must carry beyond the provenance (what the README and the summary read).
 SUITE_COLUMNS = {
     "attention": ["config", "approach", "fwd_ms", "fwd_bwd_ms", "peak_extra_gib", "useful_tflops_fwd_bwd",
-                  "max_abs_diff_vs_ours", "agrees"],
+                  "max_abs_diff_vs_ours", "agrees", "note"],
     "advantages": ["backend", "scope", "rows", "ms", "gbps", "fraction_of_copy"],
     "model": ["config", "approach", "step_ms", "tokens_per_s", "peak_extra_mib", "ideal_token_ratio",
               "max_abs_logprob_diff_vs_unpacked", "note"],
@@ -69,9 +69,12 @@ def test_smoke_run_writes_stamped_csv_and_png(suite, smoke_run):
 def test_model_suite_checks_log_probs_and_says_why_flex_is_missing(smoke_run):
     folder, printed = smoke_run
     rows = {r["approach"]: r for r in read_rows(folder, "model")}
-    assert set(rows) == {"unpacked", "flex", "prefix_grouper", "prefix_grouper_fused"}
+    assert set(rows) == {"unpacked", "flex", "prefix_grouper", "prefix_grouper_fused", "prefix_grouper_flash"}
     # FlexAttention has no CPU backward: the row names torch's own refusal and holds no time.
     assert rows["flex"]["step_ms"] == "nan" and "backward" in rows["flex"]["note"]
+    # Flash runs CUDA kernels: on CPU its row holds prefix_attention's refusal.
+    flash = rows["prefix_grouper_flash"]
+    assert flash["step_ms"] == "nan" and flash["note"].startswith("not run: ") and "CUDA" in flash["note"]
     for name in ("prefix_grouper", "prefix_grouper_fused"):
         # float32, same weights: the layouts differ only in summation order (measured ~5e-7).
         assert float(rows[name]["max_abs_logprob_diff_vs_unpacked"]) <= 1e-4
@@ -96,7 +99,12 @@ def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
     assert {r["config"] for r in rows} == {"(a) system prompt", "(b) multi-turn", "(c) history", "(d) GRPO depth 1",
                                            "build 64x512"}
     for row in rows:
-        assert row["error"] == "" and row["agrees"] == "True", row
+        if row["approach"].endswith(" flash"):  # CUDA kernels: on CPU the rows say why and hold no time
+            assert row["error"].startswith("not run: ") and row["ms"] == "nan" and row["agrees"] == "", row
+        else:
+            assert row["error"] == "" and row["agrees"] == "True", row
+    assert {r["approach"] for r in rows if r["config"] == "(a) system prompt"} == {
+        "unpacked", "one-level torch", "tree torch", "one-level flash", "tree flash"}
     tokens = {r["config"]: tuple(int(r[c] or 0) for c in ("unpacked_tokens", "one_level_tokens", "tree_tokens"))
               for r in rows}
     # --smoke divides lengths by 64. (a): system prompt 32, 8 questions of 4, G=8 completions of 8.
@@ -125,6 +133,47 @@ def test_every_timed_row_reports_min_median_and_max(suite, smoke_run):
             low, median, high = (float(row[f"{metric}{end}"]) for end in ("_min", "", "_max"))
             if median == median:  # NaN: not measured on this device (flex's backward on CPU)
                 assert low <= median <= high, (suite, metric, row)
+
+
+def test_attention_suite_says_why_flash_does_not_run_on_cpu(smoke_run):
+    folder, _ = smoke_run
+    rows = read_rows(folder, "attention")
+    flash = [r for r in rows if r["approach"] == "flash"]
+    assert len(flash) == len({r["config"] for r in rows}), "one flash row per config"
+    for row in flash:
+        assert row["note"].startswith("not run: ") and "CUDA" in row["note"], row
+        assert row["fwd_ms"] == row["fwd_bwd_ms"] == "nan" and row["agrees"] == ""
+    assert all(r["note"] == "" for r in rows if r["approach"] != "flash")
+
+
+def test_flash_rows_run_and_agree_where_flash_runs():
+    """Where flash runs (here its plain-PyTorch test engine on CPU, on a GPU FlashAttention-2),
+    every suite's flash rows are checked like the others and timed: the GPU run starts from
+    working code."""
+    import math
+
+    import torch
+
+    from benchmarks import bench_attention, bench_model, bench_tree
+    from prefix_grouper.attention import flash_engine
+
+    cpu, f32, once = torch.device("cpu"), torch.float32, (0, 1)
+    with flash_engine("reference"):
+        for name, prefix, suffix, hq, hkv, d, *features in (bench_attention.SMOKE_CONFIGS
+                                                            + bench_attention.FEATURE_SMOKE_CONFIGS):
+            (row,) = bench_attention.bench_config(name, prefix, suffix, hq, hkv, d, cpu, f32, ["flash"], once,
+                                                  *features)
+            assert row["note"] == "" and row["agrees"] is True and math.isfinite(float(row["fwd_bwd_ms"])), row
+        tree_rows = {r["approach"]: r for r in bench_tree.bench_shape("(c)", bench_tree.history_shape(64), cpu, f32,
+                                                                       (2, 1, 8), once)}
+        for approach in ("one-level flash", "tree flash"):
+            row = tree_rows[approach]
+            assert row["error"] == "" and row["agrees"] is True and math.isfinite(float(row["ms"])), row
+        model_rows = {r["approach"]: r for r in bench_model.bench_config(*bench_model.SMOKE_CONFIGS[0], cpu, f32, once)}
+        row = model_rows["prefix_grouper_flash"]
+        # float32, same weights: the attention differs only in summation order.
+        assert row["note"] == "" and float(row["max_abs_logprob_diff_vs_unpacked"]) <= 1e-4, row
+        assert math.isfinite(float(row["step_ms"]))
 
 
 def test_smoke_prints_no_ratios_and_cpu_runs_pin_one_thread(smoke_run):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prefix_grouper import GroupLayout
+from prefix_grouper.attention import flash_engine
 from prefix_grouper.attention.reference import reference_prefix_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +46,31 @@ def test_attention_configs_exist_on_the_gpu():
 def test_suites_and_test_files_exist():
     from benchmarks.run import SUITES
 
-    for step in ("model suite", "advantages suite"):
+    for step in ("model suite", "tree suite", "advantages suite"):
         words = _step_words(step)
         suites = words[words.index("--suite") + 1:]
         assert suites and set(suites) <= set(SUITES), (step, suites)
-    files = [w for w in _step_words("GPU tests") if w.startswith("tests/")]
-    assert files and all((ROOT / f).is_file() for f in files), files
+    for step in ("GPU tests", "flash GPU tests"):
+        files = [w for w in _step_words(step) if w.startswith("tests/")]
+        assert files and all((ROOT / f).is_file() for f in files), (step, files)
+
+
+def test_flash_steps_build_the_merge_kernel_and_run_its_tests():
+    build = _step_words("build")
+    # Forced: a build that cannot compile csrc/ fails the step instead of leaving flash on its
+    # PyTorch merge fallback.
+    assert "PREFIX_GROUPER_FORCE_CUDA_BUILD=1" in build and build[-2:] == ["-e", "."]
+    files = [w for w in _step_words("flash GPU tests") if w.startswith("tests/")]
+    assert files == ["tests/test_prefix_attention_flash_gpu.py", "tests/test_flash_merge.py"]
+
+
+@pytest.mark.parametrize("step, suite", [("attention suite", "attention"), ("model suite", "model"),
+                                         ("tree suite", "tree")])
+def test_benchmark_steps_keep_the_flash_rows(step, suite):
+    """No suite step narrows the approaches: each suite's flash row runs (or says why not)."""
+    words = _step_words(step)
+    assert "--approaches" not in words
+    assert f"benchmarks.bench_{suite}" in words or suite in words[words.index("--suite") + 1:]
 
 
 def test_log_probs_step_measures_the_target_shape():
@@ -66,11 +86,11 @@ def test_log_probs_step_measures_the_target_shape():
 def test_timeouts_fit_the_budget():
     # Under 8 minutes of steps, so one device call leaves time for a second in a 15-minute lease.
     defaults = [int(s) for s in re.findall(r'"\$\{[A-Z_]+_S:-(\d+)\}"', SCRIPT)]
-    assert len(defaults) == 8 and sum(defaults) <= 480, defaults
+    assert len(defaults) == 10 and sum(defaults) <= 480, defaults
 
 
 def test_correctness_steps_run_without_the_autotuning_sweep():
-    for step in ("bf16 probe (features, repeatability, host sync)", "GPU tests"):
+    for step in ("bf16 probe (features, repeatability, host sync)", "flash GPU tests", "GPU tests"):
         assert "PREFIX_GROUPER_AUTOTUNE=off" in _step_words(step), step
 
 
@@ -97,11 +117,65 @@ def test_probe_cases_run_end_to_end(make_layout, capsys):
     gen = torch.Generator().manual_seed(3)
     features = dict(window=17, softcap=3.0, sinks=True)
     failures = gpu_probe.check_case("cpu", make_layout(gen, "cpu"), (4, 2, 16), features, gen, "cpu",
-                                    backend="torch", dtype=torch.float32)
+                                    backends=("torch",), dtype=torch.float32)
     printed = capsys.readouterr().out
     assert failures == 0, printed
     assert all(f"{name} " in printed for name in ("out", "dq", "dk", "dv", "dsinks"))
     assert "bitwise repeatable: True" in printed
+
+
+@pytest.mark.parametrize("make_layout", [gpu_probe.random_layout, gpu_probe.random_tree])
+def test_probe_flash_case_runs_on_the_reference_engine(make_layout, capsys):
+    """The probe's flash line, through the composition on the plain-PyTorch test engine in
+    float32 (what the GPU runs on FlashAttention-2 in bf16): every gradient compared, passing."""
+    gen = torch.Generator().manual_seed(5)
+    features = dict(window=17, softcap=3.0, sinks=True)
+    with flash_engine("reference"):
+        failures = gpu_probe.check_case("cpu", make_layout(gen, "cpu"), (4, 2, 16), features, gen, "cpu",
+                                        backends=("flash",), dtype=torch.float32)
+    printed = capsys.readouterr().out
+    assert failures == 0, printed
+    assert "rel err flash/eager" in printed and "dsinks " in printed
+
+
+def test_probe_skips_flash_where_it_refuses(capsys):
+    """Off CUDA (as for a softcap on PyTorch's engine) flash's line is its reason, not a failure."""
+    gen = torch.Generator().manual_seed(5)
+    failures = gpu_probe.check_case("cpu", gpu_probe.random_layout(gen, "cpu"), (4, 2, 16), {}, gen, "cpu",
+                                    backends=("flash",), dtype=torch.float32)
+    printed = capsys.readouterr().out
+    assert failures == 0 and "flash not run: " in printed and "needs CUDA tensors" in printed, printed
+
+
+@pytest.mark.parametrize("backend, deterministic, failures", [("triton", False, 1), ("flash", False, 0),
+                                                              ("flash", True, 1)])
+def test_probe_requires_flash_to_repeat_only_in_deterministic_mode(backend, deterministic, failures, capsys):
+    """FlashAttention-2 adds dQ up with atomics: flash's two calls may differ unless
+    torch.use_deterministic_algorithms(True); every other backend must repeat bitwise."""
+    calls = []
+
+    def drifting(q, k, v, s=None):  # exact the first time, 1 ulp off the second
+        calls.append(None)
+        return (q + k + v) * (1 + (len(calls) - 1) * torch.finfo(q.dtype).eps)
+
+    q = torch.randn(5, 2, 8, dtype=torch.float64)
+    exact = gpu_probe.outputs_and_grads(lambda q, k, v, s=None: q + k + v, [q, q, q, None], torch.ones_like(q))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        found = gpu_probe.check_backend("case", backend, drifting, [q, q, q, None], torch.ones_like(q), exact, exact,
+                                        torch.float64)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    printed = capsys.readouterr().out
+    assert found == failures, printed
+    assert "bitwise repeatable: False" in printed
+
+
+def test_probe_merge_kernel_check_says_why_it_cannot_run():
+    """On CPU tensors the CUDA merge op cannot run: the probe's check gives the reason (on the
+    GPU, a missing reason means the kernel ran)."""
+    assert gpu_probe.merge_kernel_missing(torch.device("cpu"))
 
 
 def test_probe_without_a_gpu_says_so():

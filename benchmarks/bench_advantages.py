@@ -28,7 +28,7 @@ from tqdm import tqdm
 from prefix_grouper.advantages import available_backends, grpo_advantages
 from prefix_grouper.advantages.dispatch import normalize_in_groups
 from prefix_grouper.advantages.options import NormalizeOptions
-from prefix_grouper.advantages.segments import Segments
+from prefix_grouper.advantages.grouping import Segments
 
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, device_of, matplotlib_pyplot,
                      measure_ms, repeats_of, run_suite, save_figure, spread, table_lines)

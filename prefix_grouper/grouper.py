@@ -174,7 +174,7 @@ class PrefixGrouper:
         self._attention_calls = 0
         if "transformers.modeling_utils" in sys.modules:
             # Before the model call that passes this grouper: make "eager" honor prefix_grouper=.
-            from .utils.register_transformers import route_eager_attention
+            from .models.attention import route_eager_attention
 
             route_eager_attention()
 

@@ -483,7 +483,7 @@ def test_broadcast_to_tokens_and_padded():
 def test_cuda_op_schema_and_fake_kernel():
     from prefix_grouper.advantages.cuda_impl import group_normalize_cuda
     from prefix_grouper.advantages.options import NormalizeOptions
-    from prefix_grouper.advantages.segments import Segments
+    from prefix_grouper.advantages.grouping import Segments
 
     rewards, ids = random_batch(100, seed=13)
     rewards = rewards.cuda()

@@ -63,3 +63,46 @@ def test_core_modules_do_not_import_integrations():
 def test_the_check_sees_every_import_form(source, package, expected):
     names = [name for _, name in imported_modules(source, package)]
     assert any(map(reaches_integrations, names)) is expected, names
+
+
+def test_triton_is_optional_one_way():
+    """Without triton the package imports and its torch backends run: the Triton modules are
+    imported only when a Triton backend runs, and host-only modules (the tile schedules) never
+    need triton."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["triton"] = None  # any import of triton fails
+import torch
+import prefix_grouper
+from prefix_grouper import GroupLayout, prefix_attention
+from prefix_grouper.attention import triton_schedule, available_backends
+from prefix_grouper.advantages import grpo_advantages
+layout = GroupLayout.from_lengths([3], [[2, 1]])
+q = torch.randn(layout.total_tokens, 2, 4)
+prefix_attention(q, q, q, layout, backend="torch")
+grpo_advantages(torch.randn(4), torch.tensor([0, 0, 1, 1]), backend="torch")
+assert "triton" not in available_backends("cpu"), available_backends("cpu")
+assert not [name for name in sys.modules if name.startswith("prefix_grouper") and "triton" in name
+            and name.rsplit(".", 1)[-1] not in ("triton_schedule",)], sorted(sys.modules)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=PACKAGE.parent)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_no_module_imports_triton_but_the_triton_modules():
+    """Triton is imported by the modules that hold Triton kernels (``triton_*``) and the
+    availability check, nowhere else."""
+    allowed = {"runtime.py", "triton_math.py"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name.startswith("triton_") and path.name != "triton_schedule.py" or path.name in allowed:
+            continue
+        for line, name in imported_modules(path.read_text(), _package_of(path)):
+            if name == "triton" or name.startswith("triton."):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{line}")
+    assert not offenders, offenders

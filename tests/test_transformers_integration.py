@@ -402,3 +402,63 @@ def test_float32_model_under_bf16_autocast_runs_in_the_autocast_dtype():
     # orders: measured 3e-4 apart on log-probs near -4.6; a sibling leak moves them by ~0.1.
     torch.testing.assert_close(log_probs[mask], expected[mask], rtol=0, atol=5e-3)
 
+
+
+# ---------------------------------------------------------------------------- the one adapter
+def test_one_module_registers_every_attention_function():
+    """Every registration with transformers lives in prefix_grouper.models.attention."""
+    import pathlib
+
+    import prefix_grouper
+
+    root = pathlib.Path(prefix_grouper.__file__).parent
+    registering = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
+                         if "Interface.register(" in path.read_text())
+    assert registering == ["models/attention.py"]
+
+
+def test_packed_and_grouped_calls_share_one_dropout_policy():
+    """Dropout is refused where it would apply: a layer in training, or a caller naming no layer;
+    a layer in eval mode applies none, in both call structures."""
+    from prefix_grouper import PrefixGrouper
+    from prefix_grouper.models.attention import call_settings
+
+    layer = torch.nn.Module()
+    for grouped in (False, True):
+        layer.train()
+        with pytest.raises(ValueError, match="does not implement attention dropout"):
+            call_settings(layer, {"dropout": 0.1}, grouped=grouped)
+        layer.eval()
+        assert call_settings(layer, {"dropout": 0.1, "scaling": 0.5}, grouped=grouped)["softmax_scale"] == 0.5
+        with pytest.raises(ValueError, match="names no layer"):
+            call_settings(None, {"dropout": 0.1}, grouped=grouped)
+    grouper = PrefixGrouper([[2, 1, 2]])
+    q = torch.randn(*grouper.x_shape[:1], 2, grouper.x_shape[1], 8, dtype=torch.float64)
+    torch.testing.assert_close(grouper.forward(None, q, q, q, layer, dropout=0.1), grouper.forward(None, q, q, q))
+
+
+def test_packed_and_grouped_calls_read_the_same_settings():
+    from prefix_grouper.models.attention import call_settings
+
+    kwargs = {"scaling": 0.3, "sliding_window": 4, "softcap": 0.0, "s_aux": None, "is_causal": True}
+    want = {"softmax_scale": 0.3, "window": 4, "softcap": None, "sinks": None}
+    assert call_settings(None, kwargs, grouped=False) == call_settings(None, kwargs, grouped=True) == want
+    # flash-attn's and SDPA's spellings, and the grouper's rows' own keywords, in grouped calls only
+    assert call_settings(None, {"softmax_scale": 0.3, "window": 4, "attention_mask": None}, grouped=True)["window"] == 4
+    with pytest.raises(TypeError, match="attention keyword\\(s\\) softmax_scale"):
+        call_settings(None, {"softmax_scale": 0.3}, grouped=False)
+    with pytest.raises(TypeError, match="scaling, softmax_scale say the same thing"):
+        call_settings(None, {"scaling": 0.3, "softmax_scale": 0.3}, grouped=True)
+    with pytest.raises(ValueError, match="output_attentions"):
+        call_settings(None, {"output_attentions": True}, grouped=True)
+
+
+def test_eager_rerouting_is_idempotent():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from prefix_grouper.models.attention import eager_attention_dispatch, route_eager_attention
+
+    route_eager_attention()
+    first = ALL_ATTENTION_FUNCTIONS["eager"]
+    route_eager_attention()
+    assert ALL_ATTENTION_FUNCTIONS["eager"] is first is eager_attention_dispatch

@@ -7,7 +7,7 @@ import torch
 
 from .._extension import require_cuda_extension
 from .options import NormalizeOptions
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["group_normalize_cuda"]
 

@@ -1,7 +1,7 @@
 """Which backend runs, and the one primitive every estimator reduces to: normalize values
 within groups.
 
-The ids are compacted once with torch (:class:`~prefix_grouper.advantages.segments.Segments`);
+The ids are compacted once with torch (:class:`~prefix_grouper.advantages.grouping.Segments`);
 the chosen backend computes each group's count, mean and sum of squared deviations and
 writes ``(x - mean) / (std + eps)`` in one fused pass.
 """
@@ -14,9 +14,8 @@ from .._dispatch import Backend, register_op
 from ..runtime import cuda_extension_unavailable_reason, triton_unavailable_reason
 from .cuda_impl import group_normalize_cuda
 from .options import NormalizeOptions
-from .segments import Segments
+from .grouping import Segments
 from .torch_impl import batch_std, group_normalize_torch
-from .triton_impl import group_normalize_triton
 
 __all__ = ["available_backends", "check_no_inf", "normalize_in_groups", "resolve_backend"]
 
@@ -25,9 +24,15 @@ OP = "advantages"
 # Every implementation takes (values float64 [N], segments, options, batch_scale [G] or None)
 # and returns [N] float64 advantages. Every backend computes in float64, whatever the
 # rewards' dtype, so only the device decides where one runs.
+def _group_normalize_triton(*args, **kwargs):
+    from .triton_impl import group_normalize_triton  # imports triton: only when it runs
+
+    return group_normalize_triton(*args, **kwargs)
+
+
 register_op(OP, [
     Backend("torch", group_normalize_torch),
-    Backend("triton", group_normalize_triton, unavailable=lambda device, dtype: triton_unavailable_reason(device),
+    Backend("triton", _group_normalize_triton, unavailable=lambda device, dtype: triton_unavailable_reason(device),
             auto_devices=frozenset({"cuda"})),
     Backend("cuda", group_normalize_cuda, unavailable=lambda device, dtype: cuda_extension_unavailable_reason(device)),
 ], auto_order=("cuda", "triton", "torch"))

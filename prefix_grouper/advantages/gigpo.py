@@ -8,7 +8,7 @@ import torch
 from ..checks import as_index, check_choice, check_finite_real, check_float_tensor
 from .dispatch import check_no_inf, normalize_in_groups, resolve_backend
 from .options import EPISODE_STATS, GIGPO_MODES, NormalizeOptions, check_eps
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["gigpo_advantages"]
 

@@ -8,7 +8,7 @@ import torch
 from ..checks import as_index, check_float_tensor
 from .dispatch import check_no_inf, normalize_in_groups, resolve_backend
 from .options import NormalizeOptions
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["grpo_advantages"]
 

@@ -10,7 +10,7 @@ import torch
 from ..checks import as_index, check_bool, check_choice, check_float_tensor
 from .dispatch import check_no_inf, normalize_in_groups, resolve_backend
 from .options import MULTI_OBJECTIVE_MODES, NormalizeOptions
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["multi_objective_advantages"]
 

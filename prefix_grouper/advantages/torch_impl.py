@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .options import NormalizeOptions
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["batch_std", "group_normalize_torch"]
 

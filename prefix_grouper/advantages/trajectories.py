@@ -8,7 +8,7 @@ import torch
 
 from ..checks import as_index, check_float_tensor, check_real
 from .dispatch import check_no_inf
-from .segments import Segments
+from .grouping import Segments
 
 __all__ = ["anchor_index_from_states", "discounted_returns"]
 

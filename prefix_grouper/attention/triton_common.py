@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .triton_features import softcapped_scores, window_blocks
+from .triton_schedule import AncestorRun, KeyTile, QueryTile, SplitKeyTile
 
 NO_MASK = tl.constexpr(0)
 CAUSAL_MASK = tl.constexpr(1)  # key <= query (same segment) and inside the bound
@@ -43,23 +44,8 @@ BOUND_MASK = tl.constexpr(2)  # only the key (forward, dQ) or query (dK/dV) boun
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# One int32 row per tile in each schedule. The Python builder fills the named tuples, the
-# kernels read the columns below: both follow the field order here.
-# A query tile's keys: the rows runs_begin:runs_end of the runs table (its segment's
-# ancestor runs, root first), then its own segment causally.
-QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "runs_begin", "runs_end"])
-# A run of ancestor keys; for every row of the segments listing it and every key of the
-# run, position(row) - position(key) = row - key + pos_shift (only a window reads it).
-AncestorRun = namedtuple("AncestorRun", ["start", "length", "pos_shift"])
-# One dK/dV program: the keys of a tile against one chunk [chunk_start, chunk_end) of the
-# queries that see them. ``partial_slot`` is -1 when the chunk is the tile's whole query
-# range (the program writes dK/dV), else the slot of the fp32 scratch it writes, summed by
-# the reduction kernel in the order of its SplitKeyTile row. ``pos_shift``: for every query
-# row and key of the program, position(row) - position(key) = row - key + pos_shift (0 when
-# the chunk is in the key's own segment); only a window reads it.
-KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end", "partial_slot", "pos_shift"])
-# A key tile whose queries were split: its partials fill slots [first_slot, first_slot + num_slots).
-SplitKeyTile = namedtuple("SplitKeyTile", ["k_start", "k_end", "first_slot", "num_slots"])
+# The schedules' row formats (triton_schedule.py): the kernels read the columns below, in their
+# field order.
 QUERY_TILE_COLUMNS = tl.constexpr(len(QueryTile._fields))
 ANCESTOR_RUN_COLUMNS = tl.constexpr(len(AncestorRun._fields))
 KEY_TILE_COLUMNS = tl.constexpr(len(KeyTile._fields))

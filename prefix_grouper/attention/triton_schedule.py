@@ -19,10 +19,28 @@ read the same prefix K/V (L2 reuse) and the long ones start early (less tail).
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Optional
 
 from ..layout.segmentation import Segmentation
-from .triton_common import AncestorRun, KeyTile, QueryTile, SplitKeyTile
+
+# One int32 row per tile in each schedule. The builders below fill these named tuples; the
+# kernels (triton_common) read their columns in the same field order. Host-only: no triton here.
+# A query tile's keys: the rows runs_begin:runs_end of the runs table (its segment's
+# ancestor runs, root first), then its own segment causally.
+QueryTile = namedtuple("QueryTile", ["q_start", "seg_start", "seg_end", "runs_begin", "runs_end"])
+# A run of ancestor keys; for every row of the segments listing it and every key of the
+# run, position(row) - position(key) = row - key + pos_shift (only a window reads it).
+AncestorRun = namedtuple("AncestorRun", ["start", "length", "pos_shift"])
+# One dK/dV program: the keys of a tile against one chunk [chunk_start, chunk_end) of the
+# queries that see them. ``partial_slot`` is -1 when the chunk is the tile's whole query
+# range (the program writes dK/dV), else the slot of the fp32 scratch it writes, summed by
+# the reduction kernel in the order of its SplitKeyTile row. ``pos_shift``: for every query
+# row and key of the program, position(row) - position(key) = row - key + pos_shift (0 when
+# the chunk is in the key's own segment); only a window reads it.
+KeyTile = namedtuple("KeyTile", ["k_start", "k_end", "chunk_start", "chunk_end", "partial_slot", "pos_shift"])
+# A key tile whose queries were split: its partials fill slots [first_slot, first_slot + num_slots).
+SplitKeyTile = namedtuple("SplitKeyTile", ["k_start", "k_end", "first_slot", "num_slots"])
 
 __all__ = ["dkdv_chunk_rows", "key_tile_rows", "query_tile_rows"]
 

@@ -41,8 +41,8 @@ from trl import GRPOTrainer as _TRLGRPOTrainer
 from ..checks import as_length_list
 from ..layout import GroupLayout
 from ..models import completion_logits, install
-from ..segments import micro_batch_groups
-from ..trainers.model import disable_dropout
+from ..micro_batches import micro_batch_groups
+from ..models.dropout import disable_dropout
 
 __all__ = ["GRPOTrainer", "MIN_SHARED_TOKENS", "OVERRIDDEN_METHOD", "TESTED_TRL_VERSION", "check_trl_override",
            "forward_chunks"]

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..segments import micro_batch_groups
+from ..micro_batches import micro_batch_groups
 from .construction import (checked_lengths, group_prompt_tokens, grouped_tree_tensors, index_tensors,
                            lengths_from_padded, tree_index_tensors)
 from .host import cached_per_layout, encode_host_lengths, encode_host_segments, split_by_group
@@ -289,7 +289,7 @@ class GroupLayout(SequenceMembers, CompletionPacking):
     def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:
         """Consecutive whole groups per micro-batch (ranges of group indices), each within
         ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
-        runs alone (:func:`prefix_grouper.segments.micro_batch_groups`)."""
+        runs alone (:func:`prefix_grouper.micro_batches.micro_batch_groups`)."""
         if not self.is_flat:
             raise NotOneLevelError("GroupLayout.micro_batch_groups() cuts whole groups out of a flat layout; "
                                    "this layout shares runs across groups (a prefix tree)")

@@ -26,7 +26,6 @@ from .._dispatch import Backend, register_op
 from ..checks import check_bool, check_positive_real
 from ..runtime import triton_unavailable_reason
 from .torch_impl import chunk_grad_logits_torch_, chunk_stats_torch
-from .triton_impl import chunk_grad_logits_triton_, chunk_stats_triton
 
 __all__ = ["BACKENDS", "LOGITS_CHUNK_BYTES", "available_backends", "default_chunk_size", "fused_linear_log_probs",
            "resolve_backend"]
@@ -49,9 +48,21 @@ class ChunkKernels(NamedTuple):
     grad_logits_: Callable[..., torch.Tensor]
 
 
+def _chunk_stats_triton(*args, **kwargs):
+    from .triton_impl import chunk_stats_triton  # imports triton: only when it runs
+
+    return chunk_stats_triton(*args, **kwargs)
+
+
+def _chunk_grad_logits_triton_(*args, **kwargs):
+    from .triton_impl import chunk_grad_logits_triton_  # imports triton: only when it runs
+
+    return chunk_grad_logits_triton_(*args, **kwargs)
+
+
 register_op(OP, [
     Backend("torch", ChunkKernels(chunk_stats_torch, chunk_grad_logits_torch_)),
-    Backend("triton", ChunkKernels(chunk_stats_triton, chunk_grad_logits_triton_),
+    Backend("triton", ChunkKernels(_chunk_stats_triton, _chunk_grad_logits_triton_),
             unavailable=lambda device, dtype: triton_unavailable_reason(device), auto_devices=frozenset({"cuda"})),
 ], auto_order=("triton", "torch"))
 

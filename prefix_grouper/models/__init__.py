@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .attention import (ATTENTION_NAME, HARMLESS_KWARGS, install, prefix_grouper_attention, prefix_grouper_mask,
                         register)
+from .dropout import disable_dropout
 from .heads import fused_head
 from .packed import (completion_hidden_states, completion_log_probs, completion_logits, packed_forward, packed_logits,
                      sequence_log_probs)
@@ -20,6 +21,7 @@ __all__ = [
     "completion_hidden_states",
     "completion_log_probs",
     "completion_logits",
+    "disable_dropout",
     "fused_head",
     "install",
     "packed_forward",

@@ -1,35 +1,58 @@
-"""The attention implementation transformers calls: each layer's own settings passed through.
+"""The one transformers adapter: every attention function prefix_grouper registers with
+transformers is registered here, reads a layer's settings from its call here
+(:func:`call_settings`) and runs :func:`prefix_grouper.prefix_attention` here (:func:`run_on_rows`).
 
-A packed call (one carrying ``prefix_layout=``) runs :func:`prefix_grouper.prefix_attention`
-with the settings the layer passes in that call: ``scaling``, ``sliding_window`` (Mistral,
-Qwen2 with ``use_sliding_window``, Gemma 2/3, gpt-oss), ``softcap`` (Gemma 2's
-``attn_logit_softcapping``) and ``s_aux`` (gpt-oss's sinks). Gemma 2/3 and gpt-oss
-alternate sliding and full layers, so the settings are read per call, never per model.
-A keyword the attention does not implement raises an error that names it, so that a
-model feature added later cannot be dropped silently.
+Two call structures reach it. A **packed call** carries ``prefix_layout=`` (a
+:class:`GroupLayout`; :func:`prefix_grouper_attention`, registered as ``"prefix_grouper"`` and
+``"prefix_grouper+<previous>"`` by :func:`register` / :func:`install`): query
+``[1, Hq, T, D]`` on one packed row. A **grouped call** carries ``prefix_grouper=`` (the paper
+package's :class:`~prefix_grouper.PrefixGrouper`; ``"prefix_grouper_attention"`` by
+:func:`register_paper_attention`, ``"eager"`` by :func:`route_eager_attention`, and
+``PrefixGrouper.forward`` itself): query ``[groups, Hq, L, D]`` in the grouper's padded rows.
+
+One reading of a call (:func:`call_settings`), for both: the layer's ``scaling``,
+``sliding_window`` (Mistral, Qwen2 with ``use_sliding_window``, Gemma 2/3, gpt-oss),
+``softcap`` (Gemma 2; 0 means none, as in flash-attn) and ``s_aux`` (gpt-oss's sinks), also
+under flash-attn's and SDPA's spellings; read per call, never per model (Gemma 2/3 and
+gpt-oss alternate sliding and full layers). A keyword the attention does not implement
+raises an error that names it, so that a model feature added later cannot be dropped.
+
+One policy:
+
+- **Dropout**: attention dropout is refused wherever it would apply (``dropout > 0`` from a
+  layer in training mode, or from a caller that names no layer); a layer in eval mode
+  applies none, so none is applied here either. RL policy updates run without dropout
+  (:func:`prefix_grouper.models.disable_dropout`).
+- **Masks**: the call's structure is the mask. A grouped call's mask describes the grouper's
+  padded rows, which the grouper already holds: superseded. A packed call gets no mask from
+  transformers (:func:`prefix_grouper_mask` returns none for it): a dense mask there means the
+  model was called outside :func:`~prefix_grouper.models.packed.packed_forward`, and is
+  refused; a sliding-window mask arrives as a :class:`LocalMask` whose size the layer's own
+  ``sliding_window`` must equal.
+- **Causality**: ``is_causal`` must be True (or unset on a causal layer);
+  ``output_attentions`` must be off.
 """
 from __future__ import annotations
 
-import contextvars
-import math
 import sys
-from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..attention import prefix_attention
 from ..layout import GroupLayout
+from .dropout import attention_dropout_error
+from .packed_call import (ATTENTION_NAME, FALLBACK_SEPARATOR, PACKED_CALL, LocalMask, PackedCall, fallback_of,
+                          prefix_grouper_mask)
 
-__all__ = ["ATTENTION_NAME", "BACKEND_KWARG", "HARMLESS_KWARGS", "LAYOUT_KWARG", "install",
-           "prefix_grouper_attention", "prefix_grouper_mask", "register"]
+__all__ = ["ATTENTION_NAME", "BACKEND_KWARG", "HARMLESS_KWARGS", "LAYOUT_KWARG", "PACKED_CALL", "PAPER_ATTENTION_NAME",
+           "GroupedRows", "PackedCall", "call_settings", "eager_attention_dispatch", "install",
+           "paper_attention_forward", "prefix_grouper_attention", "prefix_grouper_mask", "register",
+           "register_paper_attention", "route_eager_attention", "run_on_rows"]
 
-ATTENTION_NAME = "prefix_grouper"
+PAPER_ATTENTION_NAME = "prefix_grouper_attention"
 LAYOUT_KWARG = "prefix_layout"
 BACKEND_KWARG = "prefix_backend"
-# "prefix_grouper+sdpa": the dispatching implementation over sdpa. Not "|": transformers
-# reads "a|b" as a hub-kernel name.
-_FALLBACK_SEPARATOR = "+"
-
 # Keywords that reach the attention function (a model call's keywords travel down to every
 # attention layer) and change nothing prefix_attention computes, as checked in the modeling
 # files of transformers 5.10.4 and 5.24 for Llama, Qwen2/3, Mistral, Gemma 2/3, gpt-oss, GPT-2:
@@ -38,47 +61,125 @@ _FALLBACK_SEPARATOR = "+"
 # output switch. Keywords that describe another packing (cu_seq_lens_*, max_length_*) are
 # deliberately absent: the layout is the packing, and a second one cannot be honored.
 HARMLESS_KWARGS = frozenset({"position_ids", "use_cache", "output_router_logits", LAYOUT_KWARG, BACKEND_KWARG})
-# Keywords whose meaning is implemented: mapped to prefix_attention's arguments (is_causal
-# must be True: the prefix-sharing mask is causal).
-_IMPLEMENTED_KWARGS = frozenset({"sliding_window", "softcap", "s_aux", "is_causal"})
-
-# Config fields that hold a model's attention dropout probability, by name in transformers'
-# configs (GPT-2, GPT-J, CodeGen: attn_pdrop; BERT-style: attention_probs_dropout_prob).
-_ATTENTION_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
-
-
-@dataclass
-class PackedCall:
-    """One packed model call: how many attention calls ran prefix_attention in it."""
-    attention_calls: int = 0
-
-    def check(self, model) -> None:
-        """Refuse a call in which the packed row went through attention prefix_grouper did not run."""
-        if not self.attention_calls:
-            raise RuntimeError(f"no attention layer of {type(model).__name__} ran prefix_grouper's attention: the "
-                               f"packed row went through plain causal attention, and its log-probs would be wrong")
-
-
-@dataclass(frozen=True)
-class LocalMask:
-    """The mask :func:`prefix_grouper_mask` gives a packed call's sliding-window (or chunked)
-    layers in place of a dense one: its size, which the layer's own ``sliding_window`` must
-    equal. A model that builds such a mask but does not pass its layer the window (or
-    builds a chunked mask, which no window expresses) is refused instead of attending fully."""
-    size: int
+# What a grouped call's keywords may also hold: what the grouper's rows already hold (their
+# mask and positions), and what does not change the output, as attention functions of
+# transformers, flash-attn and the paper's package receive it.
+_GROUPED_SUPERSEDED = frozenset({
+    "attention_mask", "attn_mask", "cache_position", "layer_idx", "prefix_grouper_attn_func", "query_length",
+    "target_dtype", "implementation", "use_top_left_mask", "deterministic", "return_dict", "output_hidden_states",
+})
+# Each setting under the spellings attention functions receive it: transformers first, then
+# flash-attn's and SDPA's (grouped calls only: the paper's protocol passes them through).
+_SPELLINGS = {
+    "softmax_scale": ("scaling", "softmax_scale", "scale"),
+    "window": ("sliding_window", "window"),
+    "softcap": ("softcap",),
+    "sinks": ("s_aux", "sinks"),
+    "dropout": ("dropout", "dropout_p"),
+}
+_TRANSFORMERS_SPELLINGS = frozenset(names[0] for names in _SPELLINGS.values())
+# Keywords that must hold one of these values (anything else asks for what is not done here).
+_REQUIRED_VALUES = {"is_causal": (None, True), "output_attentions": (None, False)}
 
 
-# Set by the packed forward for the duration of its model (or body) call.
-PACKED_CALL: contextvars.ContextVar[PackedCall | None] = contextvars.ContextVar("prefix_grouper_packed_call",
-                                                                               default=None)
+@runtime_checkable
+class GroupedRows(Protocol):
+    """What a grouped call needs of a :class:`~prefix_grouper.PrefixGrouper`: the rows' shape,
+    the backend, the packed layout of the valid tokens, and a note per attention layer run. A
+    protocol rather than an import, so that this module sits below the grouper."""
+
+    x_shape: tuple[int, int]
+    backend: str
+
+    def layout_and_index(self, device: torch.device) -> tuple[GroupLayout, torch.Tensor]:
+        """``(layout, index)``: the packed layout and the row positions of its tokens."""
+
+    def record_attention_call(self) -> None:
+        """Note that an attention layer ran on the grouper's rows."""
 
 
-def _fallback_of(implementation: str | None) -> str | None:
-    """The previous implementation that :func:`install` recorded in the name, or None."""
-    prefix = ATTENTION_NAME + _FALLBACK_SEPARATOR
-    if isinstance(implementation, str) and implementation.startswith(prefix):
-        return implementation[len(prefix):]
-    return None
+# ---------------------------------------------------------------------------- reading a call
+
+
+def _caller(module) -> str:
+    return type(module).__name__ if module is not None else "PrefixGrouper.forward's caller"
+
+
+def _window(module, sliding_window) -> int | None:
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ValueError(f"{_caller(module)} passed sliding_window={sliding_window!r}; prefix_grouper's "
+                         f"attention takes an int >= 1 (a key is visible when q_pos - sliding_window < k_pos) "
+                         f"or None")
+    return sliding_window
+
+
+def _setting(kwargs: dict, names: tuple[str, ...]) -> Any:
+    given = [(name, kwargs[name]) for name in names if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise TypeError(f"attention keywords {', '.join(name for name, _ in given)} say the same thing; pass one")
+    return given[0][1] if given else None
+
+
+def call_settings(module, kwargs: dict, *, grouped: bool) -> dict:
+    """prefix_attention's ``softmax_scale``, ``window``, ``softcap`` and ``sinks`` from one
+    attention call's keywords (``module``: the calling layer, or None), under the module
+    docstring's policy; ``grouped``: a grouped call (more spellings, its rows' keywords)."""
+    accepted = HARMLESS_KWARGS | set(_REQUIRED_VALUES) | (
+        {name for names in _SPELLINGS.values() for name in names} | _GROUPED_SUPERSEDED if grouped
+        else _TRANSFORMERS_SPELLINGS)
+    unknown = sorted(name for name, value in kwargs.items()
+                     if name not in accepted and (value is not None or not grouped))
+    if unknown:
+        raise TypeError(f"{_caller(module)} passed the attention keyword(s) {', '.join(unknown)}, which "
+                        f"prefix_grouper's attention does not implement (it implements scaling, sliding_window, "
+                        f"softcap and s_aux and ignores only {', '.join(sorted(HARMLESS_KWARGS))}"
+                        f"{' and the grouper rows keywords' if grouped else ''}); its result would differ from "
+                        f"the model's own attention")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if is_causal is not True:
+        raise ValueError(f"{_caller(module)} runs non-causal attention (is_causal={is_causal!r}, e.g. "
+                         f"use_bidirectional_attention); prefix_grouper's attention is causal")
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{_caller(module)} asked for output_attentions=True; prefix_grouper's attention returns "
+                         f"no attention weights")
+    values = {name: _setting(kwargs, spellings) for name, spellings in _SPELLINGS.items()}
+    dropout = values.pop("dropout")
+    if dropout and (module is None or module.training):
+        raise attention_dropout_error(module, dropout, ATTENTION_NAME)
+    values["window"] = _window(module, values["window"])
+    values["softcap"] = values["softcap"] or None  # flash-attn's softcap=0.0 means none
+    return values
+
+
+def run_on_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: GroupLayout, settings: dict,
+                backend: str, index: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`prefix_attention` on head-first rows: ``query [B, Hq, L, D]``, ``key/value [B, Hkv, L, D]``.
+
+    ``index`` None: one packed row (``B = 1``, ``L = layout.total_tokens``); else the flat
+    positions (``b * L + l``) of the layout's tokens in the rows. Returns ``[B, L, Hq, D]``,
+    zeros where no token sits.
+    """
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast, rotary embeddings leave q and k in float32 while v is in the autocast
+        # dtype; sdpa, an autocast op, runs in the autocast dtype, and so does this.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    rows, length = query.shape[0], query.shape[2]
+    flat = [x.transpose(1, 2).reshape(rows * length, *x.shape[1::2]) for x in (query, key, value)]
+    if index is not None:
+        flat = [x.index_select(0, index) for x in flat]
+    out = prefix_attention(*flat, layout, backend=backend, **settings)
+    if index is not None:
+        out = out.new_zeros((rows * length, *out.shape[1:])).index_copy(0, index, out)
+    return out.view(rows, length, *out.shape[1:])
+
+
+# ---------------------------------------------------------------------------- packed calls
 
 
 def _fallback_attention(fallback: str, module):
@@ -91,48 +192,6 @@ def _fallback_attention(fallback: str, module):
             raise RuntimeError(f"{type(module).__name__}'s module defines no eager_attention_forward to fall back to")
         return eager
     return AttentionInterface()[fallback]
-
-
-def _dropout_error(module, dropout) -> ValueError:
-    """The error for attention dropout in training, naming the config field that sets it."""
-    config = getattr(module, "config", None)
-    fields = [name for name in _ATTENTION_DROPOUT_FIELDS if isinstance(getattr(config, name, None), (int, float))]
-    # The field whose value the layer passed, else any attention-dropout field the config has.
-    matching = [name for name in fields if math.isclose(getattr(config, name), dropout)] or fields
-    where = (f"set config.{matching[0]} = 0 on {type(config).__name__} before building the model"
-             if matching else f"set {type(module).__name__}'s attention dropout to 0")
-    return ValueError(
-        f"attn_implementation='{ATTENTION_NAME}' does not implement attention dropout ({type(module).__name__} "
-        f"passed dropout={dropout} in training mode): {where}, or disable every dropout of the loaded model "
-        f"with prefix_grouper.trainers.model.disable_dropout(model) (as TRL's disable_dropout does); "
-        f"RL policy updates run without dropout")
-
-
-def _window(module, sliding_window) -> int | None:
-    if sliding_window is None:
-        return None
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-        raise ValueError(f"{type(module).__name__} passed sliding_window={sliding_window!r}; prefix_grouper's "
-                         f"attention takes an int >= 1 (a key is visible when q_pos - sliding_window < k_pos) "
-                         f"or None")
-    return sliding_window
-
-
-def _layer_settings(module, kwargs: dict) -> dict:
-    """prefix_attention's ``window``, ``softcap`` and ``sinks`` from one call's keywords."""
-    unknown = sorted(set(kwargs) - HARMLESS_KWARGS - _IMPLEMENTED_KWARGS)
-    if unknown:
-        raise TypeError(f"{type(module).__name__} passed the attention keyword(s) {', '.join(unknown)}, which "
-                        f"prefix_grouper's attention does not implement (it implements "
-                        f"{', '.join(sorted(_IMPLEMENTED_KWARGS))} and ignores only "
-                        f"{', '.join(sorted(HARMLESS_KWARGS))}); its result would differ from the model's own "
-                        f"attention")
-    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    if is_causal is not True:
-        raise ValueError(f"{type(module).__name__} runs non-causal attention (is_causal={is_causal!r}, e.g. "
-                         f"use_bidirectional_attention); prefix_grouper's attention is causal")
-    return {"window": _window(module, kwargs.get("sliding_window")), "softcap": kwargs.get("softcap"),
-            "sinks": kwargs.get("s_aux")}
 
 
 def _check_head_first(query, key, value, total_tokens: int) -> None:
@@ -153,18 +212,17 @@ def _check_head_first(query, key, value, total_tokens: int) -> None:
 
 
 def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: query ``[1, Hq, T, D]``, key/value ``[1, Hkv, T, D]``.
+    """transformers attention function of packed calls: query ``[1, Hq, T, D]``, key/value ``[1, Hkv, T, D]``.
 
     A call with the model-call keyword ``prefix_layout=layout`` (the batch's
     :class:`GroupLayout`) runs :func:`prefix_attention` on the packed row with this layer's
-    ``scaling``, ``sliding_window`` (as ``window``), ``softcap`` and ``s_aux`` (as
-    ``sinks``); the optional ``prefix_backend`` picks its backend. Returns
-    ``([1, T, Hq, D], None)`` as transformers expects. A call without it runs the
+    settings (:func:`call_settings`); the optional ``prefix_backend`` picks its backend.
+    Returns ``([1, T, Hq, D], None)`` as transformers expects. A call without it runs the
     implementation :func:`install` recorded, or raises under the strict ``"prefix_grouper"``.
     """
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
-        fallback = _fallback_of(getattr(getattr(module, "config", None), "_attn_implementation", None))
+        fallback = fallback_of(getattr(getattr(module, "config", None), "_attn_implementation", None))
         if fallback is None:
             raise ValueError(
                 f"attn_implementation='{ATTENTION_NAME}' needs the batch's GroupLayout: call the model with "
@@ -176,9 +234,7 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
     if not isinstance(layout, GroupLayout):
         raise TypeError(f"{LAYOUT_KWARG} must be a GroupLayout, got {type(layout).__name__}")
     _check_head_first(query, key, value, layout.total_tokens)
-    if dropout and module.training:
-        raise _dropout_error(module, dropout)
-    settings = _layer_settings(module, kwargs)
+    settings = call_settings(module, {"dropout": dropout, "scaling": scaling, **kwargs}, grouped=False)
     if isinstance(attention_mask, LocalMask):
         if settings["window"] != attention_mask.size:
             raise ValueError(
@@ -194,47 +250,7 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
     packed_call = PACKED_CALL.get()
     if packed_call is not None:
         packed_call.attention_calls += 1
-    query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast, rotary embeddings leave q and k in float32 while v is in the autocast
-        # dtype; sdpa, an autocast op, runs in the autocast dtype, and so does this.
-        dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    out = prefix_attention(query, key, value, layout, softmax_scale=scaling,
-                           backend=kwargs.get(BACKEND_KWARG, "auto"), **settings)
-    return out[None], None
-
-
-def prefix_grouper_mask(*args, config=None, **kwargs):
-    """transformers mask function of the dispatching implementation: none for a packed call
-    (the layout is the mask), else the previous implementation's.
-
-    In a packed call a sliding-window (or chunked) mask becomes a :class:`LocalMask` of its
-    size, which the layers it reaches check against their ``sliding_window``; masks with
-    extra rules (``or_mask_function`` / ``and_mask_function``, e.g. Gemma 3's bidirectional
-    image tokens), which the layout does not express, are refused.
-    """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    fallback = _fallback_of(getattr(config, "_attn_implementation", None))
-    if fallback is None:
-        raise ValueError(f"prefix_grouper_mask serves the implementations install() registers, got config "
-                         f"{type(config).__name__} with attn_implementation "
-                         f"{getattr(config, '_attn_implementation', None)!r}")
-    packed_call = PACKED_CALL.get()
-    if packed_call is not None:
-        if kwargs.get("use_vmap"):
-            # transformers asks for vmap exactly when a model adds its own mask function.
-            raise ValueError(f"{type(config).__name__}'s model adds its own rules to the attention mask "
-                             f"(or_mask_function / and_mask_function, e.g. bidirectional image tokens), which the "
-                             f"prefix layout does not express; use the unpacked rows for such inputs")
-        local_size = kwargs.get("local_size")
-        return None if local_size is None else LocalMask(local_size)
-    if fallback not in ALL_MASK_ATTENTION_FUNCTIONS:
-        # What transformers itself does for an implementation without a mask function.
-        return kwargs.get("attention_mask")
-    return ALL_MASK_ATTENTION_FUNCTIONS[fallback](*args, config=config, **kwargs)
+    return run_on_rows(query, key, value, layout, settings, kwargs.get(BACKEND_KWARG, "auto")), None
 
 
 def register() -> None:
@@ -265,7 +281,7 @@ def install(model) -> str:
     register()
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current == ATTENTION_NAME or _fallback_of(current) is not None:
+    if current == ATTENTION_NAME or fallback_of(current) is not None:
         return current
     if not isinstance(current, str):
         raise TypeError(f"model must be a transformers model with config._attn_implementation set, got "
@@ -275,7 +291,7 @@ def install(model) -> str:
     if submodel_implementations != {current}:
         raise ValueError(f"model's submodels use several attention implementations "
                          f"({sorted(map(str, submodel_implementations))}); install() needs one")
-    name = ATTENTION_NAME + _FALLBACK_SEPARATOR + current
+    name = ATTENTION_NAME + FALLBACK_SEPARATOR + current
     AttentionInterface.register(name, prefix_grouper_attention)
     AttentionMaskInterface.register(name, prefix_grouper_mask)
     model.set_attn_implementation(name)
@@ -284,3 +300,70 @@ def install(model) -> str:
                            f"{model.config._attn_implementation!r}); its attention does not go through "
                            f"transformers' AttentionInterface")
     return name
+
+
+# ---------------------------------------------------------------------------- grouped calls (the paper's API)
+
+
+def paper_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask, *args, prefix_grouper=None,
+                            prefix_grouper_attn_func: str = "flash_attention_2", **kwargs):
+    """transformers attention function ``"prefix_grouper_attention"``: ``(output [b, seq, heads, head_dim], None)``.
+
+    Every call carries ``prefix_grouper=`` (the grouper's rows are the mask); a call without
+    it (``generate()``, evaluation) is refused, as in the paper's package: switch the model's
+    attention implementation for those. ``prefix_grouper_attn_func=`` names the attention the
+    paper's package calls twice per layer; it is accepted and unused (one call runs here).
+    """
+    if prefix_grouper is None:
+        raise ValueError(f"attn_implementation={PAPER_ATTENTION_NAME!r} needs prefix_grouper= in every model call; "
+                         f"for calls without one (generate, evaluation) set the model's attention implementation to "
+                         f"{prefix_grouper_attn_func!r} (model.set_attn_implementation)")
+    if not isinstance(prefix_grouper, GroupedRows):
+        raise TypeError(f"prefix_grouper must be a prefix_grouper.PrefixGrouper, got {type(prefix_grouper).__name__}")
+    return prefix_grouper.forward(None, query, key, value, module, *args, **kwargs), None
+
+
+def _own_eager_attention(module: torch.nn.Module):
+    """The ``eager_attention_forward`` that ``module``'s forward would call: a global of the
+    module defining that forward (every modeling file has its own: softcapping, sinks...)."""
+    forward = getattr(type(module), "forward", None)
+    for name in (getattr(forward, "__module__", None), type(module).__module__):
+        eager = getattr(sys.modules.get(name), "eager_attention_forward", None)
+        if eager is not None and eager is not eager_attention_dispatch:
+            return eager
+    raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in the module of its forward "
+                       f"({getattr(forward, '__module__', None)}) to run eager attention with")
+
+
+def eager_attention_dispatch(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, *args, prefix_grouper=None, **kwargs):
+    """transformers' ``"eager"`` once :func:`route_eager_attention` ran: grouped attention for
+    calls with ``prefix_grouper=``, the model's own eager attention, unchanged, for all others."""
+    if prefix_grouper is None:
+        return _own_eager_attention(module)(module, query, key, value, attention_mask, *args, **kwargs)
+    return paper_attention_forward(module, query, key, value, attention_mask, *args, prefix_grouper=prefix_grouper,
+                                   **kwargs)
+
+
+def register_paper_attention() -> None:
+    """Register ``"prefix_grouper_attention"`` (the paper's name) with transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAPER_ATTENTION_NAME, paper_attention_forward)
+
+
+def route_eager_attention() -> None:
+    """Make transformers' ``"eager"`` honor ``prefix_grouper=`` (idempotent; an ``"eager"``
+    registered already, ours or a wrapper of it, is kept as it is).
+
+    Models resolve ``"eager"`` to their modeling file's own function, which ignores unknown
+    keywords: code that patches only ``ALL_ATTENTION_FUNCTIONS`` (verl's
+    ``apply_prefix_grouper_patch``) would then run plain attention on the grouper's rows.
+    Installed in one place: building a :class:`~prefix_grouper.PrefixGrouper` while
+    transformers is loaded, before the model call that passes it.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if "eager" not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register("eager", eager_attention_dispatch)

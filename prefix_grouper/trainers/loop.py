@@ -20,7 +20,7 @@ import torch
 
 from ..layout import GroupLayout
 from ..models.packed import completion_log_probs, sequence_log_probs
-from ..segments import group_row_ranges, micro_batch_groups
+from ..micro_batches import group_row_ranges, micro_batch_groups
 from ..unpacked import unpacked_completion_log_probs
 from .distributed import Distributed
 from .loss import micro_batch_share, policy_loss

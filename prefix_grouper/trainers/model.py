@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models.dropout import disable_dropout
 from .tokenizer import FILE_NAME as CHAR_TOKENIZER_FILE
 from .tokenizer import CharTokenizer
 
@@ -116,50 +117,6 @@ def keep_norms_in_float64(model: torch.nn.Module) -> int:
         if _rounds_to_float32(module):
             module.forward = types.MethodType(_float64_rms_norm, module)
             changed += 1
-    return changed
-
-
-def _is_dropout_name(name: str) -> bool:
-    # transformers names dropout probabilities *dropout* (attention_dropout, hidden_dropout,
-    # classifier_dropout) or *pdrop (GPT-2's attn_pdrop, resid_pdrop, embd_pdrop).
-    return "dropout" in name or name.endswith("pdrop")
-
-
-def _zero_dropout_fields(owner, prefix: str) -> list[str]:
-    """Set every float dropout probability among ``owner``'s attributes to 0; their names."""
-    changed = []
-    for name, value in list(vars(owner).items()):
-        if _is_dropout_name(name) and isinstance(value, float) and value != 0.0:
-            setattr(owner, name, 0.0)
-            changed.append(prefix + name)
-    return changed
-
-
-def disable_dropout(model: torch.nn.Module) -> list[str]:
-    """Turn off every dropout of a transformers ``model``, in place; returns what was changed.
-
-    RL policy updates run without dropout (TRL's ``disable_dropout``, verl): the old,
-    reference and current log-probs of a ratio must come from one deterministic policy,
-    and prefix attention refuses attention dropout. Sets ``p = 0`` on every
-    ``torch.nn.Dropout``, and 0 on every float dropout probability held by a module (Llama's
-    attention keeps ``attention_dropout`` as a float read from the config at build time) or
-    by a config (``attention_dropout``, GPT-2's ``attn_pdrop``...), so that the model, its
-    saved config and a model rebuilt from it all agree.
-    """
-    changed = []
-    configs = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and module.p != 0:
-            module.p = 0.0
-            changed.append(f"{name or type(module).__name__}.p")
-        changed += _zero_dropout_fields(module, f"{name}." if name else "")
-        config = getattr(module, "config", None)
-        if config is not None:
-            configs[id(config)] = config
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            configs[id(text)] = text
-    for config in configs.values():
-        changed += _zero_dropout_fields(config, f"{type(config).__name__}.")
     return changed
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..advantages import anchor_index_from_states
-from ..segments import group_row_ranges
+from ..micro_batches import group_row_ranges
 from .model import Policy
 from .tasks import Environment, Task
 

@@ -1,7 +1,7 @@
 """Host-side segmentation helpers: whole groups per micro-batch under row and token budgets."""
 import pytest
 
-from prefix_grouper.segments import group_row_ranges, micro_batch_groups
+from prefix_grouper.micro_batches import group_row_ranges, micro_batch_groups
 
 
 def test_group_row_ranges():

@@ -1,7 +1,8 @@
 """Shared-prefix attention against the approaches users would pick instead.
 
 Approaches (each on the same packed q/k/v, checked against ours before timing):
-  unpacked every [prefix; completion] its own row, SDPA causal (flash on GPU)
+  unpacked every [prefix; completion] its own row, SDPA causal (flash on GPU), one padded batch
+  looped   the same rows unpadded, one SDPA call per row (what a loop over sequences runs)
   split    the public prefix-grouper package's scheme: prefix SDPA causal + completion
            SDPA over [prefix K/V repeated G times; own K/V] with bottom-right causal, concat
   flex     PyTorch FlexAttention with a prefix-sharing block mask, torch.compile'd
@@ -29,10 +30,11 @@ after the device under runs/bench_attention/ (or benchmarks/results/ with --upda
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,10 @@ from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.attention import available_backends
 from prefix_grouper.unpacked import packed_from_unpacked, unpacked_attention_rows, unpacked_rows
 
-from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, flash_refusal,
-                     measure_ms, ratios as ratios_of, repeats_of, run_suite, shared_prefix_flops, spread, suite_setup,
-                     table_lines)
+from .attention_contenders import Approach, looped_rows, make_flex, run_looped, run_split
+from .common import (DEFAULT_CPU_THREADS, REPO_ROOT, add_device_arguments, add_output_arguments, add_size_arguments,
+                     bar_chart, flash_refusal, measure_interleaved_ms, measure_ms, peak_extra_mib, ratios as ratios_of,
+                     repeats_of, run_suite, shared_prefix_flops, spread, suite_setup, table_lines)
 
 
 def ragged_completions(num_groups, group_size, low, high, seed):
@@ -70,6 +73,14 @@ GPU_CONFIGS = [  # name, prefix lens, completion lens per group, Hq, Hkv, D
 CPU_CONFIGS = [  # smallest first: --quick runs only the first
     ("P256 S128 G4 GQA", [256], [[128] * 4], 8, 2, 64),
     ("P512 S64 G8", [512], [[64] * 8], 8, 8, 64),
+    # Little or nothing shared (issue 27): many small groups, G=1.
+    ("64x P128 S16 G1", [128] * 64, [[16]] * 64, 8, 8, 64),
+    ("64x P128 S16 G2", [128] * 64, [[16] * 2] * 64, 8, 8, 64),
+    ("64x P128 S16 G8", [128] * 64, [[16] * 8] * 64, 8, 8, 64),
+    ("16x P512 S64 G1", [512] * 16, [[64]] * 16, 8, 8, 64),
+    # The memory shapes of issue 27.
+    ("2x P256 S256 G4", [256] * 2, [[256] * 4] * 2, 8, 8, 64),
+    ("2x P1024 S128 G8", [1024] * 2, [[128] * 8] * 2, 8, 8, 64),
 ]
 SMOKE_CONFIGS = [("smoke P64 S16 G2 GQA", [64], [[16] * 2], 4, 2, 16)]
 # Model features (issue 15): an optional 7th entry of prefix_attention keywords, ``sinks``
@@ -85,70 +96,9 @@ FEATURE_GPU_CONFIGS = [
 ]
 FEATURE_SMOKE_CONFIGS = [("smoke window softcap sinks", [64], [[16] * 2], 4, 2, 16,
                           {"window": 24, "softcap": 20.0, "sinks": True})]
-BASELINES = ("unpacked", "flex")
-
-
-@dataclass
-class Approach:
-    """``prepare`` turns packed q/k/v into the approach's own input layout once (outside the
-    timed region, as a model would hold them); ``run`` is what gets timed. ``backward``:
-    whether ``run`` is differentiable on this device. ``unavailable``: why the approach cannot
-    run this config here ("" where it runs): its row says so and holds no time."""
-
-    prepare: Callable
-    run: Callable | None
-    backward: bool = True
-    unavailable: str = ""
-
-
-def run_split(q, k, v, layout):
-    """Single-group, equal-length completions only (the scheme needs a rectangular batch)."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    p, g = layout.prefix_lens_list[0], layout.group_sizes_list[0]
-    s = layout.suffix_lens_list[0]
-    hq, hkv = q.shape[1], k.shape[1]
-    qp, kp, vp = (x[:p].transpose(0, 1)[None] for x in (q, k, v))
-    prefix_out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-    qs = q[p:].reshape(g, s, hq, -1).transpose(1, 2)
-    ks = torch.cat([kp.expand(g, -1, -1, -1), k[p:].reshape(g, s, hkv, -1).transpose(1, 2)], 2)
-    vs = torch.cat([vp.expand(g, -1, -1, -1), v[p:].reshape(g, s, hkv, -1).transpose(1, 2)], 2)
-    suffix_out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(s, p + s),
-                                                enable_gqa=True)
-    return torch.cat([prefix_out[0].transpose(0, 1), suffix_out.transpose(1, 2).reshape(g * s, hq, -1)])
-
-
-def flex_for_layout(layout):
-    """``(block_mask, compiled flex_attention)`` for the layout's prefix-sharing pattern, after
-    a compiler reset: every layout compiles flex_attention's one code object twice (no_grad,
-    grad), and without a reset the layouts of one run together pass Dynamo's recompile limit
-    (8), after which flex_attention would silently run its unfused eager path. fullgraph=True
-    turns any such fallback into an error."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    group, segment, pos = layout.token_group, layout.token_segment, layout.position_ids
-    is_prefix = layout.token_completion < 0
-
-    def prefix_sharing(b, h, q_idx, kv_idx):
-        return ((group[q_idx] == group[kv_idx]) & (pos[kv_idx] <= pos[q_idx])
-                & (is_prefix[kv_idx] | (segment[q_idx] == segment[kv_idx])))
-
-    t = layout.total_tokens
-    torch.compiler.reset()
-    # Compiled: the eager mask builder materializes [T, T] (67 GiB at ~90k tokens).
-    block_mask = torch.compile(create_block_mask)(prefix_sharing, None, None, t, t, device=layout.device)
-    return block_mask, torch.compile(flex_attention, dynamic=False, fullgraph=True)
-
-
-def make_flex(layout):
-    block_mask, compiled = flex_for_layout(layout)
-
-    def run(q, k, v):
-        out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=block_mask, enable_gqa=True)
-        return out[0].transpose(0, 1)
-
-    return run
+BASELINES = ("unpacked", "looped", "flex")
+CPU_ROUNDS = 9
+"""Interleaved fwd+bwd rounds on CPU at least: enough for min-max ranges that separate."""
 
 
 def visible_flops(layout, heads, head_dim, window=None):
@@ -187,7 +137,8 @@ def approaches(layout, device, dtype, head_dim, wanted=None, features=None):
         return {name: make() for name, make in ours.items() if wanted is None or name in wanted}
     packed = lambda q, k, v: (q, k, v)  # noqa: E731
     rows = lambda q, k, v: tuple(unpacked_rows(x, layout)[0] for x in (q, k, v))  # noqa: E731
-    makers = {"unpacked": lambda: Approach(rows, unpacked_attention_rows)}
+    makers = {"unpacked": lambda: Approach(rows, unpacked_attention_rows),
+              "looped": lambda: Approach(lambda q, k, v: looped_rows(q, k, v, layout), run_looped)}
     if layout.num_groups == 1 and len(set(layout.suffix_lens_list)) == 1:
         makers["split"] = lambda: Approach(packed, lambda q, k, v: run_split(q, k, v, layout))
     makers["flex"] = lambda: Approach(packed, make_flex(layout), backward=device.type == "cuda")
@@ -219,6 +170,8 @@ def completion_view(name, out, layout):
         padded = out.new_zeros(*real.shape, *out.shape[1:])
         padded[real] = out
         out = padded
+    if name == "looped":
+        out = packed_from_unpacked(torch.nn.utils.rnn.pad_sequence(list(out), batch_first=True), layout)
     if name in ("unpacked", "flashattn"):
         out = packed_from_unpacked(out, layout)
     return out[layout.completion_positions()]
@@ -261,7 +214,7 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
     nan = float("nan")
 
     def row(approach, err=nan, fwd_warmup_s=nan, fwd_ms=nan, fwd_bwd_warmup_s=nan, fwd_bwd_ms=nan, peak_gib=nan,
-            recompiled=False, note=""):
+            recompiled=False, note=""):  # peak_gib: on CPU, a fresh process's peak extra resident memory
         return {
             "config": name, "approach": approach, "dtype": str(dtype).replace("torch.", ""),
             "hq": hq, "hkv": hkv, "d": d,
@@ -276,14 +229,15 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
             "note": note,
         }
 
-    rows = []
+    rows, measured = [], {}  # approach -> [fwd+bwd closure, its row's fields]
     for approach, provider in approaches(layout, device, dtype, d, wanted, features).items():
         if provider.unavailable:
             print(f"{name}, {approach}: not run: {provider.unavailable}", flush=True)
             rows.append(row(approach, note=f"not run: {provider.unavailable}"))
             continue
         inputs = provider.prepare(q, k, v)
-        leaves = [x.detach().requires_grad_() for x in inputs]
+        leaves = [[y.detach().requires_grad_() for y in x] if isinstance(x, list) else x.detach().requires_grad_()
+                  for x in inputs]
 
         def fwd():
             with torch.no_grad():
@@ -291,31 +245,75 @@ def bench_config(name, prefix, suffix, hq, hkv, d, device, dtype, wanted, repeat
 
         out, fwd_warmup_s, fwd_ms, recompiled_fwd = warm_then_time(fwd, device, repeats)
         err = (completion_view(approach, out, layout).float() - ours).abs().max().item()
-        fwd_bwd_warmup_s = fwd_bwd_ms = peak_gib = nan
-        recompiled_fwd_bwd = False
-        if provider.backward:
-            grad_out = torch.randn_like(out)
-
-            def fwd_bwd():
-                provider.run(*leaves).backward(grad_out)
-
-            _, fwd_bwd_warmup_s, fwd_bwd_ms, recompiled_fwd_bwd = warm_then_time(fwd_bwd, device, repeats)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fwd_bwd()
-                torch.cuda.synchronize()
-                peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
-        rows.append(row(approach, err, fwd_warmup_s, fwd_ms, fwd_bwd_warmup_s, fwd_bwd_ms, peak_gib,
-                        recompiled_fwd or recompiled_fwd_bwd))
         if err > agreement:
             print(f"WARNING: {approach} differs from prefix_attention by {err:.2e} on {name}")
-        for mode, recompiled in (("fwd", recompiled_fwd), ("fwd+bwd", recompiled_fwd_bwd)):
-            if recompiled:
-                print(f"WARNING: {approach} recompiled while its {mode} was timed on {name}: "
-                      f"that time is not of its compiled kernel")
+        fields = dict(approach=approach, err=err, fwd_warmup_s=fwd_warmup_s, fwd_ms=fwd_ms, recompiled=recompiled_fwd)
+        if provider.backward:
+            grad_out = [torch.randn_like(x) for x in out] if isinstance(out, list) else torch.randn_like(out)
+            measured[approach] = ((lambda run, leaves, grad_out: lambda: run(*leaves).backward(grad_out))(
+                provider.run, leaves, grad_out), fields)
+        else:
+            rows.append(row(**fields))
+    if device.type == "cuda":
+        for approach, (fwd_bwd, fields) in measured.items():
+            _, fields["fwd_bwd_warmup_s"], fields["fwd_bwd_ms"], recompiled = warm_then_time(fwd_bwd, device, repeats)
+            fields["recompiled"] |= recompiled
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            fields["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    elif measured:
+        # On a shared CPU the contenders take turns, round after round, so that a burst of load
+        # elsewhere hits them all; peak memory in a fresh process per contender.
+        before = compilations()
+        rounds = repeats[1] if repeats[1] == 1 else max(CPU_ROUNDS, repeats[1])  # --smoke: one
+        warmups, times = measure_interleaved_ms({a: f for a, (f, _) in measured.items()}, (repeats[0], rounds))
+        for approach, (_, fields) in measured.items():
+            fields.update(fwd_bwd_warmup_s=warmups[approach], fwd_bwd_ms=times[approach],
+                          peak_gib=fresh_peak_mib(name, approach, features) / 1024)
+            fields["recompiled"] |= compilations() != before
+    for approach, (_, fields) in measured.items():
+        rows.append(row(**fields))
+        if fields["recompiled"]:
+            print(f"WARNING: {approach} recompiled while it was timed on {name}: that time is not of its compiled kernel")
     return rows
+
+
+def fresh_peak_mib(config: str, approach: str, features: dict) -> float:
+    """Peak extra resident memory of one fwd+bwd of ``approach`` on CPU config ``config``, in a
+    fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks go back to the system when
+    freed, so the resident size follows live memory); NaN with features (not measured there)."""
+    if features:
+        return float("nan")
+    script = ("import sys; from benchmarks.bench_attention import peak_in_this_process as p; "
+              "print(p(sys.argv[1], sys.argv[2]))")
+    result = subprocess.run([sys.executable, "-c", script, config, approach], capture_output=True, text=True,
+                            cwd=REPO_ROOT, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=600)
+    if result.returncode:
+        print(f"WARNING: peak memory of {approach} on {config} not measured: {result.stderr[-300:]}")
+        return float("nan")
+    return float(result.stdout.split()[-1])
+
+
+def peak_in_this_process(config: str, approach: str) -> float:
+    """:func:`fresh_peak_mib`'s child: inputs and the approach's rows prepared, then the peak
+    extra MiB of one fwd+bwd (:func:`peak_extra_mib`)."""
+    torch.set_num_threads(DEFAULT_CPU_THREADS)
+    name, prefix, suffix, hq, hkv, d = next(c for c in CPU_CONFIGS + SMOKE_CONFIGS if c[0] == config)[:6]
+    device = torch.device("cpu")
+    layout = GroupLayout.from_lengths(prefix, suffix, device=device)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.total_tokens, h, d, generator=gen) for h in (hq, hkv, hkv))
+    provider = approaches(layout, device, torch.float32, d, [approach])[approach]
+    leaves = [[y.detach().requires_grad_() for y in x] if isinstance(x, list) else x.detach().requires_grad_()
+              for x in provider.prepare(q, k, v)]
+    with torch.no_grad():
+        out = provider.run(*leaves)
+    grad_out = [torch.randn_like(x) for x in out] if isinstance(out, list) else torch.randn_like(out)
+    del out
+    return peak_extra_mib(lambda: provider.run(*leaves).backward(grad_out), device)
 
 
 def build_parser():

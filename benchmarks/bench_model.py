@@ -42,7 +42,7 @@ from prefix_grouper import GroupLayout
 from prefix_grouper.integrations.transformers import completion_log_probs, token_log_probs
 from prefix_grouper.unpacked import unpacked_completion_log_probs
 
-from .bench_attention import flex_for_layout
+from .attention_contenders import flex_for_layout
 from .common import (QWEN2_5_0_5B, QWEN2_5_1_5B, add_device_arguments, add_output_arguments, add_size_arguments,
                      bar_chart, flash_refusal, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite,
                      spread, suite_setup, table_lines)

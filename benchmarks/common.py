@@ -97,6 +97,25 @@ def measure_ms(fn, device: torch.device, warmup: int = 2, repeats: int = 5, *, w
     return Timing(times)
 
 
+def measure_interleaved_ms(fns: dict, repeats: tuple[int, int]) -> tuple[dict, dict]:
+    """``({name: warm-up s}, {name: Timing ms})`` of CPU calls ``fns`` timed in turns: every
+    round calls each once, so that load elsewhere on a shared machine hits all of them alike
+    (``repeats``: :func:`repeats_of`'s warm-up calls and rounds)."""
+    warmups = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        for _ in range(max(1, repeats[0])):
+            fn()
+        warmups[name] = time.perf_counter() - start
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats[1]):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return warmups, {name: Timing(values) for name, values in times.items()}
+
+
 def peak_extra_mib(fn, device: torch.device) -> float:
     """Memory ``fn()`` allocates at its peak beyond what was allocated before it:
     torch.cuda.max_memory_allocated on GPU; on CPU the process's peak resident size (VmHWM)

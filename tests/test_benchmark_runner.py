@@ -257,7 +257,7 @@ def test_flex_grouped_model_matches_the_unpacked_rows_forward():
     import torch
     import transformers
 
-    from benchmarks.bench_attention import flex_for_layout
+    from benchmarks.attention_contenders import flex_for_layout
     from benchmarks.bench_model import SMOKE, flex_completion_log_probs, flex_model
     from prefix_grouper import GroupLayout
     from prefix_grouper.unpacked import unpacked_completion_log_probs

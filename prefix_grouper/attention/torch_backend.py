@@ -4,15 +4,17 @@ A token sees, causally, its own segment and every key of its ancestors' runs (a 
 batch is the depth-1 tree: a completion's one ancestor is its prompt). Three exact parts
 merged by log-sum-exp, each an attention call that returns its LSE:
 
-1. every non-empty segment causal over itself: one batched call per length bucket
-   (segments whose lengths share ``ceil(log2(L))``, padded to the bucket's longest, so
-   padding at most doubles a segment and stays linear in tokens);
+1. every unit (a segment, or a chain of only children fused: see
+   :mod:`~prefix_grouper.attention.torch_plan`) causal over itself, batched by length
+   (short units padded to their ``ceil(log2(L))`` bucket's longest, longer ones by exact
+   length), each batch cut into calls of about ``CALL_BYTES``;
 2. every segment's run against all the queries that see the whole run: the tokens of its
    subtree after it, one contiguous packed range ``[end of the run, subtree_end)`` in the
    pre-order packing. So one dense, mask-free call per segment with descendants, on
    contiguous slices of the packed axis: a run's K/V is read once for all its descendants,
    never copied per descendant or padded (a one-level batch: one call per group, its
-   completions against its prompt). With a window, the only tokens that still see an
+   completions against its prompt; groups of the same shape share a batched call, a view
+   of the packed axis when they are evenly spaced). With a window, the only tokens that still see an
    ancestor are a segment's first ones, against the ancestor's last keys: one call per
    (ancestor keys, offset, query count), batching the segments that share them (a
    group's completions) with the keys' K/V broadcast, not copied;
@@ -35,7 +37,7 @@ O(T) plus tiles.
 Containment of NaN/inf: a masked key still enters its row's ``probs @ V`` product with a
 zero probability, and ``0 * NaN = NaN``. So no call mixes segments that must not see each
 other (a batch row of (1) is one segment; a call of (2) one run against its descendants),
-and padding gathers an appended zero row rather than the neighbouring tokens. A non-finite
+and padded slots are filled (zeros; lse +inf) rather than holding neighbouring tokens. A non-finite
 K/V of a token then reaches only the rows of its segment's subtree (a completion's: that
 completion; a prompt's: its group), as in the unpacked sequences.
 """
@@ -48,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import GroupLayout
-from .torch_plan import (attention_plan, cross_calls, from_buckets, heads_first, key_batch, packed_rows, query_batch,
-                         to_buckets)
+from .torch_plan import attention_plan, schedule
+from .torch_rows import accumulate, batch, write
 
 __all__ = ["CHUNKED", "CPU_FLASH", "CPU_SCORE_BLOCK_BYTES", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine",
            "engine_for", "torch_prefix_attention"]
@@ -104,7 +106,7 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse, grad_lse, query_offset, sca
         out = F.pad(out, (0, 1), value=1.0)
         q, k, v = (F.pad(x, (0, 1)) for x in (q, k, v))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.contiguous(), q, k, v, out, lse, 0.0, query_offset == 0, scale=scale)
+        grad_out, q, k, v, out, lse, 0.0, query_offset == 0, scale=scale)
     return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]
 
 
@@ -226,25 +228,33 @@ def engine_for(device: torch.device, window: int | None = None, softcap: float |
 
 class _PrefixAttention(torch.autograd.Function):
     """The three parts, their merge and the sinks; the backward runs every part's kernel
-    against the merged out/lse, which is the merged attention's exact gradient."""
+    against the merged out/lse, which is the merged attention's exact gradient. Every call
+    reads its batch of packed runs (a view where the runs are regular) and writes its result
+    straight into the packed outputs: no full-size copy, one batch alive at a time."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan: dict, scale: float, window: int | None, softcap: float | None):
         engine = engine_for(q.device, window=window, softcap=softcap)
-        cross = cross_calls(plan, window)
-        parts = [engine.forward(*chunks, 0, scale) for chunks in zip(*(to_buckets(x, plan, 0.0) for x in (q, k, v)))]
-        out = from_buckets([part_out for part_out, _ in parts], plan)
-        lse = from_buckets([part_lse for _, part_lse in parts], plan)
+        causal, cross = schedule(plan, window, q.shape[1] * q.shape[2] * q.element_size())
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
+        for rows in causal:  # every token in exactly one batch: out and lse written whole
+            part_out, part_lse = engine.forward(batch(q, rows), batch(k, rows), batch(v, rows), 0, scale)
+            write(out, rows, part_out)
+            write(lse, rows, part_lse)
+            del part_out, part_lse
         for queries, keys, query_offset in cross:
-            batch = query_batch(q, queries)
-            cross_out, cross_lse = engine.forward(batch, *(key_batch(x, keys, batch.shape[0]) for x in (k, v)),
-                                                  query_offset, scale)
-            rows, cross_out = packed_rows(cross_out, queries)
-            _, cross_lse = packed_rows(cross_lse, queries)
-            merged_lse = torch.logaddexp(cross_lse, lse[rows])
-            out[rows] = (cross_out * torch.exp(cross_lse - merged_lse)[..., None]
-                         + out[rows] * torch.exp(lse[rows] - merged_lse)[..., None])
-            lse[rows] = merged_lse
+            cross_out, cross_lse = engine.forward(batch(q, queries), batch(k, keys), batch(v, keys), query_offset,
+                                                  scale)
+            row_out, row_lse = batch(out, queries), batch(lse, queries)  # views: merged in place
+            merged_lse = torch.logaddexp(cross_lse, row_lse)
+            row_out.mul_(torch.exp(row_lse - merged_lse)[..., None])
+            row_out.add_(cross_out.mul_(torch.exp(cross_lse.sub_(merged_lse))[..., None]))
+            if queries.stride is None:  # gathered copies: back to the packed axis
+                write(out, queries, row_out)
+                write(lse, queries, merged_lse)
+            else:
+                row_lse.copy_(merged_lse)
+            del cross_out, cross_lse, row_out, row_lse, merged_lse
         if sinks is not None:
             # The sink joins every row's denominator with no value: out shrinks by its share.
             merged_lse = torch.logaddexp(lse, sinks)
@@ -252,32 +262,32 @@ class _PrefixAttention(torch.autograd.Function):
             lse = merged_lse
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
-        ctx.plan, ctx.scale, ctx.window, ctx.softcap, ctx.cross = plan, scale, window, softcap, cross
+        ctx.plan, ctx.scale, ctx.window, ctx.softcap = plan, scale, window, softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
+        scale = ctx.scale
         engine = engine_for(q.device, window=ctx.window, softcap=ctx.softcap)
+        causal, cross = schedule(ctx.plan, ctx.window, q.shape[1] * q.shape[2] * q.element_size())
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        # Padded slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
-        bucketed = [to_buckets(x, plan, 0.0) for x in (grad_out, q, k, v, out)]
-        bucketed.append(to_buckets(lse, plan, float("inf")))
-        bucketed.append(to_buckets(grad_lse, plan, 0.0) if grad_lse is not None else [None] * len(bucketed[0]))
-        grads = [engine.backward(*chunks, 0, scale) for chunks in zip(*bucketed)]
-        dq, dk, dv = (from_buckets([grad[i] for grad in grads], plan) for i in range(3))
-        for queries, keys, query_offset in ctx.cross:
-            batch = query_batch(q, queries)
-            cross_dq, cross_dk, cross_dv = engine.backward(
-                query_batch(grad_out, queries), batch, *(key_batch(x, keys, batch.shape[0]) for x in (k, v)),
-                query_batch(out, queries), query_batch(lse, queries),
-                None if grad_lse is None else query_batch(grad_lse, queries), query_offset, scale)
-            rows, cross_dq = packed_rows(cross_dq, queries)
-            dq[rows] += cross_dq
-            # A key batch's rows share the keys: their gradients sum (in order: deterministic).
-            dk[keys] += heads_first(cross_dk.sum(0))
-            dv[keys] += heads_first(cross_dv.sum(0))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+        def call_backward(queries, keys, query_offset):
+            # Padded query slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
+            return engine.backward(batch(grad_out, queries), batch(q, queries), batch(k, keys), batch(v, keys),
+                                   batch(out, queries), batch(lse, queries, float("inf")),
+                                   None if grad_lse is None else batch(grad_lse, queries), query_offset, scale)
+
+        for rows in causal:  # every token in exactly one batch: the gradients written whole
+            for packed, grad in zip((dq, dk, dv), call_backward(rows, rows, 0)):
+                write(packed, rows, grad)
+        for queries, keys, query_offset in cross:
+            cross_dq, cross_dk, cross_dv = call_backward(queries, keys, query_offset)
+            accumulate(dq, queries, cross_dq)
+            accumulate(dk, keys, cross_dk)
+            accumulate(dv, keys, cross_dv)
         grad_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).

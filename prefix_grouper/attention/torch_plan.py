@@ -1,8 +1,15 @@
 """The torch backend's plan of a layout: the attention calls of its parts (see
 :mod:`prefix_grouper.attention.torch_backend`), read from the layout's segmentation (host
-ints, built once per layout, no device sync), and the packed <-> batched views of them:
-part (1), every segment causal over itself, in length buckets; part (2), every run against
-the queries of its subtree that see it.
+ints, built once per layout, no device sync), as batches of packed runs
+(:mod:`prefix_grouper.attention.torch_rows`): part (1), every unit causal over itself, in
+length buckets; part (2), every run against the queries of its subtree that see it.
+
+A unit is a chain of segments each of which is its parent's only non-empty child, packed
+right after it (a G=1 group's prompt and completion; a tree's unbranched chains): its
+queries see the chain's earlier runs whole and their own causally, which is one causal call
+over the chain. Fusing them removes a cross call and a merge per chain exactly, and makes a
+layout with nothing shared run as the unpacked rows do, one causal call per sequence.
+With a window, the window calls and buckets are those of the segments themselves.
 """
 from __future__ import annotations
 
@@ -11,17 +18,51 @@ from itertools import groupby
 import torch
 
 from ..layout import GroupLayout
+from ..layout.segmentation import Segment, Segmentation
+from .torch_rows import Rows, broadcast_rows, rows_of
 
-__all__ = ["attention_plan", "cross_calls", "from_buckets", "heads_first", "key_batch", "packed_rows", "query_batch",
-           "to_buckets"]
+EXACT_LENGTHS_FROM = 64
+"""Segments of at least this many tokens are batched with equal lengths only (no padding)."""
+
+CALL_BYTES = 2**20
+"""Most bytes of one of q/k/v a call reads: CPU_FLASH runs slower per key-query pair on a
+large batch than on a few rows at a time (one thread: 64 rows of 144 tokens, 8 heads of 64,
+in one call took about 1.5x the time of 64 one-row calls), so batches are cut into calls of
+about this size."""
+
+__all__ = ["attention_plan", "cross_calls", "fused_chains", "schedule"]
+
+Call = tuple[Rows, Rows, int]
+"""``(queries, keys, query_offset)`` of one batched attention call."""
 
 
-def attention_plan(layout: GroupLayout) -> dict:
-    """Length buckets of the causal part; the (descendant queries, run) slices of the dense part, per segment with
-    descendants, and per (segment, ancestor run) pair for windows; where every packed token's causal-part row lies,
-    and the longest row; all read from the layout's segmentation (host ints, no device sync)."""
-    segmentation = layout.segmentation
-    segments, cross, ancestor_pairs = [], [], []  # (packed start, length) of non-empty segments; slices
+def fused_chains(segmentation: Segmentation) -> Segmentation:
+    """The non-empty segments with every only child packed right after its parent fused into
+    the parent's unit (its key runs then the unit's prefix plus its own, positions continuing)."""
+    units: list[Segment] = []
+    unit_of: dict[int, int] = {}  # non-empty segment -> its unit
+    for index in segmentation.nonempty():
+        start, length, parent = segmentation.segments[index]
+        while parent >= 0 and not segmentation.segments[parent].length:
+            parent = segmentation.segments[parent].parent  # empty ancestors own no keys
+        if parent >= 0:
+            tail = units[unit_of[parent]]
+            parent_end = segmentation.segments[parent].start + segmentation.segments[parent].length
+            # The parent ends its unit, this segment follows it, and the parent's subtree holds no other tokens.
+            if tail.start + tail.length == parent_end == start and \
+                    segmentation.subtree_end(index) == segmentation.subtree_end(parent):
+                units[unit_of[parent]] = Segment(tail.start, tail.length + length, tail.parent)
+                unit_of[index] = unit_of[parent]
+                continue
+        unit_of[index] = len(units)
+        units.append(Segment(start, length, -1 if parent < 0 else unit_of[parent]))
+    return Segmentation(units)  # empty segments own no tokens: the units continue the packed axis
+
+
+def _segment_plan(segmentation: Segmentation, device: torch.device) -> dict:
+    """Length buckets of the causal part; the (descendant queries, run) slices of the dense
+    part, per segment with descendants; the (segment, ancestor run, gap) triples of windows."""
+    segments, cross, ancestor_pairs = [], [], []
     for index in segmentation.nonempty():
         start, length, parent = segmentation.segments[index]
         segments.append((start, length))
@@ -41,22 +82,28 @@ def attention_plan(layout: GroupLayout) -> dict:
                 ancestor_pairs.append((run, ancestor, first_position - run_end_position))
 
     def bucket(segment):
-        return (segment[1] - 1).bit_length()
+        # Short segments share a call padded to their bucket's longest (padding at most
+        # doubles one, and a call costs more than its work there); longer ones share a call
+        # only with their exact length: padding costs quadratic work, a call per length little.
+        length = segment[1]
+        return (0, (length - 1).bit_length()) if length < EXACT_LENGTHS_FROM else (1, length)
 
-    device, zero_row = layout.device, layout.total_tokens
-    indices, shapes = [], []
-    for _, members in groupby(sorted(segments, key=bucket), key=bucket):
-        host_starts, host_lens = zip(*members)
-        starts, lens = (torch.tensor(column, dtype=torch.long, device=device) for column in (host_starts, host_lens))
-        columns = torch.arange(max(host_lens), device=device)
-        indices.append(torch.where(columns[None, :] < lens[:, None], starts[:, None] + columns[None, :], zero_row))
-        shapes.append(tuple(indices[-1].shape))
-    self_index = torch.cat([index.flatten() for index in indices])
-    row_of_token = torch.empty(layout.total_tokens, dtype=torch.long, device=device)
-    is_token = self_index != zero_row
-    row_of_token[self_index[is_token]] = torch.arange(self_index.numel(), device=device)[is_token]
-    return {"self_index": self_index, "bucket_shapes": shapes, "row_of_token": row_of_token, "cross": cross,
-            "ancestor_pairs": ancestor_pairs, "longest_row": segmentation.longest_row}
+    causal = [tuple(map(list, zip(*members))) for _, members in groupby(sorted(segments, key=bucket), key=bucket)]
+    return {"causal": causal, "cross": cross, "ancestor_pairs": ancestor_pairs}
+
+
+def attention_plan(layout: GroupLayout) -> dict:
+    """The plan of ``layout``: its fused units' parts (``causal``, ``cross``), the segments'
+    own parts for windows (built on first use), the device and the longest row."""
+    fused = _segment_plan(fused_chains(layout.segmentation), layout.device)
+    return {**fused, "segmentation": layout.segmentation, "device": layout.device,
+            "longest_row": layout.segmentation.longest_row}
+
+
+def _windowed(plan: dict) -> dict:
+    if "windowed" not in plan:
+        plan["windowed"] = _segment_plan(plan["segmentation"], plan["device"])
+    return plan["windowed"]
 
 
 def cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tensor, slice, int]]:
@@ -72,7 +119,7 @@ def cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tens
     memo = plan.setdefault("window_calls", {})
     if window not in memo:
         batches: dict[tuple[int, int, int, int], list[int]] = {}  # (keys start, stop, offset, Lq) -> first queries
-        for segment, ancestor, gap in plan["ancestor_pairs"]:
+        for segment, ancestor, gap in _windowed(plan)["ancestor_pairs"]:
             # The segment's token a sits gap + a positions after the ancestor's last key's next
             # position (gap: the tokens of the ancestors in between) and sees an ancestor key
             # iff it lies within window - 1 positions before it: only a < window - 1 - gap
@@ -88,45 +135,55 @@ def cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tens
             if len(starts) == 1:
                 queries = slice(starts[0], starts[0] + seeing)
             else:
-                queries = (torch.tensor(starts, dtype=torch.long, device=plan["row_of_token"].device)[:, None]
-                           + torch.arange(seeing, device=plan["row_of_token"].device))
+                queries = (torch.tensor(starts, dtype=torch.long, device=plan["device"])[:, None]
+                           + torch.arange(seeing, device=plan["device"]))
             calls.append((queries, slice(first_key, last_key), query_offset))
         memo[window] = calls
     return memo[window]
 
 
-def query_batch(x: torch.Tensor, queries: slice | torch.Tensor) -> torch.Tensor:
-    """Packed ``x [T, H, ...]`` at a call's queries as ``[R, H, Lq, ...]``."""
-    rows = x[queries]
-    return (rows[None] if isinstance(queries, slice) else rows).transpose(1, 2)
+def _calls(starts: list[int], lengths: list[int], row_bytes: int, device: torch.device) -> list[Rows]:
+    """The runs as batches of at most :data:`CALL_BYTES` per tensor (one run at least)."""
+    per_call = max(1, CALL_BYTES // row_bytes)
+    return [rows_of(starts[first:first + per_call], lengths[first:first + per_call], device)
+            for first in range(0, len(starts), per_call)]
 
 
-def packed_rows(batch: torch.Tensor, queries: slice | torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`query_batch`: ``(packed index, [R * Lq, H, ...] values)``."""
-    values = batch.transpose(1, 2).flatten(0, 1)
-    return (queries if isinstance(queries, slice) else queries.flatten()), values
-
-
-def key_batch(x: torch.Tensor, keys: slice, batch: int) -> torch.Tensor:
-    """Packed ``x [T, H, D]`` at a call's keys as ``[R, H, Lk, D]``, broadcast over the R rows (a view)."""
-    return heads_first(x[keys])[None].expand(batch, -1, -1, -1)
-
-
-def heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``[L, H, D]`` <-> ``[H, L, D]`` (a view)."""
-    return x.transpose(-3, -2)
-
-
-def to_buckets(x: torch.Tensor, plan: dict, padding: float) -> list[torch.Tensor]:
-    """Packed ``x [T, H, ...]`` as the causal part's batches ``[n, H, W, ...]``, ``padding``
-    on the padded slots (an appended row: a clamped neighbour's NaN would reach the padded
-    slots' gradients through their zero probabilities)."""
-    padded = torch.cat([x, x.new_full((1, *x.shape[1:]), padding)])[plan["self_index"]]
-    sizes = [n * width for n, width in plan["bucket_shapes"]]
-    return [chunk.view(n, width, *x.shape[1:]).transpose(1, 2)
-            for chunk, (n, width) in zip(padded.split(sizes), plan["bucket_shapes"])]
-
-
-def from_buckets(chunks: list[torch.Tensor], plan: dict) -> torch.Tensor:
-    """Inverse of :func:`to_buckets`: ``[n, H, W, ...]`` batches back to packed ``[T, H, ...]``."""
-    return torch.cat([chunk.transpose(1, 2).flatten(0, 1) for chunk in chunks])[plan["row_of_token"]]
+def schedule(plan: dict, window: int | None, token_bytes: int) -> tuple[list[Rows], list[Call]]:
+    """``(causal batches, cross calls)`` the backend runs for tokens of ``token_bytes`` (one
+    token's q): without a window, the fused units, part (2) batching the runs of one shape
+    (``Lq``, ``Lk``); with a window, the segments' buckets and :func:`cross_calls`' window
+    calls; every batch cut into calls of about :data:`CALL_BYTES`. Memoized per window and size."""
+    memo = plan.setdefault("schedules", {})
+    if (window, token_bytes) in memo:
+        return memo[window, token_bytes]
+    device = plan["device"]
+    causal_groups = plan["causal"] if window is None else _windowed(plan)["causal"]
+    causal = [rows for starts, lengths in causal_groups
+              for rows in _calls(starts, lengths, max(lengths) * token_bytes, device)]
+    # (query starts, Lq, key starts (None: one run broadcast), key run, query offset) of each batch of part (2)
+    groups: list[tuple[list[int], int, list[int] | None, slice, int]] = []
+    if window is None:
+        shapes: dict[tuple[int, int], list[tuple[slice, slice]]] = {}
+        for queries, run in plan["cross"]:
+            shapes.setdefault((queries.stop - queries.start, run.stop - run.start), []).append((queries, run))
+        # Disjoint: two runs with queries of one length are never ancestor and descendant.
+        for (num_queries, num_keys), members in shapes.items():
+            groups.append(([q.start for q, _ in members], num_queries, [r.start for _, r in members],
+                           members[0][1], num_keys))
+    else:
+        for queries, keys, query_offset in cross_calls(plan, window):
+            starts = [queries.start] if isinstance(queries, slice) else queries[:, 0].tolist()
+            width = (queries.stop - queries.start) if isinstance(queries, slice) else queries.shape[1]
+            groups.append((starts, width, None, keys, query_offset))
+    calls: list[Call] = []
+    for query_starts, num_queries, key_starts, keys, query_offset in groups:
+        num_keys = keys.stop - keys.start
+        per_call = max(1, CALL_BYTES // ((num_queries + num_keys) * token_bytes))
+        for first in range(0, len(query_starts), per_call):
+            chunk = query_starts[first:first + per_call]
+            key_rows = (broadcast_rows(keys.start, num_keys, len(chunk)) if key_starts is None
+                        else rows_of(key_starts[first:first + per_call], [num_keys] * len(chunk), device))
+            calls.append((rows_of(chunk, [num_queries] * len(chunk), device), key_rows, query_offset))
+    memo[window, token_bytes] = causal, calls
+    return memo[window, token_bytes]

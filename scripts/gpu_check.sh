@@ -76,7 +76,7 @@ step "bf16 probe (features, repeatability, host sync)" "${PROBE_S:-90}" \
   env PREFIX_GROUPER_AUTOTUNE=off python3 scripts/gpu_probe.py
 # No -x: one device call should list every flash test that fails, not only the first.
 step "flash GPU tests" "${FLASH_TESTS_S:-30}" env PREFIX_GROUPER_AUTOTUNE=off python3 -m pytest -q -rs \
-  -p no:cacheprovider tests/test_prefix_attention_flash_gpu.py tests/test_flash_merge.py
+  -p no:cacheprovider tests/attention/test_prefix_attention_flash_gpu.py tests/test_flash_merge.py
 step "compute-sanitizer (CUDA advantage op, flash merge and sum)" "${SANITIZER_S:-15}" compute-sanitizer \
   --tool memcheck --error-exitcode 1 python3 -c "
 import torch
@@ -103,7 +103,7 @@ step "log_probs suite" "${LOG_PROBS_S:-30}" python3 -m benchmarks.bench_log_prob
   2048,1536
 step "advantages suite" "${ADVANTAGES_S:-20}" python3 -m benchmarks.run --quick --suite advantages
 step "GPU tests" "${TESTS_S:-20}" env PREFIX_GROUPER_AUTOTUNE=off python3 -m pytest -q -x -rs -p no:cacheprovider \
-  tests/test_prefix_attention_triton.py tests/test_fused_linear_log_probs.py
+  tests/attention/test_prefix_attention_triton.py tests/test_fused_linear_log_probs.py
 
 echo "=== seconds per step"
 printf '  %s\n' "${timings[@]}"

@@ -61,7 +61,7 @@ def test_flash_steps_build_the_merge_kernel_and_run_its_tests():
     # PyTorch merge fallback.
     assert "PREFIX_GROUPER_FORCE_CUDA_BUILD=1" in build and build[-2:] == ["-e", "."]
     files = [w for w in _step_words("flash GPU tests") if w.startswith("tests/")]
-    assert files == ["tests/test_prefix_attention_flash_gpu.py", "tests/test_flash_merge.py"]
+    assert files == ["tests/attention/test_prefix_attention_flash_gpu.py", "tests/test_flash_merge.py"]
 
 
 @pytest.mark.parametrize("step, suite", [("attention suite", "attention"), ("model suite", "model"),

@@ -5,22 +5,16 @@ the tiles of ``triton_backend._tile_sizes`` (128 rows for 16-bit head dims up to
 256, 64/32 for fp32 without TF32) and the kernels inner blocks of 16-128 rows. Here both are
 set to the GPU's values, so the GPU's head packing (12/2 heads: 6 heads x 21 tokens in a
 128-row program, 28/4: 7 x 18), partial inner blocks, diagonals inside a 128-row tile and
-the dK/dV splits of 128-key tiles run on the CPU against the dense float64 reference, on
+the dK/dV splits of 128-key tiles run on the CPU against the float64 oracle, on
 ragged one-level layouts and prefix trees, with windows, softcap and sinks.
 """
-import os
-import shutil
-
+import pytest
 import torch
+from attention_oracle import assert_all_close, make_inputs, oracle, outputs_and_grads
 
-if not torch.cuda.is_available() and shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-import pytest  # noqa: E402
-
-from prefix_grouper import GroupLayout, prefix_attention  # noqa: E402
-from prefix_grouper.attention import triton_autotune, triton_backend  # noqa: E402
-from prefix_grouper.runtime import triton_interpreted, triton_unavailable_reason  # noqa: E402
+from prefix_grouper import GroupLayout, prefix_attention
+from prefix_grouper.attention import triton_autotune, triton_backend
+from prefix_grouper.runtime import triton_interpreted, triton_unavailable_reason
 
 if not triton_interpreted() or triton_unavailable_reason(torch.device("cpu")) is not None:
     pytest.skip("runs the GPU's tiles under the Triton interpreter (a GPU runs them itself)",
@@ -74,36 +68,24 @@ def _cases():
                                id=f"{name}-{layout_kind}-{'window-softcap-sinks' if features else 'plain'}")
 
 
-def _outputs_and_grads(layout, heads, features, dtype, backend, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hq, hkv, d = heads
-    t = layout.total_tokens
-    q, k, v = (torch.randn(t, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
-    sinks = torch.randn(hq, generator=gen, dtype=torch.float64) if features.get("sinks") else None
-    grad_out = torch.randn(t, hq, d, generator=gen, dtype=torch.float64)
-    leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
-    sink_leaf = None if sinks is None else sinks.to(dtype).requires_grad_(True)
-    out, lse = prefix_attention(*leaves, layout, window=features.get("window"), softcap=features.get("softcap"),
-                                sinks=sink_leaf, backend=backend, return_lse=True)
-    (out * grad_out.to(dtype)).sum().backward()
-    grads = [x.grad for x in leaves] + ([] if sink_leaf is None else [sink_leaf.grad])
-    return [out.detach(), lse.detach()] + grads
-
-
 @pytest.mark.parametrize("tile, inner, heads, layout_kind, features", list(_cases()))
-def test_gpu_tiles_match_reference(monkeypatch, tile, inner, heads, layout_kind, features):
+def test_prefix_attention_triton_gpu_tiles_match_oracle(monkeypatch, tile, inner, heads, layout_kind, features):
     monkeypatch.setattr(triton_backend, "_tile_sizes", lambda head_dim, dtype: (tile, tile))
     monkeypatch.setattr(triton_autotune, "INTERPRETER_INNER_BLOCK", inner)
     layout = _one_level_layout() if layout_kind == "one_level" else _tree_layout()
-    measured = _outputs_and_grads(layout, heads, features, torch.float32, "triton")
-    truth = _outputs_and_grads(layout, heads, features, torch.float64, "reference")
-    names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
-    errors = {name: ((a.double() - b).abs().max() / b.abs().max()).item()
-              for name, a, b in zip(names, measured, truth)}
-    assert max(errors.values()) <= FP32_TOL, errors
+    features = dict(features)
+    leaves, cotangents = make_inputs(layout, *heads, seed=0, sinks=features.pop("sinks", False), score_size=1.0)
+    scale = heads[2] ** -0.5
+
+    def triton(q, k, v, sinks):
+        return prefix_attention(q, k, v, layout, softmax_scale=scale, sinks=sinks, backend="triton",
+                                return_lse=True, **features)
+
+    measured = outputs_and_grads(triton, leaves, cotangents, dtype=torch.float32, out_only=True)
+    assert_all_close(measured, oracle(layout, leaves, cotangents, features, scale, out_only=True), FP32_TOL)
 
 
-def test_gpu_tiles_are_in_effect(monkeypatch):
+def test_prefix_attention_triton_gpu_tiles_are_in_effect(monkeypatch):
     """The patch reaches the launch: 21-token tiles (6 packed heads in 128 rows) schedule the
     one-level layout into fewer query programs than the interpreter's 5-token tiles."""
     layout = _one_level_layout()

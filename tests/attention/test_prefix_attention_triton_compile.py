@@ -58,6 +58,6 @@ print("compiled")
 """
 
 
-def test_attention_kernels_compile_for_sm90():
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+def test_prefix_attention_triton_kernels_compile_for_sm90():
+    scripts = str(Path(__file__).resolve().parents[2] / "scripts")
     assert_compiles_for_sm90(COMPILE_KERNELS.replace("SCRIPTS", repr(scripts)), timeout=900)

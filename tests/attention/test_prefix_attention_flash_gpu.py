@@ -6,7 +6,7 @@ precision (+ 1e-5 for values that round to zero). Skipped without CUDA.
 """
 import pytest
 import torch
-from test_prefix_attention_tree import random_tree_sequences
+from attention_oracle import masked_attention, random_tree_sequences
 
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper._dispatch import BackendUnavailableError
@@ -19,16 +19,8 @@ DEVICE = "cuda"
 
 
 def dense_low_precision(q, k, v, layout, scale, window=None, sinks=None):
-    """Plain PyTorch attention in the inputs' dtype under the explicit mask (the baseline)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    scores = scores.masked_fill(~prefix_sharing_mask(layout, window), float("-inf"))
-    if sinks is not None:
-        scores = torch.cat([scores, sinks.to(scores.dtype)[:, None, None].expand(-1, q.shape[0], 1)], -1)
-    lse = torch.logsumexp(scores.float(), -1).transpose(0, 1)
-    probs = torch.softmax(scores, -1)[..., :q.shape[0]]
-    return torch.einsum("hqk,khd->qhd", probs, v), lse
+    """Plain PyTorch attention in the inputs' dtype under the explicit mask (the baseline; lse in float32)."""
+    return masked_attention(q, k, v, prefix_sharing_mask(layout, window), scale, sinks=sinks, lse_dtype=torch.float32)
 
 
 def grads(fn, q, k, v, out_weight, lse_weight):
@@ -51,7 +43,7 @@ FEATURES = {"plain": {}, "window": {"window": 96}, "sinks": {"sinks": True}, "wi
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 128)])
-def test_flash_within_twice_pytorch_low_precision_error(layout_name, feature, hq, hkv, d, dtype):
+def test_prefix_attention_flash_gpu_within_twice_pytorch_low_precision_error(layout_name, feature, hq, hkv, d, dtype):
     layout = LAYOUTS[layout_name]()
     g = torch.Generator(device=DEVICE).manual_seed(0)
     t = layout.total_tokens
@@ -77,7 +69,7 @@ def test_flash_within_twice_pytorch_low_precision_error(layout_name, feature, hq
         assert err <= 2 * baseline_err + 1e-5, (name, err, baseline_err)
 
 
-def test_flash_matches_triton_where_both_run():
+def test_prefix_attention_flash_gpu_matches_triton_where_both_run():
     layout = LAYOUTS["ragged"]()
     g = torch.Generator(device=DEVICE).manual_seed(1)
     q, k, v = (torch.randn(layout.total_tokens, h, 64, generator=g, device=DEVICE, dtype=torch.bfloat16)
@@ -89,7 +81,7 @@ def test_flash_matches_triton_where_both_run():
     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # two bf16 roundings of O(1) values
 
 
-def test_flash_refuses_float32_and_the_softcap_it_cannot_express():
+def test_prefix_attention_flash_gpu_refuses_float32_and_the_softcap_it_cannot_express():
     layout = LAYOUTS["g1"]()
     q = torch.randn(layout.total_tokens, 2, 64, device=DEVICE)
     with pytest.raises(BackendUnavailableError, match="not float32"):
@@ -104,7 +96,7 @@ def test_flash_refuses_float32_and_the_softcap_it_cannot_express():
         prefix_attention(q, q, q, layout, backend="flash")
 
 
-def test_no_host_sync_in_forward_and_backward():
+def test_prefix_attention_flash_gpu_no_host_sync_in_forward_and_backward():
     layout = LAYOUTS["ragged"]()
     g = torch.Generator(device=DEVICE).manual_seed(2)
     q, k, v = (torch.randn(layout.total_tokens, h, 64, generator=g, device=DEVICE, dtype=torch.bfloat16)

@@ -317,6 +317,9 @@ def torch_prefix_attention(
     if window is not None and window >= plan["longest_row"]:
         window = None  # every row already sees all its causal keys: the flash kernel may run
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # The calls read strided views of the packed axis; torch 2.11's CPU flash kernel reads a
+    # last dim of stride != 1 wrongly (measured: O(1) errors), so that dim is made contiguous.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out, lse = _PrefixAttention.apply(q.to(compute), k.to(compute), v.to(compute),
                                       None if sinks is None else sinks.to(compute), plan, softmax_scale,
                                       window, softcap)

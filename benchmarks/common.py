@@ -197,7 +197,7 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
 
 
 # CPU timings at 2+ threads flip between runs on a shared machine (OpenMP threads contend
-# with other processes: one shape read 0.22x in 5 of 13 runs at 2 threads); one thread is steady.
+# with other processes; results/design_measurements.md); one thread is steady.
 DEFAULT_CPU_THREADS = 1
 
 

@@ -270,7 +270,7 @@ class PrefixGrouper:
             if empty:
                 raise ValueError(f"group_info[{empty[0]}] has prefix_len 0: prefix attention needs at least one "
                                  f"prefix token per group (its last token predicts the first suffix token)")
-            layout = GroupLayout([i.prefix_len for i in infos], [i.suffix_lens for i in infos], device=device)
+            layout = GroupLayout.from_lengths([i.prefix_len for i in infos], [i.suffix_lens for i in infos], device=device)
             self._layouts[device] = (layout, self._index("padding", device))
         return self._layouts[device]
 

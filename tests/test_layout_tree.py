@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prefix_grouper import GroupLayout
-from prefix_grouper.layout import NotOneLevelError, Segmentation, decode_host_segments, segmentation_of
+from prefix_grouper.layout import (CompletionLayout, FlatLayout, NotOneLevelError, Segmentation, TreeLayout,
+                                   decode_host_segments, segmentation_of)
 
 
 def random_sequences(seed: int, vocab: int = 3) -> list[list[int]]:
@@ -179,17 +180,22 @@ def test_one_level_layouts_answer_the_tree_api():
     assert layout.pack_sequences(ids).tolist() == [7, 8, 1, 2, 3, 9, 4, 5]
 
 
-def test_one_level_members_refuse_a_tree():
+def test_one_level_members_do_not_exist_on_a_tree():
+    """A bare tree has no prompt/completion members by construction (no guard, no trap
+    list): hasattr is False, and asking for one names the tree API instead."""
     layout = GroupLayout.from_sequences([[1, 2, 3], [1, 2, 4]])
-    for name in ("prefix_lens", "host_lengths", "token_group", "cu_seqlens", "suffix_lens_per_group"):
-        with pytest.raises(ValueError, match="prefix tree: use sequence_positions"):
+    assert isinstance(layout, GroupLayout) and isinstance(layout, TreeLayout)
+    assert not isinstance(layout, CompletionLayout) and not layout.has_completions and not layout.is_flat
+    for name in ("prefix_lens", "host_lengths", "token_group", "cu_seqlens", "suffix_lens_per_group",
+                 "completion_group", "completion_mask", "completion_positions", "completion_logit_positions",
+                 "pack", "unpack_completions", "micro_batch_groups", "num_groups"):
+        assert not hasattr(layout, name), name
+        with pytest.raises(NotOneLevelError, match="prefix tree: use sequence_positions"):
             getattr(layout, name)
-    assert not hasattr(layout, "completion_group")
-    for call in (layout.completion_mask, layout.completion_positions, layout.completion_logit_positions,
-                 lambda: layout.pack([], []), lambda: layout.unpack_completions(torch.zeros(4)),
-                 lambda: layout.micro_batch_groups(max_rows=1)):
-        with pytest.raises(NotOneLevelError, match="prefix tree"):
-            call()
+    with pytest.raises(AttributeError, match="no attribute 'no_such_member'") as caught:
+        layout.no_such_member
+    assert not isinstance(caught.value, NotOneLevelError)
+    assert "__getattr__" not in vars(GroupLayout)  # the core type answers only its own members
 
 
 @pytest.mark.parametrize("sequences, error, match", [
@@ -334,6 +340,50 @@ def test_to_rebuilds_tree_layouts_on_another_device():
                                      min_shared=1).to("meta")
     assert shared.has_completions and not shared.is_flat
     assert shared.completion_group.device.type == "meta" and shared.segments[0] == (0, 2, -1)
+
+
+def test_every_kind_of_layout_pickles_copies_and_keeps_its_members():
+    """The three kinds (flat, shared prompts, bare tree) survive pickle and deepcopy with
+    every tensor, their segmentation and their kind; GroupLayout(...) is from_lengths."""
+    import copy
+    import pickle
+
+    prompts, completions, sizes = [[5, 6, 1], [5, 6, 2]], [[3], [4, 4], [7]], [2, 1]
+    prompt_ids, prompt_mask, completion_ids, completion_mask = padded_batch(prompts, completions, sizes)
+    layouts = {FlatLayout: GroupLayout.from_lengths([2, 1], [[2, 1], [2, 0]]),
+               CompletionLayout: GroupLayout.from_padded(prompt_mask, completion_mask, sizes, prompt_ids=prompt_ids,
+                                                         min_shared=1),
+               TreeLayout: GroupLayout.from_sequences([[1, 2, 3], [1, 2, 4], [5]])}
+    assert type(GroupLayout([2, 1], [[2, 1], [2, 0]])) is FlatLayout
+    for kind, layout in layouts.items():
+        assert type(layout) is kind
+        for clone in (pickle.loads(pickle.dumps(layout)), copy.deepcopy(layout)):
+            assert type(clone) is kind and repr(clone) == repr(layout)
+            assert clone.segments == layout.segments and clone.host_segments is not layout.host_segments
+            for name, value in vars(layout).items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(getattr(clone, name), value), name
+        if kind is not TreeLayout:
+            packed = layout.pack(prompt_ids[[0, 2]] if kind is CompletionLayout else
+                                 [torch.tensor([7, 8]), torch.tensor([9])],
+                                 completion_ids if kind is CompletionLayout else
+                                 [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([4, 5]), torch.tensor([], dtype=torch.long)])
+            assert packed.shape == (layout.total_tokens,)
+
+
+def test_uint64_token_ids_above_int64_are_named_not_wrapped():
+    import numpy as np
+
+    big = 2**63 + 5
+    for sequence in (np.array([big, 1], dtype=np.uint64), torch.tensor([big, 1], dtype=torch.uint64), [big, 1]):
+        with pytest.raises(ValueError, match=f"token id {big}, above the largest int64"):
+            GroupLayout.from_sequences([sequence])
+    prompt_ids = torch.tensor([[7, big]], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=f"token id {big} under the mask, above the largest int64"):
+        GroupLayout.from_padded(torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool), [1],
+                                prompt_ids=prompt_ids)
+    small = GroupLayout.from_sequences([torch.tensor([3, 1], dtype=torch.uint64), [3, 2]])
+    assert small.total_tokens == 3
 
 
 def test_min_shared_keeps_exact_duplicates_on_one_node():

@@ -62,7 +62,7 @@ backward holds the chunk's probabilities and their gradient, and the softcap's d
 
 CPU_SCORE_BLOCK_BYTES = 4 * 2**20
 """The same on CPU: chunks nearer the cache run a chunk's dozen elementwise passes faster
-(fwd+bwd with a softcap, 2048 + 4 x 1024 tokens, one thread: 2.3 s against 4.0 s with 64 MiB)."""
+(the measurement: benchmarks/results/design_measurements.md)."""
 
 MIN_WINDOW_QUERIES = 64
 """With a window, query chunks are ``max(window, MIN_WINDOW_QUERIES)`` long at most: each then

@@ -12,19 +12,13 @@ from ..runtime import triton_interpreted
 # Inner block of every kernel under the interpreter (no autotuning there): with the
 # interpreter's 32-row tiles, diagonals still span several blocks as on the GPU.
 INTERPRETER_INNER_BLOCK = 16
-# GPU autotuning. The first H200 runs (2026-12-04, triton 3.6) spent over 75 s in a
-# process's first bf16 forward+backward of one shape without finishing it: 24 configs per
-# kernel and key, each compiled and benchmarked, times 3 kernels. ptxas's reports for
-# sm_90a (``scripts/sm90_kernel_report.py``, compiled on a CPU without a GPU; results in
-# benchmarks/results/sm90_ptxas_cpu_2026-12-04/, bf16) show: at head dim 128 and its
-# 128-row tiles every 4-warp config spilling more than its 8-warp twin (440 B-12 KB per
-# thread against 0-5.8 KB; 87 of the 90 pairs at head dims 64-256), spills growing with the
-# inner block times the head dim, and dK/dV spilling no more with 2 pipeline stages than
-# with 3 in 14 of 15 8-warp configs (the forward and dQ do not change); 4-warp configs also
-# compiled slower (median 4.1 s against 1.8 s there). So by default ("quick") each kernel
-# tries only 8 warps, its own stages (dK/dV 2 and 3, the others 3) and the inner blocks of
-# at most inner_tile_elements() / HEAD_DIM_PAD rows (16-bit inputs at head dim 128: 32 and
-# 64; 64: 32, 64 and 128; 256: 32), and tuned choices are cached on disk by triton
+# GPU autotuning. A full sweep (every inner block x warps x stages per kernel and key, each
+# compiled and benchmarked) made a process's first forward+backward take over a minute, so
+# by default ("quick") each kernel tries only 8 warps, its own stages (dK/dV 2 and 3, the
+# others 3) and inner blocks of at most inner_tile_elements() / HEAD_DIM_PAD rows: the
+# configs that ptxas's sm_90a reports showed spilling least (the figures, and the first GPU
+# run's times, are in benchmarks/results/sm90_ptxas_cpu_2026-12-04/README.md and
+# benchmarks/results/gpu_h200_2026-12-04/). Tuned choices are cached on disk by triton
 # (cache_results), so later processes skip the sweep. "full" restores the whole sweep,
 # unpruned, to check on a GPU that nothing faster was pruned; "off" launches one fixed
 # config per kernel (8 warps, :func:`fixed_inner_block`, dK/dV 2 stages, the others 3) with

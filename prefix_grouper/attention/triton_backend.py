@@ -27,9 +27,8 @@ The kernels are wrapped as ``torch.library`` custom ops with fake and autograd
 registrations, so ``torch.compile`` treats them as opaque, differentiable nodes; eager calls
 run the same two functions through a plain ``autograd.Function`` (torch.library's dispatch
 costs host time on every call, per layer). The ops
-take the layout as one CPU int64 tensor, ``GroupLayout.host_lengths`` on a one-level
-layout (see :func:`~prefix_grouper.layout.encode_host_lengths`), ``GroupLayout.host_segments``
-on a tree, and build the schedules inside their
+take the layout as one CPU int64 tensor, ``GroupLayout.host_segments`` (see
+:func:`~prefix_grouper.layout.encode_host_segments`), and build the schedules inside their
 real implementations, memoized in the layout's cache (:func:`~prefix_grouper.layout.cached_per_layout`).
 Compiled code thus sees only tensor inputs (and the window and softcap scalars): it never
 traces the Python schedule builder nor specializes on lengths, so after one recompile with
@@ -82,7 +81,7 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _checked_segmentation(host: torch.Tensor) -> Segmentation:
-    """The layout's segmentation (``host``: its ``host_lengths`` or ``host_segments``),
+    """The layout's segmentation (``host``: its ``host_segments``),
     checked to fit the kernels' int32 token indices."""
     segmentation = segmentation_of(host)
     if segmentation.total_tokens >= 2**31:
@@ -103,29 +102,29 @@ def _schedule_tensor(rows: list[tuple], columns: int, device: torch.device) -> t
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), columns)
 
 
-def _features(host_lengths: torch.Tensor, q: torch.Tensor, window: Optional[int], softcap: Optional[float],
+def _features(host: torch.Tensor, q: torch.Tensor, window: Optional[int], softcap: Optional[float],
               sinks: Optional[torch.Tensor]) -> ScoreFeatures:
     """The kernels' :class:`ScoreFeatures`: a window that hides nothing (at least the
     longest row) is dropped, so it costs nothing; sinks as float32."""
-    if window is not None and window >= _layout_segmentation(host_lengths, q).longest_row:
+    if window is not None and window >= _layout_segmentation(host, q).longest_row:
         window = None
     return ScoreFeatures(window, softcap, None if sinks is None else sinks.float().contiguous())
 
 
-def _query_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int,
+def _query_schedule(host: torch.Tensor, q: torch.Tensor, num_kv_heads: int,
                     window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, HeadPacking]:
     """``(q_tiles, runs, packing)`` for q's head dim, dtype and device, ``num_kv_heads`` and
     the window (which orders the tiles); the schedule is built once per layout and tile."""
     block_m, _ = _tile_sizes(q.shape[-1], q.dtype)
     packing = head_packing(block_m, q.shape[1] // num_kv_heads)
-    segmentation = _layout_segmentation(host_lengths, q)
+    segmentation = _layout_segmentation(host, q)
 
     def build():
         tiles, runs = query_tile_rows(segmentation, packing.tile_tokens, window)
         return (_schedule_tensor(tiles, QUERY_TILE_COLUMNS.value, q.device),
                 _schedule_tensor(runs, ANCESTOR_RUN_COLUMNS.value, q.device))
 
-    q_tiles, runs = cached_per_layout(host_lengths, ("triton_query_tiles", packing.tile_tokens, window, q.device),
+    q_tiles, runs = cached_per_layout(host, ("triton_query_tiles", packing.tile_tokens, window, q.device),
                                       build)
     return q_tiles, runs, packing
 
@@ -139,12 +138,12 @@ def _min_dkdv_programs(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _key_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int,
+def _key_schedule(host: torch.Tensor, q: torch.Tensor, num_kv_heads: int,
                   window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """``(kv_tiles, split_kv_tiles, num_partial_slots, kv_tile)`` for q's head dim, dtype and
     device, ``num_kv_heads`` and the window, built once per layout."""
     _, kv_tile = _tile_sizes(q.shape[-1], q.dtype)
-    segmentation = _layout_segmentation(host_lengths, q)
+    segmentation = _layout_segmentation(host, q)
 
     def build():
         chunk_rows = dkdv_chunk_rows(segmentation, kv_tile, num_kv_heads, _min_dkdv_programs(q.device), window)
@@ -154,7 +153,7 @@ def _key_schedule(host_lengths: torch.Tensor, q: torch.Tensor, num_kv_heads: int
                 sum(row.num_slots for row in split))
 
     kv_tiles, split_kv_tiles, num_slots = cached_per_layout(
-        host_lengths, ("triton_key_tiles", kv_tile, num_kv_heads, window, q.device), build)
+        host, ("triton_key_tiles", kv_tile, num_kv_heads, window, q.device), build)
     return kv_tiles, split_kv_tiles, num_slots, kv_tile
 
 
@@ -164,23 +163,23 @@ def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor],
-             host_lengths: torch.Tensor, softmax_scale: float, window: Optional[int],
+             host: torch.Tensor, softmax_scale: float, window: Optional[int],
              softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_unit_stride_last(x) for x in (q, k, v))
-    features = _features(host_lengths, q, window, softcap, sinks)
-    q_tiles, runs, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
+    features = _features(host, q, window, softcap, sinks)
+    q_tiles, runs, packing = _query_schedule(host, q, k.shape[1], features.window)
     with device_guard(q):
         return launch_forward(q, k, v, q_tiles, runs, packing, softmax_scale, features)
 
 
 def _backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor, sinks: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-              host_lengths: torch.Tensor, softmax_scale: float, window: Optional[int],
+              host: torch.Tensor, softmax_scale: float, window: Optional[int],
               softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dout, q, k, v, out = (_unit_stride_last(x) for x in (dout, q, k, v, out))
-    features = _features(host_lengths, q, window, softcap, sinks)
-    q_tiles, runs, packing = _query_schedule(host_lengths, q, k.shape[1], features.window)
-    kv_tiles, split_kv_tiles, num_partial_slots, kv_tile = _key_schedule(host_lengths, q, k.shape[1],
+    features = _features(host, q, window, softcap, sinks)
+    q_tiles, runs, packing = _query_schedule(host, q, k.shape[1], features.window)
+    kv_tiles, split_kv_tiles, num_partial_slots, kv_tile = _key_schedule(host, q, k.shape[1],
                                                                          features.window)
     with device_guard(q):
         dq, dk, dv, dsinks = launch_backward(dout, dlse, q, k, v, out, lse, q_tiles, runs, kv_tiles, split_kv_tiles,
@@ -191,15 +190,15 @@ def _backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
 @torch.library.custom_op("prefix_grouper::prefix_attention_fwd", mutates_args=())
 def _prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Optional[torch.Tensor],
-    host_lengths: torch.Tensor, softmax_scale: float, window: Optional[int], softcap: Optional[float],
+    host: torch.Tensor, softmax_scale: float, window: Optional[int], softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_lengths``
-    (one level) or ``GroupLayout.host_segments`` (a tree), sinks ``[Hq]`` or None."""
-    return _forward(q, k, v, sinks, host_lengths, softmax_scale, window, softcap)
+    """``(out [T, Hq, D], lse [T, Hq] float32)``; the layout is ``GroupLayout.host_segments``
+    (a flat layout's ``host_lengths`` is read too), sinks ``[Hq]`` or None."""
+    return _forward(q, k, v, sinks, host, softmax_scale, window, softcap)
 
 
 @_prefix_attention_fwd.register_fake
-def _(q, k, v, sinks, host_lengths, softmax_scale, window, softcap):
+def _(q, k, v, sinks, host, softmax_scale, window, softcap):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -207,23 +206,23 @@ def _(q, k, v, sinks, host_lengths, softmax_scale, window, softcap):
 def _prefix_attention_bwd(
     dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, sinks: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-    host_lengths: torch.Tensor, softmax_scale: float, window: Optional[int], softcap: Optional[float],
+    host: torch.Tensor, softmax_scale: float, window: Optional[int], softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq [T, Hq, D], dk [T, Hkv, D], dv [T, Hkv, D], dsinks)``; dlse ``[T, Hq]`` may be
     None; dsinks is ``[Hq]`` float32, or empty ``[0]`` without sinks."""
-    return _backward(dout, dlse, q, k, v, sinks, out, lse, host_lengths, softmax_scale, window, softcap)
+    return _backward(dout, dlse, q, k, v, sinks, out, lse, host, softmax_scale, window, softcap)
 
 
 @_prefix_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, sinks, out, lse, host_lengths, softmax_scale, window, softcap):
+def _(dout, dlse, q, k, v, sinks, out, lse, host, softmax_scale, window, softcap):
     dsinks = q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, sinks, host_lengths, softmax_scale, window, softcap = inputs
+    q, k, v, sinks, host, softmax_scale, window, softcap = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, sinks, out, lse, host_lengths)
+    ctx.save_for_backward(q, k, v, sinks, out, lse, host)
     # Most callers never use lse: let its gradient arrive as None instead of a zero tensor.
     ctx.set_materialize_grads(False)
     ctx.scalars = (softmax_scale, window, softcap)
@@ -231,10 +230,10 @@ def _save_for_backward(ctx, inputs, output):
 
 def _input_grads(ctx, dout, dlse, backward):
     """The forward inputs' gradients, with ``backward`` the op or its plain implementation."""
-    q, k, v, sinks, out, lse, host_lengths = ctx.saved_tensors
+    q, k, v, sinks, out, lse, host = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dsinks = backward(dout, dlse, q, k, v, sinks, out, lse, host_lengths, *ctx.scalars)
+    dq, dk, dv, dsinks = backward(dout, dlse, q, k, v, sinks, out, lse, host, *ctx.scalars)
     return dq, dk, dv, None if sinks is None else dsinks.to(sinks.dtype), None, None, None, None
 
 
@@ -249,9 +248,9 @@ class _EagerPrefixAttention(torch.autograd.Function):
     ops). torch.compile'd code takes the ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, host_lengths, softmax_scale, window, softcap):
-        output = _forward(q, k, v, sinks, host_lengths, softmax_scale, window, softcap)
-        _save_for_backward(ctx, (q, k, v, sinks, host_lengths, softmax_scale, window, softcap), output)
+    def forward(ctx, q, k, v, sinks, host, softmax_scale, window, softcap):
+        output = _forward(q, k, v, sinks, host, softmax_scale, window, softcap)
+        _save_for_backward(ctx, (q, k, v, sinks, host, softmax_scale, window, softcap), output)
         return output
 
     @staticmethod
@@ -282,7 +281,7 @@ def triton_prefix_attention(
     """
     # Only tensors and scalars cross into the ops: torch.compile traces no schedule
     # building and does not specialize on the layout's lengths.
-    host = layout.host_lengths if layout.is_flat else layout.host_segments
+    host = layout.host_segments
     # Tensor subclasses (FakeTensor, FunctionalTensor, ...) take the op, whose fake they need.
     plain_eager = not torch.compiler.is_compiling() and all(type(x) is torch.Tensor for x in (q, k, v))
     op = _EagerPrefixAttention.apply if plain_eager else _prefix_attention_fwd

@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..checks import MAX_LENGTH, as_length_list
 from .host import split_by_group
 from .segmentation import Segmentation
+from .tree import SequenceTree, tree_from_groups
 
-__all__ = ["checked_lengths", "grouped_tree_tensors", "index_tensors", "lengths_from_padded", "sequence_tables",
-           "tree_index_tensors"]
+__all__ = ["checked_lengths", "completion_tensors", "flat_tensors", "group_prompt_tokens", "lengths_from_padded",
+           "padded_batch_tree", "prompt_group_of_tokens", "sequence_tables", "tree_index_tensors"]
 
 
 def checked_lengths(prefix_lens: Sequence[int],
@@ -167,61 +169,40 @@ def lengths_from_padded(prompt_mask: torch.Tensor, completion_mask: torch.Tensor
     return prefix_lens, split_by_group(completion_counts.tolist(), sizes)
 
 
+def padded_batch_tree(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_sizes: Any,
+                      prompt_ids: torch.Tensor | None, share_across_groups: bool | None, min_shared: int | None,
+                      default_min_shared: int) -> tuple[list[int], list[tuple[int, ...]], SequenceTree | None]:
+    """``(prefix_lens, suffix_lens per group, tree)`` of ``GroupLayout.from_padded``'s
+    arguments (its docstring states them): ``tree`` is the prompts' prefix tree with every
+    completion a leaf, or None when no run is shared across groups (the flat layout)."""
+    prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
+    if share_across_groups is None:
+        share_across_groups = prompt_ids is not None
+    if not share_across_groups:
+        if min_shared is not None:
+            raise ValueError(f"min_shared = {min_shared!r} is only read when runs are shared across groups "
+                             f"(prompt_ids given, share_across_groups not False)")
+        return prefix_lens, suffix_lens, None
+    if prompt_ids is None:
+        raise ValueError("share_across_groups=True needs prompt_ids: runs are shared by their tokens")
+    prompts = group_prompt_tokens(prompt_ids, prefix_lens, [len(g) for g in suffix_lens])
+    tree = tree_from_groups(prompts, suffix_lens, default_min_shared if min_shared is None else min_shared)
+    prompt_segments = len(tree.segments) - len(tree.sequence_segments)
+    if prompt_segments == len(prefix_lens) and sum(s.parent == -1 for s in tree.segments) == prompt_segments:
+        return prefix_lens, suffix_lens, None  # nothing shared across groups
+    return prefix_lens, suffix_lens, tree
+
+
 # ---------------------------------------------------------------------- index tensors
-def index_tensors(segmentation: Segmentation, prefix_lens: Sequence[int], group_sizes: Sequence[int],
-                  suffix_lens: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every index tensor of ``GroupLayout`` (its docstring lists them), on ``device``, from
-    the segmentation (its segment ``s`` is ``cu_seqlens[s]``) and the host lengths."""
+def flat_tensors(segmentation: Segmentation, device: torch.device) -> dict[str, torch.Tensor]:
+    """The contiguous-range tensors of a flat layout (groups one after another, each its
+    prefix then its completions), on ``device``: segment ``s`` is ``cu_seqlens[s]``."""
     long = dict(dtype=torch.long, device=device)
     segments, total = segmentation.segments, segmentation.total_tokens
-    roots = [group.start for group in segmentation.groups]
-    completions = [s for s, segment in enumerate(segments) if segment.parent >= 0]
-    seg_group = [0] * len(segments)
-    for b, group in enumerate(segmentation.groups):
-        for s in group:
-            seg_group[s] = b
-
-    t: dict[str, torch.Tensor] = {}
-    t["prefix_lens"] = torch.tensor(prefix_lens, **long)
-    t["group_sizes"] = torch.tensor(group_sizes, **long)
-    t["suffix_lens"] = torch.tensor(suffix_lens, **long)
-    t["completion_group"] = torch.tensor([seg_group[s] for s in completions], **long)
-    t["first_completion"] = torch.cumsum(t["group_sizes"], 0) - t["group_sizes"]
-    t["cu_group_seqlens"] = torch.tensor([segments[r].start for r in roots] + [total], **long)
-    t["prefix_starts"] = torch.tensor([segments[r].start for r in roots], **long)
-    t["suffix_starts"] = torch.tensor([segments[s].start for s in completions], **long)
-    t["cu_seqlens"] = torch.tensor([segment.start for segment in segments] + [total], **long)
-
-    # Per-token tables, vectorized from the segment tables.
-    seg_len_t = torch.tensor([segment.length for segment in segments], **long)
-    seg_id = torch.repeat_interleave(torch.arange(len(segments), **long), seg_len_t, output_size=total)
-    is_prefix_seg = torch.tensor([segment.parent < 0 for segment in segments], dtype=torch.bool, device=device)
-    seg_group_t = torch.tensor(seg_group, **long)
-    seg_completion = torch.cumsum((~is_prefix_seg).long(), 0) - 1
-    seg_completion = torch.where(is_prefix_seg, torch.full_like(seg_completion, -1), seg_completion)
-    seg_pos0 = torch.where(is_prefix_seg, torch.zeros_like(seg_group_t), t["prefix_lens"][seg_group_t])
-    offset_in_seg = torch.arange(total, **long) - t["cu_seqlens"][seg_id]
-    t["token_group"] = seg_group_t[seg_id]
-    t["token_root"] = t["token_group"]
-    t["_token_prompt_group"] = t["token_group"]  # the group whose prompt row pack() reads
-    t["token_completion"] = seg_completion[seg_id]
-    t["position_ids"] = seg_pos0[seg_id] + offset_in_seg
-    t["token_segment"] = seg_id
-
-    n_ct, max_suffix = sum(suffix_lens), max(suffix_lens)
-    completion_of = torch.repeat_interleave(torch.arange(len(suffix_lens), **long), t["suffix_lens"],
-                                            output_size=n_ct)
-    first_of_completion = torch.cumsum(t["suffix_lens"], 0) - t["suffix_lens"]
-    offset_in_completion = torch.arange(n_ct, **long) - first_of_completion[completion_of]
-    positions = t["suffix_starts"][completion_of] + offset_in_completion
-    t["_completion_positions"] = positions
-    t["_completion_padded_index"] = completion_of * max_suffix + offset_in_completion
-    # The first token of a completion is predicted by its group's last prefix token;
-    # any later one by the token right before it.
-    first = t["position_ids"][positions] == t["prefix_lens"][t["token_group"][positions]]
-    last_prefix = t["prefix_starts"] + t["prefix_lens"] - 1
-    t["_completion_logit_positions"] = torch.where(first, last_prefix[t["token_group"][positions]], positions - 1)
-    return t
+    prefix_starts = [segments[group.start].start for group in segmentation.groups]
+    return {"cu_group_seqlens": torch.tensor(prefix_starts + [total], **long),
+            "prefix_starts": torch.tensor(prefix_starts, **long),
+            "cu_seqlens": torch.tensor([segment.start for segment in segments] + [total], **long)}
 
 
 # ---------------------------------------------------------------------- prefix trees
@@ -264,14 +245,12 @@ def sequence_tables(segmentation: Segmentation, sequence_segments: Sequence[int]
     return positions, offsets, source
 
 
-def grouped_tree_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
-                         suffix_lens_per_group: Sequence[Sequence[int]], completion_segments: Sequence[int],
-                         token_segment: torch.Tensor, source: torch.Tensor,
-                         device: torch.device) -> dict[str, torch.Tensor]:
-    """The one-level tensors that stay meaningful when prompts share runs across groups
-    (``GroupLayout.from_padded(..., share_across_groups=True)``): completion ``j`` is the
-    leaf ``completion_segments[j]`` under its group's prompt path. ``source`` is the
-    layout's pack source (the first sequence entry holding each packed token)."""
+def completion_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
+                       suffix_lens_per_group: Sequence[Sequence[int]], completion_segments: Sequence[int],
+                       token_segment: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The GRPO view's tensors on a prefix tree whose completion ``j`` is the leaf
+    ``completion_segments[j]`` under its group's prompt path (``GroupLayout``'s
+    completion members), on ``device``."""
     long = dict(dtype=torch.long, device=device)
     segments = segmentation.segments
     sizes = [len(g) for g in suffix_lens_per_group]
@@ -288,12 +267,6 @@ def grouped_tree_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
     for j, s in enumerate(completion_segments):
         seg_completion[s] = j
     t["token_completion"] = torch.tensor(seg_completion, **long)[token_segment]
-    # A prompt token is packed from one group holding it (the first sequence's, as in
-    # pack_sequences); a completion token from its own group.
-    sequence_lens = t["prefix_lens"][t["completion_group"]] + t["suffix_lens"]
-    entry_sequence = torch.repeat_interleave(torch.arange(len(suffix), **long), sequence_lens,
-                                             output_size=sum(p * g for p, g in zip(prefix_lens, sizes)) + sum(suffix))
-    t["_token_prompt_group"] = t["completion_group"][entry_sequence[source]]
 
     n_ct, max_suffix = sum(suffix), max(suffix)
     completion_of = torch.repeat_interleave(torch.arange(len(suffix), **long), t["suffix_lens"], output_size=n_ct)
@@ -311,6 +284,18 @@ def grouped_tree_tensors(segmentation: Segmentation, prefix_lens: Sequence[int],
     return t
 
 
+def prompt_group_of_tokens(completion_group: torch.Tensor, sequence_lens: torch.Tensor, sequence_tokens: int,
+                           source: torch.Tensor) -> torch.Tensor:
+    """``[T]``: the group whose prompt row ``pack`` reads each packed token from. A prompt
+    token shared across groups comes from one group holding it (the first sequence's, as in
+    ``pack_sequences``: ``source`` is the layout's pack source); a completion token from its
+    own group. ``sequence_lens``: ``[N]`` tokens of every sequence (prompt + completion),
+    ``sequence_tokens`` their sum (a host int: no device sync)."""
+    entry_sequence = torch.repeat_interleave(torch.arange(sequence_lens.shape[0], device=source.device),
+                                             sequence_lens, output_size=sequence_tokens)
+    return completion_group[entry_sequence[source]]
+
+
 def group_prompt_tokens(prompt_ids: torch.Tensor, prefix_lens: Sequence[int],
                         group_sizes: Sequence[int]) -> list[Any]:
     """Every group's real prompt tokens (host arrays) from left-padded ``prompt_ids``, one
@@ -319,10 +304,13 @@ def group_prompt_tokens(prompt_ids: torch.Tensor, prefix_lens: Sequence[int],
         rows = list(range(len(group_sizes)))
     else:
         rows = [sum(group_sizes[:b]) for b in range(len(group_sizes))]
-    chosen = prompt_ids[torch.tensor(rows, device=prompt_ids.device)].to("cpu", torch.long).numpy()
+    chosen = prompt_ids[torch.tensor(rows, device=prompt_ids.device)].cpu().numpy()  # its own dtype (uint64 too)
     width = chosen.shape[1]
     tokens = [chosen[b, width - p:] for b, p in enumerate(prefix_lens)]
     for b, t in enumerate(tokens):
         if t.min() < 0:
             raise ValueError(f"prompt_ids row {rows[b]} holds a negative token id under the mask: ids must be >= 0")
-    return tokens
+        if t.dtype.kind == "u" and t.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"prompt_ids row {rows[b]} holds token id {int(t.max())} under the mask, above the "
+                             f"largest int64: token ids are int64")
+    return [t.astype(np.int64) for t in tokens]

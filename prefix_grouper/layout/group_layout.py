@@ -1,9 +1,16 @@
-"""The layout object: a packed batch's lengths, segmentation (a prefix tree; one level for
-``prefix, suffix_1..suffix_G`` groups) and index tensors.
+"""The packed batch: a prefix tree of token sequences, and the one host encoding every op reads.
 
-Building one (checked lengths, padded masks, index tensors) lives in :mod:`.construction`
-and :mod:`.tree`; :class:`GroupLayout`'s constructors delegate there. Its per-sequence
-members live in :mod:`.sequences`, the packing of padded rows in :mod:`.packing`.
+:class:`GroupLayout` is the core every op takes: the tree's segments in packed pre-order
+(:class:`~prefix_grouper.layout.Segmentation`), ``host_segments`` (the one CPU encoding,
+also the per-layout cache key), the per-token tables and the per-sequence members of
+:class:`~prefix_grouper.layout.sequences.SequenceMembers`. Its constructors return one of
+three kinds, each a subclass, so that a member exists exactly where it means something:
+
+* :class:`TreeLayout` (``from_sequences``): a bare tree of full sequences;
+* :class:`CompletionLayout` (``from_padded`` when prompts share runs across groups): the
+  GRPO view, groups of completions under their prompts, built on the tree;
+* :class:`FlatLayout` (``from_lengths``, ``from_padded``): the GRPO view whose groups are
+  contiguous packed ranges.
 """
 from __future__ import annotations
 
@@ -12,166 +19,80 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..micro_batches import micro_batch_groups
-from .construction import (checked_lengths, group_prompt_tokens, grouped_tree_tensors, index_tensors,
-                           lengths_from_padded, tree_index_tensors)
-from .host import cached_per_layout, encode_host_lengths, encode_host_segments, split_by_group
+from .construction import (checked_lengths, completion_tensors, flat_tensors, padded_batch_tree,
+                           prompt_group_of_tokens, tree_index_tensors)
+from .host import cached_per_layout, encode_host_lengths, encode_host_segments, share_layout_cache, split_by_group
 from .packing import CompletionPacking
 from .segmentation import Segment, Segmentation, segmentation_of
 from .sequences import SequenceMembers
-from .tree import SequenceTree, checked_sequences, sequence_tree, tree_from_groups
+from .tree import SequenceTree, checked_sequences, sequence_tree
 
-__all__ = ["DEFAULT_MIN_SHARED", "GroupLayout", "NotOneLevelError"]
+__all__ = ["DEFAULT_MIN_SHARED", "CompletionLayout", "FlatLayout", "GroupLayout", "NotOneLevelError", "TreeLayout"]
 
 # Fewest tokens of a run that different prompts share before from_padded splits it out.
 DEFAULT_MIN_SHARED = 4
 
-# Members that only a layout of prompts and completions has (from_lengths / from_padded).
-_ONE_LEVEL_MEMBERS = frozenset({
-    "prefix_lens", "group_sizes", "suffix_lens", "completion_group", "first_completion", "cu_group_seqlens",
-    "prefix_starts", "suffix_starts", "cu_seqlens", "token_group", "token_completion", "host_lengths",
-    "prefix_lens_list", "suffix_lens_list", "group_sizes_list", "num_groups", "num_completions",
-    "num_completion_tokens", "max_prefix_len", "max_suffix_len", "max_group_suffix_tokens",
-    "suffix_lens_per_group", "_completion_positions", "_completion_padded_index", "_completion_logit_positions",
-    "_token_prompt_group",
-})
 _TREE_API = ("sequence_positions, pack_sequences, token_log_prob_positions, position_ids, token_segment, "
              "token_root, segments, key_runs, subtree_end, host_segments")
 
 
 class NotOneLevelError(ValueError, AttributeError):
-    """A one-level member (prompts and completions) asked of a prefix-tree layout. An
-    AttributeError too, so that ``hasattr`` answers False."""
+    """A member of another kind of layout asked of this one (a prompt/completion member of a
+    bare tree, a contiguous-group member of a layout that shares prompt runs across groups).
+    An AttributeError too, so that ``hasattr`` answers False."""
 
 
-class GroupLayout(SequenceMembers, CompletionPacking):
-    """Lengths and index tensors of a packed ``prefix, suffix_1..suffix_G`` batch.
+class GroupLayout(SequenceMembers):
+    """A packed batch: the prefix tree of its sequences, every shared prefix packed once.
 
-    Prefix = prompt, suffix = completion (see the package docstring for the vocabulary).
-    Build it with :meth:`from_lengths` or :meth:`from_padded`. Host-side lengths are kept
-    as Python tuples (``prefix_lens_list``, ``suffix_lens_list``, ``group_sizes_list``);
-    the tensor attributes below live on ``device``:
+    Build one with :meth:`from_lengths` (GRPO groups from lengths), :meth:`from_padded`
+    (what a GRPO loop holds) or :meth:`from_sequences` (any token sequences);
+    ``GroupLayout(prefix_lens, suffix_lens, device)`` is :meth:`from_lengths`. Every kind has:
 
-    ========================  =================  ===============================================
-    attribute                 shape, dtype       meaning
-    ========================  =================  ===============================================
-    ``prefix_lens``           [B] int64          P_b
-    ``group_sizes``           [B] int64          G_b (completions of group b)
-    ``suffix_lens``           [N] int64          length of every completion, group by group
-    ``completion_group``      [N] int64          group of every completion
-    ``first_completion``      [B] int64          index of every group's first completion
-    ``cu_group_seqlens``      [B+1] int64        packed start of every group, then T
-    ``prefix_starts``         [B] int64          packed start of every prefix
-    ``suffix_starts``         [N] int64          packed start of every completion
-    ``cu_seqlens``            [B+N+1] int64      starts of all segments in packed order, then T
-    ``position_ids``          [T] int64          0..P_b-1 on a prefix, P_b.. on every suffix
-    ``token_group``           [T] int64          group of every packed token
-    ``token_completion``      [T] int64          completion of every token, -1 on prefixes
-    ``token_segment``         [T] int64          segment of every token (index into ``segments``)
-    ========================  =================  ===============================================
+    ==================  =================  =================================================
+    member              shape, dtype       meaning
+    ==================  =================  =================================================
+    ``host_segments``   [S, 3] int64 CPU   ``(start, length, parent)`` per segment, packed
+                                           order: the one host encoding ops read (no device
+                                           sync) and the key of :meth:`cached`
+    ``position_ids``    [T] int64          a token's position in its sequences
+    ``token_segment``   [T] int64          segment of every token (index into ``segments``)
+    ``token_root``      [T] int64          the root whose subtree holds the token
+    ==================  =================  =================================================
 
-    Segmentation, host-side and built once (:mod:`.segmentation`): ``segments`` (one
-    :class:`Segment` ``(start, length, parent)`` per entry of ``cu_seqlens``),
-    :meth:`key_runs` (the packed key runs a segment's queries see) and :meth:`subtree_end`.
-
-    ``host_lengths`` is the one CPU tensor: the lengths as :func:`encode_host_lengths` encodes
-    them (:func:`decode_host_lengths` reads them back), for ops that must not synchronize.
-
-    Prefix trees (:meth:`from_sequences`): the layout is the radix tree of full token
-    sequences, its segments packed in pre-order (every subtree one packed range). Every
-    layout, one-level ones included, has ``host_segments`` (``[S, 3]`` int64 CPU tensor of
-    the segments, :func:`encode_host_segments`), ``position_ids``, ``token_segment`` and
-    ``token_root`` ``[T]`` (the root whose subtree holds the token; ``token_group`` on a
-    one-level layout), ``num_sequences``, ``sequence_lens_list`` and the members of
-    :class:`~prefix_grouper.layout.sequences.SequenceMembers` (:meth:`sequence_positions`,
-    :meth:`pack_sequences`, :meth:`token_log_prob_positions`). ``is_flat`` is True on the
-    one-level layouts of :meth:`from_lengths` and :meth:`from_padded`; on a tree the
-    one-level members above raise :class:`NotOneLevelError` (a ValueError) naming the tree API.
-    ``has_completions`` is True on every layout of prompts and completions, including
-    ``from_padded(..., share_across_groups=True)``'s tree, which keeps the completion members
-    (see :meth:`from_padded`).
-    A one-level layout's sequence ``i`` is completion ``i`` after its group's prompt.
-
-    ``N = sum_b G_b``. Prefixes must hold at least one token (the token that predicts the
-    first completion token); completions may be empty (they then own no packed token).
+    and ``total_tokens`` (T), ``device``, ``segments`` (one :class:`Segment` per packed
+    segment, pre-order: every subtree one packed range), ``segmentation``, :meth:`key_runs`,
+    :meth:`subtree_end`, ``num_sequences``, ``sequence_lens_list``, ``sequence_lens`` and
+    :meth:`sequence_positions`, :meth:`pack_sequences`, :meth:`token_log_prob_positions`.
+    ``has_completions`` (prompts and completions: the GRPO view) and ``is_flat`` (groups
+    are contiguous ranges) tell the kinds apart; the GRPO members (``prefix_lens``,
+    ``pack``, ``completion_positions``, ...) exist only where they are True.
     """
 
-    def __init__(
-        self,
-        prefix_lens: Sequence[int],
-        suffix_lens: Sequence[Sequence[int]],
-        device: torch.device | str | None = None,
-    ) -> None:
-        prefix, groups = checked_lengths(prefix_lens, suffix_lens)
-        self._set_group_lengths(prefix, groups)
-        self.total_tokens = sum(prefix) + self.num_completion_tokens
-        self.host_lengths = encode_host_lengths(prefix, self.group_sizes_list, self.suffix_lens_list)
-        self.is_flat = self.has_completions = True
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        for name, tensor in index_tensors(self.segmentation, self.prefix_lens_list, self.group_sizes_list,
-                                          self.suffix_lens_list, device).items():
-            setattr(self, name, tensor)
-        # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
-        self.device = self.prefix_lens.device
-        self.host_segments = encode_host_segments(self.segmentation.segments)
-        self.num_sequences = self.num_completions
-        self._sequence_segments = tuple(s for s, segment in enumerate(self.segmentation.segments)
-                                        if segment.parent >= 0)
-        self.sequence_lens_list = tuple(prefix[b] + suffix for b, g in enumerate(groups) for suffix in g)
+    is_flat = False
+    has_completions = False
 
-    def _init_tree(self, tree: SequenceTree, device: torch.device | str | None) -> None:
-        """A prefix-tree layout: ``tree``'s segments (pre-order) and sequence ends."""
-        segmentation = Segmentation(tree.segments)
-        self.is_flat = False
+    def __new__(cls, *args: Any, **kwargs: Any) -> "GroupLayout":
+        if cls is GroupLayout:
+            # GroupLayout(prefix_lens, suffix_lens, device): the flat layout, as from_lengths.
+            return super().__new__(FlatLayout)
+        return super().__new__(cls)
+
+    def _init_tree(self, segmentation: Segmentation, sequence_segments: Sequence[int],
+                   device: torch.device | str | None) -> None:
+        """The core: ``segmentation``'s segments and the segment each sequence ends on."""
         self.host_segments = encode_host_segments(segmentation.segments)
         cached_per_layout(self.host_segments, ("segmentation",), lambda: segmentation)
         self.total_tokens = segmentation.total_tokens
-        self.num_sequences = len(tree.sequence_segments)
-        self._sequence_segments = tuple(tree.sequence_segments)
+        self.num_sequences = len(sequence_segments)
+        self._sequence_segments = tuple(sequence_segments)
         self.sequence_lens_list = tuple(segmentation.first_positions[s] + segmentation.segments[s].length
                                         for s in self._sequence_segments)
         device = torch.device(device) if device is not None else torch.device("cpu")
         for name, tensor in tree_index_tensors(segmentation, device).items():
             setattr(self, name, tensor)
+        # "cuda" and "cuda:0" compare unequal: keep the device the tensors actually report.
         self.device = self.position_ids.device
-        self.has_completions = False
-
-    def _set_group_lengths(self, prefix: Sequence[int], groups: Sequence[Sequence[int]]) -> None:
-        self.prefix_lens_list: tuple[int, ...] = tuple(prefix)
-        self.group_sizes_list: tuple[int, ...] = tuple(len(g) for g in groups)
-        self.suffix_lens_list: tuple[int, ...] = tuple(s for g in groups for s in g)
-        self.num_groups = len(prefix)
-        self.num_completions = len(self.suffix_lens_list)
-        self.num_completion_tokens = sum(self.suffix_lens_list)
-        self.max_prefix_len = max(prefix)
-        self.max_suffix_len = max(self.suffix_lens_list)
-        self.max_group_suffix_tokens = max(sum(g) for g in groups)
-
-    def _init_grouped_tree(self, prefix: Sequence[int], groups: Sequence[Sequence[int]], tree: SequenceTree,
-                           device: torch.device | str | None) -> None:
-        """Prompts sharing runs across groups: ``tree`` (sequences = completions, each a leaf
-        under its group's prompt path) with the one-level members that stay meaningful."""
-        self._init_tree(tree, device)
-        self._set_group_lengths(prefix, groups)
-        self._grouped_tree = (tuple(prefix), tuple(tuple(g) for g in groups), tree)
-        self.has_completions = True
-        source = self._tables()[2]
-        for name, tensor in grouped_tree_tensors(self.segmentation, prefix, groups, tree.sequence_segments,
-                                                 self.token_segment, source, self.device).items():
-            setattr(self, name, tensor)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: a one-level member of a tree layout.
-        if name in _ONE_LEVEL_MEMBERS:
-            raise NotOneLevelError(
-                f"GroupLayout.{name} belongs to one-level layouts (prompts and completions, from_lengths / "
-                f"from_padded); this layout is a prefix tree: use {_TREE_API}")
-        raise AttributeError(f"'GroupLayout' object has no attribute '{name}'")
-
-    def _require_one_level(self, member: str) -> None:
-        if not self.has_completions:
-            raise NotOneLevelError(
-                f"GroupLayout.{member}() needs a one-level layout (prompts and completions, from_lengths / "
-                f"from_padded); this layout is a prefix tree: use {_TREE_API}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -181,8 +102,9 @@ class GroupLayout(SequenceMembers, CompletionPacking):
         suffix_lens: Sequence[Sequence[int]],
         device: torch.device | str | None = None,
     ) -> "GroupLayout":
-        """``prefix_lens[b]`` = P_b; ``suffix_lens[b]`` lists group b's completion lengths."""
-        return cls(prefix_lens, suffix_lens, device=device)
+        """``prefix_lens[b]`` = P_b; ``suffix_lens[b]`` lists group b's completion lengths.
+        Returns the flat layout (:class:`FlatLayout`)."""
+        return FlatLayout(prefix_lens, suffix_lens, device=device)
 
     @classmethod
     def from_padded(
@@ -211,38 +133,24 @@ class GroupLayout(SequenceMembers, CompletionPacking):
             share_across_groups: also share the leading runs that DIFFERENT groups' prompts
                 have in common (a system prompt, a tool schema): the layout is then the prefix
                 tree of the prompts, each group's completions leaves under its prompt (needs
-                ``prompt_ids``). Default (None): share whenever ``prompt_ids`` is given. Its one-level members (``pack``, ``completion_positions``,
-                ``completion_logit_positions``, ``unpack_completions``, ``completion_mask``,
-                the lengths) work as on a flat layout, ``is_flat`` is False and the
-                packed-range members (``host_lengths``, ``cu_seqlens``, ``prefix_starts``,
-                ``token_group``, ``micro_batch_groups``) raise. Without any shared run the
-                layout is the flat one.
+                ``prompt_ids``), a :class:`CompletionLayout`:
+                ``pack``, ``completion_positions``, ``completion_logit_positions``,
+                ``unpack_completions``, ``completion_mask`` and the lengths work as on a flat
+                layout, ``is_flat`` is False and the contiguous-range members
+                (``host_lengths``, ``cu_seqlens``, ``prefix_starts``, ``token_group``,
+                ``micro_batch_groups``) do not exist. Default (None): share whenever
+                ``prompt_ids`` is given. Without any shared run the layout is the flat one.
             min_shared: runs shared by different prompts are split out only from this many
                 tokens (default 4, so that a shared BOS or chat-template header alone stays
                 per group; see :meth:`from_sequences`).
 
         Reads the mask lengths back to the host (a few synchronizations, once per batch).
         """
-        prefix_lens, suffix_lens = lengths_from_padded(prompt_mask, completion_mask, group_sizes, prompt_ids)
-        if share_across_groups is None:
-            share_across_groups = prompt_ids is not None
-        if not share_across_groups:
-            if min_shared is not None:
-                raise ValueError(f"min_shared = {min_shared!r} is only read when runs are shared across groups "
-                                 f"(prompt_ids given, share_across_groups not False)")
-            return cls(prefix_lens, suffix_lens, device=prompt_mask.device)
-        if min_shared is None:
-            min_shared = DEFAULT_MIN_SHARED
-        if prompt_ids is None:
-            raise ValueError("share_across_groups=True needs prompt_ids: runs are shared by their tokens")
-        prompts = group_prompt_tokens(prompt_ids, prefix_lens, [len(g) for g in suffix_lens])
-        tree = tree_from_groups(prompts, suffix_lens, min_shared)
-        prompt_segments = len(tree.segments) - len(tree.sequence_segments)
-        if prompt_segments == len(prefix_lens) and sum(s.parent == -1 for s in tree.segments) == prompt_segments:
-            return cls(prefix_lens, suffix_lens, device=prompt_mask.device)  # nothing shared across groups
-        layout = cls.__new__(cls)
-        layout._init_grouped_tree(prefix_lens, suffix_lens, tree, prompt_mask.device)
-        return layout
+        prefix_lens, suffix_lens, tree = padded_batch_tree(prompt_mask, completion_mask, group_sizes, prompt_ids,
+                                                           share_across_groups, min_shared, DEFAULT_MIN_SHARED)
+        if tree is None:
+            return FlatLayout(prefix_lens, suffix_lens, device=prompt_mask.device)
+        return CompletionLayout(prefix_lens, suffix_lens, tree, prompt_mask.device)
 
     @classmethod
     def from_sequences(
@@ -253,7 +161,7 @@ class GroupLayout(SequenceMembers, CompletionPacking):
         device: torch.device | str | None = None,
     ) -> "GroupLayout":
         """The radix tree of full token sequences: every prefix two or more of them share is
-        packed once.
+        packed once (a :class:`TreeLayout`).
 
         Args:
             sequences: N 1-D integer tensors or lists of token ids (>= 0), at least one token
@@ -267,63 +175,36 @@ class GroupLayout(SequenceMembers, CompletionPacking):
         Sorts the sequences and compares sorted neighbours once, vectorized; the tree is
         built in one pass over the N sequences.
         """
-        tree = sequence_tree(checked_sequences(sequences), min_shared)
-        layout = cls.__new__(cls)
-        layout._init_tree(tree, device)
-        return layout
+        return TreeLayout(sequence_tree(checked_sequences(sequences), min_shared), device)
 
     # ------------------------------------------------------------------ segmentation
     @property
     def segmentation(self) -> Segmentation:
         """The layout's :class:`Segmentation` (host-side, built once per layout)."""
-        return segmentation_of(self.host_lengths if self.is_flat else self.host_segments)
+        return segmentation_of(self.host_segments)
 
     @property
     def segments(self) -> tuple[Segment, ...]:
         """One :class:`Segment` ``(start, length, parent)`` per packed segment, in packed order
-        (pre-order of the prefix tree); host ints. One-level: each group's prefix
-        (``parent == -1``), then its completions (``parent`` = the index of the group's prefix
-        segment), empty completions included."""
+        (pre-order of the prefix tree); host ints. A GRPO group: its prefix (``parent == -1``
+        on a flat layout), then its completions (``parent`` = the prefix's segment), empty
+        completions included."""
         return self.segmentation.segments
-
-    def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:
-        """Consecutive whole groups per micro-batch (ranges of group indices), each within
-        ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
-        runs alone (:func:`prefix_grouper.micro_batches.micro_batch_groups`)."""
-        if not self.is_flat:
-            raise NotOneLevelError("GroupLayout.micro_batch_groups() cuts whole groups out of a flat layout; "
-                                   "this layout shares runs across groups (a prefix tree)")
-        group_tokens = [prefix + sum(suffixes)
-                        for prefix, suffixes in zip(self.prefix_lens_list, self.suffix_lens_per_group)]
-        return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
-                                  tokens_per_group=None if max_tokens is None else group_tokens,
-                                  max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ helpers
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """Memoize per-layout metadata (e.g. a kernel's tile schedule) under ``key``:
-        ``(name, *parameters)`` (:func:`~prefix_grouper.layout.host.cache_key`); keyed by
-        ``host_lengths`` on a one-level layout, ``host_segments`` on a tree."""
-        return cached_per_layout(self.host_lengths if self.is_flat else self.host_segments, key, build)
+        ``(name, *parameters)`` (:func:`~prefix_grouper.layout.host.cache_key`), keyed by
+        ``host_segments``."""
+        return cached_per_layout(self.host_segments, key, build)
 
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its tensors on ``device``."""
         device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
-        if device == self.device:
-            return self
-        if self.is_flat:
-            return GroupLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
-        layout = GroupLayout.__new__(GroupLayout)
-        if self.has_completions:
-            layout._init_grouped_tree(*self._grouped_tree, device)
-        else:
-            layout._init_tree(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
-        return layout
+        return self if device == self.device else self._rebuilt_on(device)
 
-    @property
-    def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
-        self._require_one_level("suffix_lens_per_group")
-        return split_by_group(self.suffix_lens_list, self.group_sizes_list)
+    def _rebuilt_on(self, device: torch.device) -> "GroupLayout":
+        raise NotImplementedError  # every kind rebuilds itself from its host-side sources
 
     def unpacked_tokens(self) -> int:
         """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_i L_i``
@@ -331,11 +212,197 @@ class GroupLayout(SequenceMembers, CompletionPacking):
         return sum(self.sequence_lens_list)
 
     def __repr__(self) -> str:
-        if not self.is_flat:
-            return (f"GroupLayout(tree: segments={len(self.host_segments)}, sequences={self.num_sequences}, "
-                    f"tokens={self.total_tokens}, unpacked={self.unpacked_tokens()}, device={self.device})")
-        return (
-            f"GroupLayout(groups={self.num_groups}, completions={self.num_completions}, "
-            f"tokens={self.total_tokens}, max_prefix={self.max_prefix_len}, "
-            f"max_suffix={self.max_suffix_len}, device={self.device})"
-        )
+        return (f"GroupLayout(tree: segments={len(self.host_segments)}, sequences={self.num_sequences}, "
+                f"tokens={self.total_tokens}, unpacked={self.unpacked_tokens()}, device={self.device})")
+
+
+class MissingMemberHint:
+    """Mixin of the layout kinds that lack members another kind has: asking for one raises
+    :class:`NotOneLevelError` naming what this layout offers instead. Only the message; the
+    member does not exist here (``hasattr`` is False), and the names come from the other
+    kinds' classes, not from a list."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails.
+        if not name.startswith("__") and _member_of_another_kind(type(self), name):
+            if type(self).has_completions:  # a CompletionLayout that shares runs across groups
+                raise NotOneLevelError(
+                    f"GroupLayout.{name} belongs to flat layouts, whose groups are contiguous packed ranges "
+                    f"(from_lengths, from_padded without shared runs); this layout shares runs across groups, "
+                    f"a prefix tree: use the completion members or {_TREE_API}")
+            raise NotOneLevelError(
+                f"GroupLayout.{name} belongs to one-level layouts (prompts and completions, from_lengths / "
+                f"from_padded); this layout is a prefix tree: use {_TREE_API}")
+        raise AttributeError(f"'GroupLayout' object has no attribute '{name}'")
+
+
+def _member_of_another_kind(kind: type, name: str) -> bool:
+    pending = list(GroupLayout.__subclasses__())
+    while pending:
+        other = pending.pop()
+        pending.extend(other.__subclasses__())
+        if not issubclass(kind, other) and any(_declares(c, name) for c in other.__mro__):
+            return True
+    return False
+
+
+def _declares(cls: type, name: str) -> bool:
+    """``cls`` defines ``name`` (a method or property) or annotates it (an instance attribute)."""
+    return name in vars(cls) or name in vars(cls).get("__annotations__", {})
+
+
+class TreeLayout(MissingMemberHint, GroupLayout):
+    """A bare prefix tree of full token sequences (:meth:`GroupLayout.from_sequences`):
+    the core members only; sequence ``i`` is the ``i``-th sequence given."""
+
+    def __init__(self, tree: SequenceTree, device: torch.device | str | None = None) -> None:
+        self._init_tree(Segmentation(tree.segments), tree.sequence_segments, device)
+
+    def _rebuilt_on(self, device: torch.device) -> "TreeLayout":
+        return TreeLayout(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
+
+
+class CompletionLayout(MissingMemberHint, CompletionPacking, GroupLayout):
+    """Groups of completions under their prompts, on the batch's prefix tree.
+
+    Prefix = prompt, suffix = completion (:mod:`prefix_grouper.layout`). ``N = sum_b G_b``.
+
+    ========================  =================  ===============================================
+    attribute                 shape, dtype       meaning
+    ========================  =================  ===============================================
+    ``prefix_lens``           [B] int64          P_b
+    ``group_sizes``           [B] int64          G_b (completions of group b)
+    ``suffix_lens``           [N] int64          length of every completion, group by group
+    ``completion_group``      [N] int64          group of every completion
+    ``first_completion``      [B] int64          index of every group's first completion
+    ``suffix_starts``         [N] int64          packed start of every completion
+    ``token_completion``      [T] int64          completion of every token, -1 on prompts
+    ========================  =================  ===============================================
+
+    and ``prefix_lens_list``, ``suffix_lens_list``, ``group_sizes_list``,
+    ``suffix_lens_per_group``, ``num_groups``, ``num_completions``,
+    ``num_completion_tokens``, ``max_prefix_len``, ``max_suffix_len``,
+    ``max_group_suffix_tokens``, and the packing members of
+    :class:`~prefix_grouper.layout.packing.CompletionPacking`. Sequence ``i`` is completion
+    ``i`` after its group's prompt. Prefixes hold at least one token (the token that predicts
+    the first completion token); completions may be empty (they then own no packed token).
+    """
+
+    has_completions = True
+    prefix_lens: torch.Tensor
+    group_sizes: torch.Tensor
+    suffix_lens: torch.Tensor
+    completion_group: torch.Tensor
+    first_completion: torch.Tensor
+    suffix_starts: torch.Tensor
+    token_completion: torch.Tensor
+    prefix_lens_list: tuple[int, ...]
+    group_sizes_list: tuple[int, ...]
+    suffix_lens_list: tuple[int, ...]
+    num_groups: int
+    num_completions: int
+    num_completion_tokens: int
+    max_prefix_len: int
+    max_suffix_len: int
+    max_group_suffix_tokens: int
+    # pack(): the group whose prompt row each packed token is read from.
+    _token_prompt_group: torch.Tensor
+
+    def __init__(self, prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]], tree: SequenceTree,
+                 device: torch.device | str | None = None) -> None:
+        """``tree``: the prompts' tree with completion ``j`` the leaf ``tree.sequence_segments[j]``."""
+        self._init_tree(Segmentation(tree.segments), tree.sequence_segments, device)
+        self._init_completions(prefix_lens, suffix_lens)
+        self._prompt_sources = (tuple(prefix_lens), tuple(tuple(g) for g in suffix_lens), tree)
+        source, lens = self._tables()[2], self._tables()[3]
+        self._token_prompt_group = prompt_group_of_tokens(self.completion_group, lens, sum(self.sequence_lens_list),
+                                                          source)
+
+    def _init_completions(self, prefix: Sequence[int], groups: Sequence[Sequence[int]]) -> None:
+        self.prefix_lens_list = tuple(prefix)
+        self.group_sizes_list = tuple(len(g) for g in groups)
+        self.suffix_lens_list = tuple(s for g in groups for s in g)
+        self.num_groups = len(prefix)
+        self.num_completions = len(self.suffix_lens_list)
+        self.num_completion_tokens = sum(self.suffix_lens_list)
+        self.max_prefix_len = max(prefix)
+        self.max_suffix_len = max(self.suffix_lens_list)
+        self.max_group_suffix_tokens = max(sum(g) for g in groups)
+        for name, tensor in completion_tensors(self.segmentation, prefix, groups, self._sequence_segments,
+                                               self.token_segment, self.device).items():
+            setattr(self, name, tensor)
+
+    @property
+    def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
+        """Group b's completion lengths, ``suffix_lens_list`` cut per group."""
+        return split_by_group(self.suffix_lens_list, self.group_sizes_list)
+
+    def _rebuilt_on(self, device: torch.device) -> "CompletionLayout":
+        return CompletionLayout(*self._prompt_sources, device)
+
+
+class FlatLayout(CompletionLayout):
+    """A :class:`CompletionLayout` whose groups are contiguous packed ranges,
+    ``prefix_b, suffix_b1..suffix_bG`` group after group (``from_lengths``, and
+    ``from_padded`` when no run is shared across groups). Its tree has depth 1: each
+    group's prefix is a root, its completions the root's children.
+
+    ========================  =================  ===============================================
+    attribute                 shape, dtype       meaning
+    ========================  =================  ===============================================
+    ``cu_group_seqlens``      [B+1] int64        packed start of every group, then T
+    ``prefix_starts``         [B] int64          packed start of every prefix
+    ``cu_seqlens``            [B+N+1] int64      starts of all segments in packed order, then T
+    ``token_group``           [T] int64          group of every packed token (``token_root``)
+    ``host_lengths``          [1+2B+N] CPU       the lengths as :func:`encode_host_lengths`
+                                                 encodes them, for callers that build on them
+    ========================  =================  ===============================================
+    """
+
+    is_flat = True
+    cu_group_seqlens: torch.Tensor
+    prefix_starts: torch.Tensor
+    cu_seqlens: torch.Tensor
+    token_group: torch.Tensor
+
+    def __init__(self, prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]],
+                 device: torch.device | str | None = None) -> None:
+        prefix, groups = checked_lengths(prefix_lens, suffix_lens)
+        segmentation = Segmentation.from_lengths(prefix, groups)
+        completions = [s for s, segment in enumerate(segmentation.segments) if segment.parent >= 0]
+        self._init_tree(segmentation, completions, device)
+        self._init_completions(prefix, groups)
+        for name, tensor in flat_tensors(segmentation, self.device).items():
+            setattr(self, name, tensor)
+        self.token_group = self._token_prompt_group = self.token_root
+
+    @property
+    def host_lengths(self) -> torch.Tensor:
+        """``[1 + 2B + N]`` read-only CPU int64: B, the prefix lengths, the group sizes, the
+        completion lengths (:func:`~prefix_grouper.layout.encode_host_lengths`). Ops read
+        ``host_segments``; this tensor reaches the same per-layout cache, and
+        :func:`~prefix_grouper.layout.segmentation_of` accepts it too."""
+        host = self.__dict__.get("_host_lengths")
+        if host is None:
+            host = self.__dict__["_host_lengths"] = encode_host_lengths(
+                self.prefix_lens_list, self.group_sizes_list, self.suffix_lens_list)
+            share_layout_cache(host, self.host_segments)
+        return host
+
+    def micro_batch_groups(self, *, max_rows: int | None = None, max_tokens: int | None = None) -> list[range]:
+        """Consecutive whole groups per micro-batch (ranges of group indices), each within
+        ``max_rows`` completions and/or ``max_tokens`` packed tokens; a group over a budget
+        runs alone (:func:`prefix_grouper.micro_batches.micro_batch_groups`)."""
+        group_tokens = [prefix + sum(suffixes)
+                        for prefix, suffixes in zip(self.prefix_lens_list, self.suffix_lens_per_group)]
+        return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
+                                  tokens_per_group=None if max_tokens is None else group_tokens,
+                                  max_tokens=max_tokens)
+
+    def _rebuilt_on(self, device: torch.device) -> "FlatLayout":
+        return FlatLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
+
+    def __repr__(self) -> str:
+        return (f"GroupLayout(groups={self.num_groups}, completions={self.num_completions}, "
+                f"tokens={self.total_tokens}, max_prefix={self.max_prefix_len}, "
+                f"max_suffix={self.max_suffix_len}, device={self.device})")

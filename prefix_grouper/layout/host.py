@@ -1,4 +1,5 @@
-"""A layout's lengths as one CPU tensor, and the per-layout cache keyed by that tensor.
+"""A layout as one CPU tensor (``host_segments``; a flat layout's ``host_lengths`` too), and
+the per-layout cache keyed by that tensor.
 
 Ops that must not synchronize with the device (the Triton custom ops, under torch.compile
 too) receive a layout as this one tensor; everything they derive from it is memoized here.
@@ -11,7 +12,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["cached_per_layout", "decode_host_lengths", "decode_host_segments", "encode_host_lengths",
-           "encode_host_segments", "split_by_group"]
+           "encode_host_segments", "share_layout_cache", "split_by_group"]
 
 
 def split_by_group(flat: Sequence[Any], group_sizes: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -71,7 +72,7 @@ def decode_host_segments(host_segments: torch.Tensor) -> list[tuple[int, int, in
 
 # host tensor (host_lengths or host_segments) -> {key: value}: the one cache of per-layout data (segmentation, tile
 # schedules, plans). Keyed by identity (tensors compare by value); an entry vanishes with its
-# tensor, hence with its layout. Ops that receive only host_lengths reach it too.
+# tensor, hence with its layout. A flat layout's host_lengths shares its host_segments' entry.
 _PER_LAYOUT: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
@@ -95,3 +96,12 @@ def cached_per_layout(host_lengths: torch.Tensor, key: Any, build: Callable[[], 
     if key not in entry:
         entry[key] = build()
     return entry[key]
+
+
+def share_layout_cache(alias: torch.Tensor, host_segments: torch.Tensor) -> None:
+    """Make ``alias`` (a flat layout's ``host_lengths``) reach the same per-layout cache as
+    its ``host_segments``: one cache per layout, whichever tensor a caller holds."""
+    entry = _PER_LAYOUT.get(host_segments)
+    if entry is None:
+        entry = _PER_LAYOUT[host_segments] = {}
+    _PER_LAYOUT[alias] = entry

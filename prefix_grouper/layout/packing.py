@@ -1,6 +1,6 @@
 """Packing padded prompt and completion rows onto a layout's token axis, and reading
-completion values back: the one-level members that every layout of prompts and completions
-has (flat, or sharing prompt runs across groups).
+completion values back: the members that every layout of prompts and completions has (flat, or sharing prompt
+runs across groups).
 """
 from __future__ import annotations
 
@@ -12,19 +12,16 @@ __all__ = ["CompletionPacking"]
 
 
 class CompletionPacking:
-    """Mixin of :class:`~prefix_grouper.layout.GroupLayout`: packing and unpacking of
-    prompt and completion rows. Reads the layout's one-level tensors; each member first
-    checks that the layout has completions (``_require_one_level``)."""
+    """Mixin of :class:`~prefix_grouper.layout.CompletionLayout`: packing
+    and unpacking of prompt and completion rows, read from the layout's completion tensors."""
 
     def completion_mask(self) -> torch.Tensor:
         """``[N, max_S]`` bool: True on the real tokens of every right-padded completion row."""
-        self._require_one_level("completion_mask")
         columns = torch.arange(self.max_suffix_len, device=self.device)
         return columns[None, :] < self.suffix_lens[:, None]
 
     def completion_positions(self) -> torch.Tensor:
         """``[num_completion_tokens]`` packed index of every completion token, in order."""
-        self._require_one_level("completion_positions")
         return self._completion_positions
 
     def completion_logit_positions(self) -> torch.Tensor:
@@ -33,7 +30,6 @@ class CompletionPacking:
         ``log_softmax(logits[completion_logit_positions()])`` gathered at
         ``input_ids[completion_positions()]`` gives the completion log-probs.
         """
-        self._require_one_level("completion_logit_positions")
         return self._completion_logit_positions
 
     def pack(self, prompts: Any, completions: Any) -> torch.Tensor:
@@ -50,7 +46,6 @@ class CompletionPacking:
 
         Returns ``[T, ...]``: ``prefix_b, suffix_b1..suffix_bG`` per group (e.g. input ids).
         """
-        self._require_one_level("pack")
         prompt_rows = self._prompt_rows(prompts)
         completion_rows = self._rows(completions, "completions", self.suffix_lens_list, left_padded=False)
         if prompt_rows.device != self.device or completion_rows.device != self.device:
@@ -156,7 +151,6 @@ class CompletionPacking:
 
         Returns ``(values [N, max_S, ...], mask [N, max_S] bool)``, zeros where padded.
         """
-        self._require_one_level("unpack_completions")
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"x must be a tensor with a leading token dim, got "
                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-d tensor'}")

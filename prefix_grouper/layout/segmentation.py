@@ -2,7 +2,7 @@
 
 The one owner of a layout's segmentation: the layout's index tensors and every attention
 backend read it rather than walking the lengths themselves. Host-side Python ints, built
-once per layout (memoized with its ``host_lengths``).
+once per layout (memoized with its ``host_segments``).
 
 A segment is a run of packed tokens: a prefix (a root, ``parent == -1``) or a completion
 (``parent`` = the index of its group's prefix segment). Its queries see, causally, the keys
@@ -126,8 +126,8 @@ class Segmentation:
 
 
 def segmentation_of(host: torch.Tensor) -> Segmentation:
-    """The :class:`Segmentation` of the layout whose ``host_lengths`` (1-D, one-level
-    layouts) or ``host_segments`` (``[S, 3]``, every layout) this is, built once per tensor."""
+    """The :class:`Segmentation` of the layout whose ``host_segments`` (``[S, 3]``, every
+    layout) or ``host_lengths`` (1-D, a flat layout's) this is, built once per tensor."""
     def build() -> Segmentation:
         if isinstance(host, torch.Tensor) and host.dim() == 2:
             return Segmentation(decode_host_segments(host))

@@ -37,15 +37,23 @@ def checked_sequences(sequences: Any, name: str = "sequences") -> list[np.ndarra
         if isinstance(sequence, torch.Tensor):
             if sequence.dtype.is_floating_point or sequence.dtype.is_complex or sequence.dtype == torch.bool:
                 raise TypeError(f"{name}[{i}] must hold integer token ids, got {sequence.dtype}")
-            array = sequence.detach().to("cpu", torch.long).numpy()
+            array = sequence.detach().cpu().numpy()  # its own dtype: a uint64 id above 2**63 stays positive
         else:
+            if isinstance(sequence, (list, tuple)) and sequence and all(type(x) is int for x in sequence):
+                # numpy would make mixed int64/uint64 ints float64: check the range on the ints.
+                if max(sequence) > np.iinfo(np.int64).max:
+                    raise ValueError(f"{name}[{i}] holds token id {max(sequence)}, above the largest int64 "
+                                     f"({np.iinfo(np.int64).max}): token ids are int64")
             try:
                 array = np.asarray(sequence)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{name}[{i}] must be a 1-D sequence of integer token ids") from exc
             if array.size and array.dtype.kind not in "iu":
                 raise TypeError(f"{name}[{i}] must hold integer token ids, got {array.dtype}")
-            array = array.astype(np.int64)
+        if array.size and array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}[{i}] holds token id {int(array.max())}, above the largest int64 "
+                             f"({np.iinfo(np.int64).max}): token ids are int64")
+        array = array.astype(np.int64)
         if array.ndim != 1:
             raise ValueError(f"{name}[{i}] must be 1-D, got shape {tuple(array.shape)}")
         if array.size == 0:

@@ -150,7 +150,7 @@ class FusedLinearLogProbs(torch.autograd.Function):
         row_block, vocab_block = backward_blocks(rows, vocab_size, ctx.chunk_size)
         # Sums over several blocks accumulate in float32 (float64 for float64 inputs) and are
         # cast once at the end: summing bf16 partial products in bf16 would round after every
-        # block (measured 3.7x PyTorch's own error at 64 chunks).
+        # block (benchmarks/results/design_measurements.md has the measured error).
         grad_hidden = grad_weight = None
         if needs_hidden:
             grad_hidden = (torch.empty_like(hidden) if vocab_block == vocab_size

@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .host import cached_per_layout, decode_host_lengths, decode_host_segments, split_by_group
+from .host import cached_per_layout, decode_host_segments
 
 __all__ = ["KeyRun", "Segment", "Segmentation", "segmentation_of"]
 
@@ -126,11 +126,6 @@ class Segmentation:
 
 
 def segmentation_of(host: torch.Tensor) -> Segmentation:
-    """The :class:`Segmentation` of the layout whose ``host_segments`` (``[S, 3]``, every
-    layout) or ``host_lengths`` (1-D, a flat layout's) this is, built once per tensor."""
-    def build() -> Segmentation:
-        if isinstance(host, torch.Tensor) and host.dim() == 2:
-            return Segmentation(decode_host_segments(host))
-        prefix_lens, group_sizes, suffix_lens = decode_host_lengths(host)
-        return Segmentation.from_lengths(prefix_lens, split_by_group(suffix_lens, group_sizes))
-    return cached_per_layout(host, ("segmentation",), build)
+    """The :class:`Segmentation` of the layout whose ``host_segments`` this is, built once
+    per tensor (a flat layout's ``host_lengths`` shares that cache, so it answers too)."""
+    return cached_per_layout(host, ("segmentation",), lambda: Segmentation(decode_host_segments(host)))

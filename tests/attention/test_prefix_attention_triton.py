@@ -178,8 +178,8 @@ def test_prefix_attention_triton_backward_bitwise_repeatable(case):
 def test_prefix_attention_triton_custom_op_registration():
     layout = _layout(([3, 2], [[2, 0], [1]]))
     q, k, v = _inputs(layout, 2, 1, 16, seed=4)
-    host = layout.host_lengths
-    assert host.device.type == "cpu" and host.tolist() == [2, 3, 2, 2, 1, 2, 0, 1]
+    host = layout.host_segments  # the one host encoding the ops read
+    assert host.device.type == "cpu" and host.tolist() == [[0, 3, -1], [3, 2, 0], [5, 0, 0], [5, 2, -1], [7, 1, 3]]
     fwd = torch.ops.prefix_grouper.prefix_attention_fwd.default
     plain = (None, 0.25, None, None)  # sinks, softmax_scale, window, softcap
     torch.library.opcheck(fwd, (*(x.clone().requires_grad_() for x in (q, k, v)), plain[0], host, *plain[1:]))
@@ -193,8 +193,10 @@ def test_prefix_attention_triton_custom_op_registration():
     # Lengths that do not describe q's tokens are refused before any kernel launch.
     other = _layout(([3, 2], [[2, 1], [1]]))
     with pytest.raises(ValueError, match="packs T=9"):
+        fwd(q, k, v, None, other.host_segments, *plain[1:])
+    with pytest.raises(ValueError, match="packs T=9"):  # a flat layout's host_lengths reaches the same cache
         fwd(q, k, v, None, other.host_lengths, *plain[1:])
-    with pytest.raises(ValueError, match="host_lengths is not"):
+    with pytest.raises(ValueError, match=r"host_segments must be a non-empty \[S, 3\]"):
         fwd(q, k, v, None, torch.tensor([2, 3, 2, 2, 1, 2, 0]), *plain[1:])
 
 
@@ -218,7 +220,7 @@ def test_prefix_attention_triton_custom_ops_with_features():
     """The ops' schemas, fakes and autograd registrations with sinks, a window and a softcap."""
     layout = GroupLayout.from_lengths([3, 2], [[2, 0], [1]], device=DEVICE)
     q, k, v, sinks = _inputs(layout, 2, 1, 16, seed=7, with_sinks=True)
-    host = layout.host_lengths
+    host = layout.host_segments
     fwd = torch.ops.prefix_grouper.prefix_attention_fwd.default
     scalars = (0.25, 2, 5.0)  # softmax_scale, window, softcap
     torch.library.opcheck(fwd, (*(x.clone().requires_grad_() for x in (q, k, v, sinks)), host, *scalars))

@@ -90,8 +90,8 @@ def test_prefix_attention_triton_gpu_tiles_are_in_effect(monkeypatch):
     one-level layout into fewer query programs than the interpreter's 5-token tiles."""
     layout = _one_level_layout()
     q = torch.zeros(layout.total_tokens, 12, 128)
-    interpreter_tiles, _, packing = triton_backend._query_schedule(layout.host_lengths, q, 2, None)
+    interpreter_tiles, _, packing = triton_backend._query_schedule(layout.host_segments, q, 2, None)
     monkeypatch.setattr(triton_backend, "_tile_sizes", lambda head_dim, dtype: (128, 128))
-    gpu_tiles, _, gpu_packing = triton_backend._query_schedule(layout.host_lengths, q, 2, None)
+    gpu_tiles, _, gpu_packing = triton_backend._query_schedule(layout.host_segments, q, 2, None)
     assert (packing.tile_tokens, gpu_packing.tile_tokens) == (5, 21)
     assert gpu_tiles.shape[0] < interpreter_tiles.shape[0]

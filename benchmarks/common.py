@@ -2,7 +2,6 @@
 equivalence verdicts, CSV/PNG output and ratio summaries."""
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
 import functools
@@ -15,9 +14,10 @@ import time
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")  # committed figures, refreshed on request
-RUNS_DIR = os.path.join(REPO_ROOT, "runs")  # ignored by git: ordinary runs never dirty the work tree
+# The arguments live in a module of their own, without torch; the suites import the add_*
+# functions from here.
+from .arguments import (DEFAULT_CPU_THREADS, REPO_ROOT, add_device_arguments, add_output_arguments,  # noqa: F401
+                        add_size_arguments, output_dir)
 
 # Qwen2Config sizes of the models the GPU suites build with random weights (nothing is downloaded).
 QWEN2_5_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -142,15 +142,6 @@ def peak_extra_mib(fn, device: torch.device) -> float:
     return (status_kib("VmHWM") - base) / 2**10
 
 
-def add_size_arguments(parser) -> None:
-    """``--quick`` (the device's smallest shapes, fewer repeats) and ``--smoke`` (tiny shapes,
-    one timed call: exercises the code path, measures nothing worth quoting)."""
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="this device's smallest shapes, fewer repeats")
-    size.add_argument("--smoke", action="store_true",
-                      help="tiny shapes and one timed call: checks the code path, measures nothing worth quoting")
-
-
 def suite_setup(args, *, gpu: list, cpu: list, smoke: list) -> tuple[torch.device, torch.dtype, list]:
     """``(device, dtype, configs)`` of a suite's options: the device of :func:`device_of`;
     bfloat16 on GPU, float32 on CPU (where bf16 matmuls are not representative); the configs
@@ -196,47 +187,14 @@ def shared_prefix_flops(layout, heads: int, head_dim: int) -> float:
     return 4 * head_dim * heads * total
 
 
-# CPU timings at 2+ threads flip between runs on a shared machine (OpenMP threads contend
-# with other processes; results/design_measurements.md); one thread is steady.
-DEFAULT_CPU_THREADS = 1
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_device_arguments(parser) -> None:
-    """``--device`` (default: the GPU when there is one) and ``--threads`` (CPU threads for torch)."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help=f"CPU threads for torch (default {DEFAULT_CPU_THREADS} on CPU: steady timings on a "
-                             f"shared or small VM; GPU runs keep torch's default)")
-
-
 def device_of(args) -> torch.device:
-    """The device chosen by :func:`add_device_arguments`'s options, after pinning torch's CPU
-    threads: ``--threads``, or :data:`DEFAULT_CPU_THREADS` for a CPU run."""
-    device = torch.device(args.device)
+    """The device chosen by :func:`add_device_arguments`'s options (``auto``: the GPU when
+    torch sees one), after pinning torch's CPU threads: ``--threads``, or
+    :data:`DEFAULT_CPU_THREADS` for a CPU run."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or DEFAULT_CPU_THREADS)
     return device
-
-
-def add_output_arguments(parser, run_name: str) -> None:
-    """``--out`` (default ``runs/<run_name>/``) or ``--update-results`` (the committed folder)."""
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=os.path.join(RUNS_DIR, run_name),
-                       help=f"folder for the CSV and PNG files (default: runs/{run_name}/, ignored by git)")
-    where.add_argument("--update-results", action="store_true",
-                       help="write to benchmarks/results/ instead, refreshing the committed figures")
-
-
-def output_dir(args) -> str:
-    """The folder chosen by :func:`add_output_arguments`'s options."""
-    return RESULTS_DIR if args.update_results else args.out
 
 
 @functools.cache

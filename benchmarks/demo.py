@@ -9,27 +9,24 @@
    of a GRPO batch, unpacked (padded rows through SDPA) and packed (``completion_log_probs``,
    and FlexAttention where it has a backward); checks they agree and times forward+backward.
 
-Prints PASS or FAIL for every equivalence check (and exits with status 1 on a FAIL).
-Writes CSVs and PNGs under runs/demo/ (ignored by git), or refreshes the committed ones
-in benchmarks/results/ with --update-results:
+Prints PASS or FAIL for every equivalence check (and exits with status 1 on a FAIL), then
+a one-line summary. Writes CSVs and PNGs under runs/demo/ (ignored by git), or refreshes the
+committed ones in benchmarks/results/ with --update-results:
 
     python -m benchmarks.demo [--skip-model] [--update-results]
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
-import torch
+from prefix_grouper.cli_arguments import UsageErrorParser, check_device
 
-from prefix_grouper import GroupLayout, prefix_attention
-from prefix_grouper.attention import resolve_backend
-from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_prefix_attention, unpacked_rows
+from .arguments import add_device_arguments, add_output_arguments, check_output_arguments, output_dir
 
-from . import bench_model
-from .common import (add_device_arguments, add_output_arguments, bar_chart, device_name, device_of, measure_ms,
-                     output_dir, provenance, report_equivalence, run_suite, shared_prefix_flops, slug, spread, versions,
-                     write_csv)
+PROG = "python -m benchmarks.demo"
+# torch, prefix_grouper's kernels and the benchmark plumbing are imported inside the
+# functions, after the arguments are parsed: --help and usage errors need none of them.
 
 
 def batches(device):
@@ -51,6 +48,13 @@ def check_equivalence(name, layout, q, k, v, backend):
     """Max |packed - unpacked| over completion outputs and the q/k/v gradients, with the
     packed side on the ``backend`` that gets timed (float64 where it supports it, else
     float32) and the unpacked side in float64. Prints PASS, or exits on FAIL."""
+    import torch
+
+    from prefix_grouper import prefix_attention
+    from prefix_grouper.unpacked import unpacked_prefix_attention
+
+    from .common import report_equivalence
+
     precision = torch.float64 if backend in ("torch", "reference") else torch.float32
     # float64: only summation-order rounding (~1e-15 relative) on O(1) values; float32
     # kernels round each of up to ~10^3 accumulated terms at 6e-8.
@@ -71,18 +75,34 @@ def check_equivalence(name, layout, q, k, v, backend):
     return out_err, grad_err, checked_in
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> UsageErrorParser:
+    parser = UsageErrorParser(prog=PROG, description=__doc__)
     add_device_arguments(parser)
     parser.add_argument("--skip-model", action="store_true", help="skip the whole-model part")
     add_output_arguments(parser, "demo")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_output_arguments(parser, args)
+    args.device = str(check_device(parser, args.device))  # imports torch
+    import torch
+
+    from prefix_grouper import GroupLayout, prefix_attention
+    from prefix_grouper.attention import resolve_backend
+    from prefix_grouper.unpacked import unpacked_attention_rows, unpacked_rows
+
+    from . import bench_model
+    from .common import device_of, measure_ms, provenance, report_equivalence, run_suite, shared_prefix_flops, spread
+
     device = device_of(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = output_dir(args)
     print(f"writing results to {out_dir}", flush=True)
     torch.manual_seed(0)
-    rows = []
+    rows, checks = [], 0
     for name, prefix, suffix, hq, hkv, d in batches(device):
         layout = GroupLayout.from_lengths(prefix, suffix, device=device)
         q = torch.randn(layout.total_tokens, hq, d, device=device, dtype=dtype)
@@ -90,6 +110,7 @@ def main():
         v = torch.randn(layout.total_tokens, hkv, d, device=device, dtype=dtype)
         backend = resolve_backend("auto", device, dtype)
         out_err, grad_err, checked_in = check_equivalence(name, layout, q, k, v, backend)
+        checks += 1
 
         unpacked_qkv = [unpacked_rows(x, layout)[0].detach().requires_grad_() for x in (q, k, v)]
         packed_qkv = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -136,6 +157,11 @@ def main():
                 report_equivalence(f"whole model, {row['config']}, {row['approach']}, completion log-probs",
                                    float(row["max_abs_logprob_diff_vs_unpacked"]), float(row["logprob_tolerance"]),
                                    row["dtype"])
+                checks += 1
+    speedups = ", ".join(f"{r['batch']} {r['speedup_fwd_bwd']}x" for r in rows)
+    print(f"demo: {checks} of {checks} equivalence checks passed (packed == unpacked); packed vs unpacked "
+          f"attention fwd+bwd: {speedups}; results in {out_dir}")
+    return 0
 
 
 def separated(a, b) -> bool:
@@ -144,6 +170,10 @@ def separated(a, b) -> bool:
 
 
 def write_results(rows, device, out_dir):
+    from prefix_grouper.trainers.metrics import pyplot_or_none
+
+    from .common import bar_chart, device_name, slug, versions, write_csv
+
     stem = os.path.join(out_dir, f"demo_{slug(device_name(device))}")
     write_csv(rows, stem + ".csv")
     print(f"\n{device_name(device)}; {versions()}")
@@ -157,8 +187,6 @@ def write_results(rows, device, out_dir):
               f"{r['unpacked_fwd_ms'] + ' / ' + r['packed_fwd_ms']:>25}"
               f"{r['unpacked_fwd_bwd_ms'] + ' / ' + r['packed_fwd_bwd_ms']:>29}{r['speedup_fwd_bwd'] + 'x':>9}"
               + ("" if r["speedup_fwd_bwd_significant"] else "  not significant: the min-max ranges overlap"))
-    from prefix_grouper.trainers.metrics import pyplot_or_none
-
     if pyplot_or_none(stem + ".png") is None:
         print(f"wrote {stem}.csv")
         return
@@ -171,4 +199,4 @@ def write_results(rows, device, out_dir):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
 """The benchmark runner's CPU path: every suite at its --smoke size writes a stamped CSV and a PNG."""
+import argparse
 import contextlib
 import csv
 import io
@@ -210,7 +211,7 @@ def test_a_timed_run_prints_and_writes_its_ratios_with_their_significance(tmp_pa
 
     from benchmarks.common import add_device_arguments, add_size_arguments, ratios, run_suite
 
-    parser = run.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     add_device_arguments(parser)
     add_size_arguments(parser)
     parser.add_argument("--out")
@@ -237,10 +238,15 @@ def test_a_failing_suite_keeps_its_rows_and_the_others_still_run(tmp_path, monke
         yield {"config": "first", "approach": "plain", "fwd_bwd_ms": 1.0}
         raise RuntimeError("suite broke")
 
-    monkeypatch.setattr(run.SUITES["log_probs"], "run", broken)
+    monkeypatch.setattr(run.suite_module("log_probs"), "run", broken)
     status = run.main(["--suite", "log_probs", "advantages", "--smoke", "--device", "cpu", "--out", str(tmp_path)])
     assert status == 1
-    assert "FAILED: log_probs" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "FAILED: log_probs" in printed.out
+    # One line says what broke; the traceback goes to a file beside the results.
+    (line,) = [line for line in printed.err.splitlines() if "suite log_probs failed" in line]
+    assert "RuntimeError: suite broke" in line and "Traceback" not in printed.err
+    assert "suite broke" in (tmp_path / "log_probs_traceback.txt").read_text()
     assert [r["config"] for r in read_rows(tmp_path, "log_probs")] == ["first"]
     assert not list(tmp_path.glob("log_probs_*.png"))
     assert read_rows(tmp_path, "advantages")

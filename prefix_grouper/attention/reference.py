@@ -29,7 +29,9 @@ def prefix_sharing_mask(layout: GroupLayout, window: int | None = None) -> torch
     tokens = torch.arange(layout.total_tokens, device=device)
     key_subtree_end = subtree_ends[layout.token_segment]
     mask = (tokens[None, :] <= tokens[:, None]) & (tokens[:, None] < key_subtree_end[None, :])
-    if window is not None:
+    # A window longer than every sequence hides nothing; skipping it also keeps a huge one
+    # (2**70, accepted as "no limit" like the other backends) out of int64 tensor math.
+    if window is not None and layout.total_tokens and window <= int(layout.position_ids.max()):
         pos = layout.position_ids
         mask &= pos[None, :] > pos[:, None] - window
     return mask
@@ -75,7 +77,7 @@ def reference_prefix_attention(
         key_pos = torch.arange(len(keys), device=q.device)
         query_pos = torch.arange(first_position, first_position + len(rows), device=q.device)
         visible = key_pos[None, :] <= query_pos[:, None]
-        if window is not None:
+        if window is not None and window < first_position + len(rows):  # else it hides nothing (see above)
             visible &= key_pos[None, :] > query_pos[:, None] - window
         keys = torch.tensor(keys, device=q.device)
         rows = torch.arange(rows.start, rows.stop, device=q.device)

@@ -278,7 +278,11 @@ def check_targets(targets: Any, hidden: torch.Tensor, vocab_size: int) -> torch.
     if targets.numel():
         # One device-to-host read of (min, max): the only sync of the call. An id out of range
         # would make the kernels read outside the row (Triton) or fail deep inside gather.
-        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if targets.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these
+            host = targets.cpu().numpy()  # numpy keeps an id above 2**63 exact (int64 would wrap it negative)
+            low, high = int(host.min()), int(host.max())
+        else:
+            low, high = torch.stack(torch.aminmax(targets)).tolist()
         if low < 0 or high >= vocab_size:
             raise ValueError(f"targets must be token ids in [0, V) = [0, {vocab_size}), got ids from {low} to {high}")
     return targets.long().contiguous()

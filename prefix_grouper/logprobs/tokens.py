@@ -1,11 +1,13 @@
 """Log-probs (and entropies) of target tokens from a ``[M, vocab]`` logits matrix."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..checks import check_bool, check_positive_real
+from ..checks import check_bool, check_int, check_positive_real
 
-__all__ = ["token_log_probs"]
+__all__ = ["check_completion_lens", "token_log_probs"]
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
@@ -36,3 +38,28 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     # its gradient at 0, not NaN, as fused_linear_log_probs does.
     entropy = -(log_probs.exp() * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(-1)
     return target_log_probs, entropy
+
+
+def check_completion_lens(completion_lens: Any, num_sequences: int) -> list[int]:
+    """``completion_lens`` as ``num_sequences`` ints >= 0 (the scored tokens at the end of each
+    sequence): a list or tuple of ints, or a 1-D integer tensor. Floats, bools and strings are
+    refused, not truncated (``int(2.9)`` would score 2 tokens where 3 were meant)."""
+    if isinstance(completion_lens, torch.Tensor):
+        dtype = completion_lens.dtype
+        if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+            raise TypeError(f"completion_lens must hold integer token counts, got a {completion_lens.dtype} tensor")
+        if completion_lens.dim() != 1:
+            raise ValueError(f"completion_lens must be 1-D, one count per sequence, got shape "
+                             f"{tuple(completion_lens.shape)}")
+        values = [int(c) for c in completion_lens.tolist()]
+    elif isinstance(completion_lens, (list, tuple)):
+        values = [check_int(c, f"completion_lens[{i}]", 0) for i, c in enumerate(completion_lens)]
+    else:
+        raise TypeError(f"completion_lens must be a list of ints or a 1-D integer tensor, one count per sequence; "
+                        f"got {type(completion_lens).__name__} {completion_lens!r}")
+    if len(values) != num_sequences:
+        raise ValueError(f"completion_lens has {len(values)} entries, the layout packs {num_sequences} sequences")
+    negative = [i for i, c in enumerate(values) if c < 0]
+    if negative:
+        raise ValueError(f"completion_lens[{negative[0]}] = {values[negative[0]]}: counts must be >= 0")
+    return values

@@ -6,7 +6,7 @@ import torch
 from ..checks import check_bool, check_positive_real
 from ..layout import GroupLayout
 from ..logprobs import fused_linear_log_probs
-from ..logprobs.tokens import token_log_probs
+from ..logprobs.tokens import check_completion_lens, token_log_probs
 from .attention import BACKEND_KWARG, LAYOUT_KWARG, PACKED_CALL, PackedCall, install
 from .heads import fused_head
 
@@ -211,10 +211,7 @@ def sequence_log_probs(model, layout: GroupLayout, packed_ids: torch.Tensor, com
     model), zeros where padded; row ``i`` holds sequence ``i``'s scored tokens in order.
     """
     temperature = check_positive_real(temperature, "temperature")
-    completion_lens = [int(c) for c in completion_lens]
-    if len(completion_lens) != layout.num_sequences:
-        raise ValueError(f"completion_lens has {len(completion_lens)} entries, the layout packs "
-                         f"{layout.num_sequences} sequences")
+    completion_lens = check_completion_lens(completion_lens, layout.num_sequences)
     _check_packed_ids(layout, packed_ids)
     logits_at, targets_at, mask, padded_index = layout.cached(
         ("sequence_targets", str(layout.device), tuple(completion_lens)),

@@ -5,7 +5,7 @@ Everything is made here, nothing is downloaded: a 2-layer Qwen2 built from a con
 weights), a character-level tokenizer, a toy task (answer with the prompt's first letter)
 and its reward. Two steps on a CPU take well under a minute:
 
-    python examples/trl_grpo.py                 # 2 steps, output in runs/trl_grpo/
+    python examples/trl_grpo.py                 # 2 steps; per-step logs in runs/trl_grpo/log_history.json
     python examples/trl_grpo.py --steps 50 --out /tmp/trl_grpo
 
 The one line that differs from a plain TRL script is the GRPOTrainer import.
@@ -13,6 +13,8 @@ The one line that differs from a plain TRL script is the GRPOTrainer import.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 
 import datasets
@@ -63,8 +65,10 @@ def first_letter_reward(prompts: list[str], completions: list[str], **kwargs) ->
 
 def main(argv: list[str] | None = None) -> trl.GRPOTrainer:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--out", default="runs/trl_grpo", help="TRL's output_dir (nothing is saved: save_strategy='no')")
+    parser.add_argument("--steps", type=int, default=2, help="GRPO steps (default: %(default)s)")
+    parser.add_argument("--out", default="runs/trl_grpo",
+                        help="TRL's output_dir; log_history.json (TRL's per-step logs) is written there, no "
+                             "checkpoint (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     tokenizer = char_tokenizer()
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> trl.GRPOTrainer:
     for log in trainer.state.log_history:
         if "loss" in log:
             print(f"step {log['step']}: loss {log['loss']:.4g}, reward {log.get('reward', float('nan')):.4g}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "log_history.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(trainer.state.log_history, f, indent=1)
+    print(f"wrote {path}")
     return trainer
 
 

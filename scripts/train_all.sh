@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then the reference trainers' longer runs with default settings:
 # metrics.jsonl and rewards.png of each under benchmarks/results/training/<run>/, and the
-# speed/learning table the README quotes in benchmarks/results/training/summary.md.
+# speed/learning table that docs/training.md quotes, in benchmarks/results/training/summary.md.
 # Extra arguments go to every run (e.g. --device cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,3 +21,6 @@ def test_trl_grpo_example_trains_two_steps(tmp_path):
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in steps] == ["step 1", "step 2"], result.stdout[-2000:]
     assert "ungrouped" not in result.stderr, "the drop-in fell back to TRL's own log-probs"
+    import json
+    logs = json.loads((tmp_path / "out" / "log_history.json").read_text())  # what the docstring promises
+    assert [log["step"] for log in logs if "loss" in log] == [1, 2]

@@ -4,9 +4,11 @@
   ``apply_prefix_grouper_patch``), written for the paper's package, give a plain forward's
   log-probs, entropies and gradients under sdpa, eager and flex_attention on CPU.
 * prefix_grouper.integrations.verl: micro-batch -> layout -> verl's rolled log-probs, the
-  engine's grouped forward/backward, and the traps: whole groups, Ulysses refused, equal
-  micro-batch counts per rank (2 gloo processes), a failed activation is an error, the
-  ``verl.plugins`` entry point loads.
+  engine's grouped forward/backward (fixed and dynamic micro-batch sizes, ragged groups,
+  G = 1), the traps (one temperature, positions, a failed activation is an error), equal
+  micro-batch counts per rank (2 gloo processes), the ``verl.plugins`` entry point. Prefix
+  trees: tests/test_verl_tree.py; Ulysses: tests/test_verl_ulysses.py; the trainer's
+  balancing: tests/test_verl_trainer.py.
 
 A tiny Qwen2 in float64; 1e-5 tolerance (Qwen2's RMSNorm rounds to float32 internally).
 """
@@ -100,22 +102,52 @@ def test_verl_prefix_grouper_helpers_match_plain_forward(implementation):
 
 
 # ---------------------------------------------------------------------- micro-batch <-> layout <-> log-probs
+def nested(sequences):
+    """verl's nested [samples, j] of 1-D tensors."""
+    lens = torch.tensor([s.shape[0] for s in sequences])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    return torch.nested.nested_tensor_from_jagged(torch.cat(sequences), offsets)
+
+
+def unpadded_micro_batch(sequences, prompt_lens, temperature=0.7, weight_seed=None):
+    """What verl's FSDP engine receives: unpadded (nested) sequences, as left_right_2_no_padding
+    makes them, nested prompts; with ``weight_seed``, a nested per-token ``weight`` for losses."""
+    input_ids = nested(sequences)
+    offsets = input_ids.offsets()
+    fields = {"input_ids": input_ids,
+              "position_ids": torch.nested.nested_tensor_from_jagged(
+                  torch.cat([torch.arange(s.shape[0]) for s in sequences]), offsets),
+              "prompts": nested([s[:p] for s, p in zip(sequences, prompt_lens)]),
+              "loss_mask": nested([(torch.arange(s.shape[0]) >= p).long() for s, p in zip(sequences, prompt_lens)]),
+              "temperature": torch.full((len(sequences),), temperature, dtype=torch.float32)}
+    if weight_seed is not None:
+        g = torch.Generator().manual_seed(weight_seed)
+        fields["weight"] = torch.nested.nested_tensor_from_jagged(
+            torch.randn(int(offsets[-1]), dtype=torch.float64, generator=g), offsets)
+    return TensorDict(fields, batch_size=[len(sequences)])
+
+
+def plain_rolled(model, sequences, prompt_lens, temperature=0.7):
+    """Oracle: every sample alone through the model's own attention; ``(log_probs, entropy)``
+    on verl's rolled unpadded axis (the value predicting token t + 1 at t, zeros elsewhere)."""
+    log_probs, entropies = [], []
+    for seq, p in zip(sequences, prompt_lens):
+        logits = model(input_ids=seq[None], use_cache=False).logits[0, :-1] / temperature
+        lp = logits.log_softmax(-1)
+        keep = (torch.arange(seq.shape[0]) >= p - 1)[:-1].to(lp.dtype)
+        log_probs.append(torch.cat([lp.gather(-1, seq[1:, None])[:, 0] * keep, lp.new_zeros(1)]))
+        entropies.append(torch.cat([-(lp.exp() * lp).sum(-1) * keep, lp.new_zeros(1)]))
+    return torch.cat(log_probs), torch.cat(entropies)
+
+
 def engine_micro_batch(seed=0, temperature=0.7):
-    """What verl's FSDP engine receives: unpadded (nested) sequences, as left_right_2_no_padding makes them."""
+    """The padded batch's samples, unpadded as verl's FSDP engine receives them."""
     prompts, responses, response_mask, _ = padded_batch(seed)
     attention_mask = torch.cat([prompts != PAD, response_mask.bool()], 1)
     ids = torch.cat([prompts, responses], 1)
     seqs = [row[m] for row, m in zip(ids, attention_mask)]
-    lens = torch.tensor([s.shape[0] for s in seqs])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-    input_ids = torch.nested.nested_tensor_from_jagged(torch.cat(seqs), offsets)
-    position_ids = torch.nested.nested_tensor_from_jagged(torch.cat([torch.arange(n) for n in lens.tolist()]),
-                                                          offsets)
-    batch = TensorDict({"input_ids": input_ids, "position_ids": position_ids, "prompts": prompts,
-                        "responses": responses, "response_mask": response_mask, "loss_mask": response_mask,
-                        "attention_mask": attention_mask.long(),
-                        "temperature": torch.full((len(seqs),), temperature, dtype=torch.float32)},
-                       batch_size=[len(seqs)])
+    batch = unpadded_micro_batch(seqs, (prompts != PAD).sum(1).tolist(), temperature)
+    batch["prompts"], batch["responses"], batch["attention_mask"] = prompts, responses, attention_mask.long()
     return batch, (prompts, responses, response_mask)
 
 
@@ -130,17 +162,23 @@ def rolled(values, batch):
     return torch.cat(out)
 
 
-def test_micro_batch_layout():
+def test_micro_batch_layout_of_groups_is_one_level():
     batch, _ = engine_micro_batch()
     prompt_lens = pg_verl.prompt_lengths(batch)
     assert prompt_lens == [p for p, g in zip(PROMPTS, RESPONSES) for _ in g]
-    layout, prompts, completions = pg_verl.micro_batch_layout(batch["input_ids"], prompt_lens)
-    assert layout.group_sizes_list == tuple(map(len, RESPONSES))
-    assert list(layout.prefix_lens_list) == PROMPTS and [len(c) for c in completions] == sum(RESPONSES, [])
+    layout, packed_ids, sequences = pg_verl.micro_batch_layout(batch["input_ids"], prompt_lens)
+    assert layout.is_flat and layout.group_sizes_list == tuple(map(len, RESPONSES))
+    assert list(layout.prefix_lens_list) == PROMPTS and list(layout.suffix_lens_list) == sum(RESPONSES, [])
+    assert torch.equal(packed_ids, layout.pack([s[:p] for s, p in zip(sequences, prompt_lens)],
+                                               [s[p:] for s, p in zip(sequences, prompt_lens)]))
     values = torch.arange(1, layout.num_completion_tokens + 1, dtype=torch.float64)
     placed = pg_verl.sequence_values(values, layout, prompt_lens, batch["input_ids"].offsets().diff().tolist())
     padded, _ = layout.unpack_completions(values)
     assert torch.equal(placed, rolled(padded, batch))
+    with pytest.raises(ValueError, match=r"prompt_lens\[1\] = 0"):
+        pg_verl.micro_batch_layout(batch["input_ids"], [7, 0, 3, 3, 3, 1])
+    with pytest.raises(TypeError, match="nested"):
+        pg_verl.micro_batch_layout(batch["input_ids"].values(), prompt_lens)
 
 
 def test_grouped_log_probs_match_plain_forward():
@@ -153,21 +191,22 @@ def test_grouped_log_probs_match_plain_forward():
     torch.testing.assert_close(entropy.values(), rolled(expected_entropy, batch), atol=TOL, rtol=TOL)
     w = torch.randn(log_probs.values().shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert_grads_equal((log_probs.values() * w).sum(), model, (rolled(expected, batch) * w).sum(), baseline)
+    log_probs_only, none = pg_verl.grouped_log_probs(model, model, batch, temperature=0.7, calculate_entropy=False)
+    assert none is None and torch.equal(log_probs_only.values(), log_probs.values())
 
 
-def make_engine(model, group_size, monkeypatch):
+def make_engine(model, monkeypatch):
     """A PrefixGrouperFSDPEngine around a plain module on CPU (no FSDP, one gloo process)."""
-    from verl.workers.engine.fsdp import transformer_impl
-
     from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp import transformer_impl
 
     engine_cls = pg_verl.activate()
     assert EngineRegistry.get_engine_cls("language_model", "fsdp2") is engine_cls  # it overrides verl's
-    monkeypatch.setattr(pg_verl, "_device", lambda: ("cpu", "cpu"))
+    monkeypatch.setattr(pg_verl.engine, "_device", lambda: ("cpu", "cpu"))
     monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
     engine = object.__new__(engine_cls)  # skips building FSDP: the module is given
-    engine.module, engine._autocast_dtype, engine.prefix_group_size = model, torch.float32, group_size
-    engine.ulysses_sequence_parallel_size, engine.ulysses_device_mesh = 1, None
+    engine.module, engine._autocast_dtype, engine.prefix_group_size = model, torch.float32, 2
+    engine.ulysses_sequence_parallel_size, engine.ulysses_device_mesh, engine.ulysses_parallel_group = 1, None, None
     engine.engine_config = types.SimpleNamespace(use_no_sync_for_gradient_accumulation=True)
     return engine
 
@@ -183,75 +222,95 @@ def one_process_group():
     torch.distributed.destroy_process_group()
 
 
-def test_engine_forward_backward_batch_gives_plain_gradients(monkeypatch, one_process_group):
+def ragged_samples(seed=5):
+    """Ragged groups (3, 1, 2 samples; one G = 1 agent step whose prompt opens with an earlier
+    sample's whole sequence) under a shared 34-token system prompt."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n):
+        return torch.randint(1, 97, (n,), generator=g)
+
+    system = rand(34)
+    first = torch.cat([system, rand(4)])
+    sequences = [torch.cat([first, rand(n)]) for n in (3, 5, 0)]
+    step = torch.cat([sequences[0], rand(3)])
+    sequences.append(torch.cat([step, rand(4)]))
+    second = torch.cat([system, rand(6)])
+    sequences += [torch.cat([second, rand(n)]) for n in (2, 6)]
+    prompt_lens = [len(first)] * 3 + [len(step)] + [len(second)] * 2
+    return sequences, prompt_lens
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_engine_forward_backward_batch_gives_plain_gradients(monkeypatch, one_process_group, dynamic):
     from verl.utils import tensordict_utils as tu
 
-    # Two groups of two completions each: force_group_size=2 keeps groups whole.
-    monkeypatch.setattr(sys.modules[__name__], "RESPONSES", [[3, 6], [1, 4]])
-    monkeypatch.setattr(sys.modules[__name__], "PROMPTS", [7, 3])
-    batch, (prompts, responses, response_mask) = engine_micro_batch()
-    tu.assign_non_tensor(batch, use_dynamic_bsz=False, micro_batch_size_per_gpu=1, calculate_entropy=False)
+    sequences, prompt_lens = ragged_samples()
+    batch = unpadded_micro_batch(sequences, prompt_lens, weight_seed=3)
+    if dynamic:  # the tree of the 6 samples packs 67 tokens
+        tu.assign_non_tensor(batch, use_dynamic_bsz=True, max_token_len_per_gpu=56, calculate_entropy=False)
+    else:
+        tu.assign_non_tensor(batch, use_dynamic_bsz=False, micro_batch_size_per_gpu=1, calculate_entropy=False)
+    tu.assign_non_tensor(batch, return_model_output=True)
     model, baseline = tiny_qwen2(), tiny_qwen2()
-    engine = make_engine(model, 2, monkeypatch)
-    w = torch.randn(batch["input_ids"].values().shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    seen, start = [], [0]
+    engine = make_engine(model, monkeypatch)
+    seen = []
 
     def loss_function(model_output, data, dp_group=None):
-        # Without dynamic batch sizes verl chunks in order: the weights follow the tokens.
-        values = model_output["log_probs"].values()
-        seen.append(data["input_ids"].shape[0])
-        weight = w[start[0]:start[0] + values.shape[0]]
-        start[0] += values.shape[0]
-        return (values * weight).sum(), {}
+        seen.append(pg_verl.micro_batch_layout(data["input_ids"], pg_verl.prompt_lengths(data)).layout.total_tokens)
+        return (model_output["log_probs"].values() * data["weight"].values()).sum(), {}
 
-    engine.forward_backward_batch(batch, loss_function, forward_only=False)
-    assert seen == [2, 2]  # micro_batch_size_per_gpu=1 group of 2 samples each
-    expected, _ = plain_log_probs(baseline, prompts, responses, response_mask, temperature=0.7)
-    (rolled(expected, batch) * w).sum().backward()
+    output = engine.forward_backward_batch(batch, loss_function, forward_only=False)
+    expected, _ = plain_rolled(baseline, sequences, prompt_lens)
+    if dynamic:
+        # the first group with the step opening with its first sample's sequence, then the other group
+        assert sorted(seen) == [48, 53]
+    else:
+        assert seen == [46, 48, 48]  # one group per micro-batch, in order: 3 samples, the step, 2 samples
+    # verl's output comes back in the batch's sample order
+    torch.testing.assert_close(output["model_output"]["log_probs"].values(), expected.detach(), atol=TOL, rtol=TOL)
+    (expected * batch["weight"].values()).sum().backward()
     for got, ref in zip(model.parameters(), baseline.parameters()):
         torch.testing.assert_close(got.grad, ref.grad, atol=TOL, rtol=TOL)
 
 
 # ---------------------------------------------------------------------- traps
-def test_partial_groups_and_ulysses_are_refused():
+def test_micro_batch_checks():
     batch, _ = engine_micro_batch()
-    with pytest.raises(ValueError, match="whole groups of rollout.n=2"):
-        pg_verl.check_whole_groups(batch, 2)  # group sizes 2, 3, 1
-    with pytest.raises(ValueError, match="Ulysses"):
-        pg_verl.check_engine_config(types.SimpleNamespace(ulysses_sequence_parallel_size=2))
     with pytest.raises(ValueError, match="one temperature"):
-        pg_verl.check_micro_batch(batch, torch.tensor([0.7, 1.0]))
-    assert pg_verl.check_micro_batch(batch, batch["temperature"]) == pytest.approx(0.7)
+        pg_verl.engine.check_micro_batch(batch, torch.tensor([0.7, 1.0]))
+    assert pg_verl.engine.check_micro_batch(batch, batch["temperature"]) == pytest.approx(0.7)
     shifted = batch["position_ids"].values() + 1
     batch["position_ids"] = torch.nested.nested_tensor_from_jagged(shifted, batch["input_ids"].offsets())
     with pytest.raises(ValueError, match="position_ids 0, 1, ..."):
-        pg_verl.check_micro_batch(batch, 0.7)
+        pg_verl.engine.check_micro_batch(batch, 0.7)
 
 
 def test_failed_activation_is_an_error(monkeypatch):
     config = types.SimpleNamespace(use_prefix_grouper=True, rollout_n=2,
-                                   engine=types.SimpleNamespace(ulysses_sequence_parallel_size=1))
-    monkeypatch.setitem(pg_verl._state, "engine", None)
+                                   engine=types.SimpleNamespace(ulysses_sequence_parallel_size=2))
+    monkeypatch.setitem(pg_verl.engine.state, "engine", None)
 
     def broken():
         raise ImportError("simulated")
 
-    monkeypatch.setattr(pg_verl, "_define_engine", broken)
+    monkeypatch.setattr(pg_verl.engine, "_define_engine", broken)
     with pytest.raises(RuntimeError, match="could not be registered"):
-        pg_verl.on_actor_config(config)
-    monkeypatch.setitem(pg_verl._state, "error", ImportError("simulated load failure"))
+        pg_verl.engine.on_actor_config(config)
+    monkeypatch.setitem(pg_verl.engine.state, "error", ImportError("simulated load failure"))
     with pytest.raises(RuntimeError, match="failed to load"):
-        pg_verl.on_actor_config(config)
-    pg_verl.on_actor_config(types.SimpleNamespace(use_prefix_grouper=False))  # off: nothing happens
+        pg_verl.engine.on_actor_config(config)
+    pg_verl.engine.on_actor_config(types.SimpleNamespace(use_prefix_grouper=False))  # off: nothing happens
 
 
 def test_actor_config_marks_its_engine(monkeypatch):
     from verl.workers.config.actor import ActorConfig
 
-    monkeypatch.setitem(pg_verl._state, "engine", object)  # registration is tested above
-    pg_verl.install_config_hook()
+    monkeypatch.setitem(pg_verl.engine.state, "engine", object)  # registration is tested above
+    pg_verl.engine.install_config_hook()
     config = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1, use_prefix_grouper=True)
     assert getattr(config.engine, pg_verl.ENGINE_FLAG) == 4
+    assert pg_verl.PrefixGrouperFSDPEngine is object
     plain = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=1)
     assert not hasattr(plain.engine, pg_verl.ENGINE_FLAG)
 
@@ -268,95 +327,26 @@ def test_verl_plugins_entry_point_loads(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_balanced_group_order_gives_ranks_whole_groups():
-    g = torch.Generator().manual_seed(4)
-    uids = [f"uid{b}" for b in range(6)]
-    keys = [f"{u}_{session}_0" for session in range(3) for u in uids]  # samples of a prompt are not adjacent
-    seq_lens = torch.randint(5, 200, (len(keys),), generator=g).tolist()
-    order = pg_verl.balanced_group_order(keys, seq_lens, dp_size=2, group_size=3)
-    assert sorted(order) == list(range(len(keys)))
-    loads = []
-    for rank in range(2):
-        part = [keys[i] for i in order[rank * 9:(rank + 1) * 9]]
-        prompts = [k.split("_")[0] for k in part]
-        assert all(prompts[i:i + 3] == [prompts[i]] * 3 for i in range(0, 9, 3))  # whole, contiguous groups
-        loads.append(sum(seq_lens[i] for i in order[rank * 9:(rank + 1) * 9]))
-    group_tokens = [sum(seq_lens[i] for i, k in enumerate(keys) if k.startswith(u + "_")) for u in uids]
-    assert abs(loads[0] - loads[1]) <= max(group_tokens)
-    with pytest.raises(ValueError, match="rollout.n=3"):
-        pg_verl.balanced_group_order(keys[:-1], seq_lens[:-1], dp_size=2, group_size=3)
-    with pytest.raises(ValueError, match="divide by the data-parallel size 4"):
-        pg_verl.balanced_group_order(keys, seq_lens, dp_size=4, group_size=3)
-
-
-def test_trainer_module_is_patched_on_import(tmp_path, monkeypatch):
-    (tmp_path / "fake_verl_trainer_base.py").write_text(
-        "class PPOTrainer:\n    def _balance_batch(self, batch, metrics, logging_prefix='', keep_minibatch=False):\n"
-        "        return batch\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(pg_verl, "_TRAINER_MODULE", "fake_verl_trainer_base")
-    pg_verl.install_trainer_hook()
-    import fake_verl_trainer_base
-
-    assert fake_verl_trainer_base.PPOTrainer._balance_batch.prefix_grouper_hook
-    assert not any(isinstance(f, pg_verl._PatchTrainerOnImport) for f in sys.meta_path)  # removed itself
-    monkeypatch.delitem(sys.modules, "fake_verl_trainer_base")
-
-
-def test_patched_trainer_balances_groups_only_when_asked():
-    class Batch:
-        def __init__(self, keys):
-            self.keys, self.tags = list(keys), [{"seq_len": 10 + i} for i in range(len(keys))]
-
-        def __len__(self):
-            return len(self.keys)
-
-        def reorder(self, order):
-            self.keys, self.tags = [self.keys[i] for i in order], [self.tags[i] for i in order]
-
-    class Trainer:
-        def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-            return "original"
-
-        def _get_required_batch_multiple(self, dp_size):
-            return dp_size * 2
-
-    pg_verl.patch_trainer(Trainer)
-    pg_verl.patch_trainer(Trainer)  # idempotent
-    trainer = Trainer()
-    workers = types.SimpleNamespace(_dispatch_info={}, _query_dispatch_info=lambda role: [0, 1])
-    actor = {"use_prefix_grouper": False}
-    trainer.config = types.SimpleNamespace(actor_rollout_ref=types.SimpleNamespace(
-        actor=actor, rollout=types.SimpleNamespace(n=2)))
-    trainer.actor_rollout_wg = workers
-    keys = [f"u{b}_{s}_0" for s in range(2) for b in range(4)]
-    assert trainer._balance_batch(Batch(keys), {}) == "original"
-    actor["use_prefix_grouper"] = True
-    batch = trainer._balance_batch(Batch(keys), {})
-    assert [k.split("_")[0] for k in batch.keys[::2]] == [k.split("_")[0] for k in batch.keys[1::2]]
-    with pytest.raises(ValueError, match="without synthetic padding"):
-        trainer._balance_batch(Batch(keys[:6]), {})
+    assert "ERROR" not in done.stderr
 
 
 EQUAL_COUNTS = textwrap.dedent('''
     import os, sys, torch
     import torch.distributed as dist
     from tensordict import TensorDict
-    from verl.utils import seqlen_balancing
     from verl.utils import tensordict_utils as tu
-    from verl.workers.engine.utils import prepare_micro_batches
-    seqlen_balancing.get_device_name = lambda: "cpu"
+    from prefix_grouper.integrations import verl as pg_verl
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
     # rank 0: 3 groups of 2 with long sequences, rank 1: 3 groups of 2 with short ones
     lens = [30, 28, 25, 27, 29, 26] if rank == 0 else [3, 4, 2, 5, 3, 2]
+    seqs = [torch.cat([torch.full((1,), 1 + i // 2), torch.arange(n - 1) + 10 * i]) for i, n in enumerate(lens)]
     offsets = torch.tensor([0] + lens).cumsum(0)
-    ids = torch.nested.nested_tensor_from_jagged(torch.arange(sum(lens)), offsets)
-    data = TensorDict({"input_ids": ids, "group": torch.arange(6) // 2}, batch_size=[6])
-    tu.assign_non_tensor(data, use_dynamic_bsz=True, max_token_len_per_gpu=60, force_group_size=2)
-    micro, _ = prepare_micro_batches(data, dp_group=dist.group.WORLD, same_micro_num_in_dp=True)
+    ids = torch.nested.nested_tensor_from_jagged(torch.cat(seqs), offsets)
+    prompts = torch.nested.nested_tensor_from_jagged(torch.cat([s[:1] for s in seqs]), torch.arange(7))
+    data = TensorDict({"input_ids": ids, "prompts": prompts, "group": torch.arange(6) // 2}, batch_size=[6])
+    tu.assign_non_tensor(data, use_dynamic_bsz=True, max_token_len_per_gpu=60)
+    micro, _ = pg_verl.engine.packed_micro_batches(data, dist.group.WORLD, 1, "cpu")
     for mb in micro:
         groups = mb["group"].tolist()
         assert all(groups.count(g) == 2 for g in groups), groups  # whole groups

@@ -2,7 +2,7 @@
 
     python -m prefix_grouper.train --algo grpo --steps 200 --out runs/grpo
     python -m prefix_grouper.train --algo gigpo --verify-equivalence --dtype float64
-    python -m prefix_grouper.train --algo gigpo --task keydoor-history --steps 100   # prefix trees
+    python -m prefix_grouper.train --algo gigpo --task keydoor-history   # prefix trees; learns within the default 200 steps
     torchrun --nproc_per_node 2 -m prefix_grouper.train --algo crpo --steps 100 --out runs/crpo
 
 Writes OUT/metrics.jsonl (one JSON object per step) and OUT/rewards.png (where matplotlib

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from prefix_grouper.trainers.tasks import (ENVIRONMENTS, TASKS, Diagnosis, DiagnosisTask, DigitsTask,
-                                           KeyDoorEnvironment, KeyDoorState, Prompt, make_task)
+                                           KeyDoorEnvironment, KeyDoorHistoryEnvironment, KeyDoorState, Prompt,
+                                           make_task)
 from prefix_grouper.trainers.tokenizer import CharTokenizer
 
 
@@ -268,6 +269,23 @@ def test_keydoor_errors():
         KeyDoorEnvironment(invalid_penalty=0.1)
     with pytest.raises(ValueError, match="length must be an integer >= 3"):
         KeyDoorEnvironment(length=2)
+
+
+def test_keydoor_history_defaults():
+    """The history variant's longer episodes (see KeyDoorHistoryEnvironment): its other options
+    and their checks are the corridor's, and a whole episode fits the tiny model's positions."""
+    from prefix_grouper.trainers.model import TINY_SHAPE
+
+    env = KeyDoorHistoryEnvironment()
+    assert env.history and (env.length, env.max_steps, env.invalid_penalty) == (4, 12, -0.02)
+    episode_tokens = 1 + (env.length + 1) * env.max_steps  # BOS, then per step an observation and an action
+    assert episode_tokens <= TINY_SHAPE["max_position_embeddings"]
+    assert KeyDoorEnvironment().max_steps == 8  # the memoryless corridor keeps its budget
+    assert make_task("keydoor-history", max_steps=8, invalid_penalty=-0.1).max_steps == 8
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 6"):
+        KeyDoorHistoryEnvironment(max_steps=5)
+    with pytest.raises(ValueError, match="invalid_penalty must be <= 0"):
+        KeyDoorHistoryEnvironment(invalid_penalty=0.5)
 
 
 # ---- registry ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 
 from conftest import assert_same_gradients, trainer_gradients
 from prefix_grouper.train import main
-from prefix_grouper.trainers import TrainConfig, build_trainer
+from prefix_grouper.trainers import (TrainConfig, append_metrics, build_trainer, plot_runs, run_costs,
+                                     write_run_costs)
 
 SMALL = dict(group_size=3, prompts_per_step=2)
 TASK = "keydoor-history"
@@ -84,6 +85,63 @@ def test_command_reports_tokens_saved(tmp_path):
     for record in records:
         assert record["tokens_saved"] == record["tokens_unpacked"] - record["tokens_packed"] > 0
         assert {"success_rate", "invalid_frac"} <= record.keys()
+
+
+def test_build_trainer_passes_task_options():
+    trainer = build_trainer("gigpo", TASK, config=TrainConfig(**SMALL),
+                            task_options={"max_steps": 6, "invalid_penalty": -0.5})
+    assert (trainer.task.max_steps, trainer.task.invalid_penalty) == (6, -0.5)
+    assert int(trainer.rollout().rows.time.max()) < 6
+    with pytest.raises(TypeError, match="task_options must be a mapping of keyword options, got list"):
+        build_trainer("gigpo", TASK, task_options=[("max_steps", 6)])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+        build_trainer("gigpo", TASK, task_options={"steps": 6})
+
+
+def test_tree_and_unpacked_runs_of_one_seed_sample_the_same_rollouts(tmp_path):
+    """What scripts/train_history.sh records at full length: from one seed, the run whose
+    log-probs come from the prefix tree and the --no-prefix-grouper one update alike, so every
+    step samples the same episodes; the tree run forwards fewer tokens."""
+    args = ["--algo", "gigpo", "--task", TASK, "--steps", "4", "--group-size", "3", "--prompts-per-step", "2",
+            "--seed", "5", "--dtype", "float64"]
+    tree, unpacked = str(tmp_path / "tree"), str(tmp_path / "unpacked")
+    assert main(args + ["--out", tree]) == 0
+    assert main(args + ["--out", unpacked, "--no-prefix-grouper"]) == 0
+    rows = [run_costs(tree, grouped=True, wall_s=1.25, reference_dir=tree, window=2),
+            run_costs(unpacked, grouped=False, wall_s=2.5, reference_dir=tree, window=2)]
+    assert [r["steps_same_rollouts"] for r in rows] == [4, 4]
+    tree_row, unpacked_row = rows
+    assert all(tree_row[key] == unpacked_row[key] for key in ("tokens_packed", "tokens_unpacked"))
+    assert tree_row["tokens_forwarded"] == tree_row["tokens_packed"] < unpacked_row["tokens_forwarded"]
+    assert unpacked_row["tokens_forwarded"] == unpacked_row["tokens_unpacked"]
+    assert (rows[0]["log_probs"], rows[1]["log_probs"], rows[1]["wall_s"]) == ("grouped", "unpacked", 2.5)
+    path = tmp_path / "runs.csv"
+    write_run_costs(str(path), rows)
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",") == list(rows[0]) and len(lines) == 3
+    plot = plot_runs(str(tmp_path / "runs.png"), {"tree": tree, "unpacked": unpacked}, "title")
+    assert plot is None or (tmp_path / "runs.png").stat().st_size > 0
+
+
+def test_run_costs_counts_the_steps_before_the_rollouts_differ(tmp_path):
+    record = dict(reward_mean=0.5, success_rate=0.5, invalid_frac=0.1, episode_steps=4.0, tokens_packed=10,
+                  tokens_unpacked=30, seconds=0.5)
+    for name, success in (("a", [0.5, 0.5, 0.5]), ("b", [0.5, 0.5, 0.75])):
+        (tmp_path / name).mkdir()
+        for step, value in enumerate(success, 1):
+            append_metrics(str(tmp_path / name), {**record, "step": step, "success_rate": value})
+    row = run_costs(str(tmp_path / "b"), grouped=False, wall_s=3.0, reference_dir=str(tmp_path / "a"), window=2)
+    assert row["steps_same_rollouts"] == 2 and row["success_first2"] == 0.5 and row["success_last2"] == 0.625
+    assert (row["tokens_forwarded"], row["step_seconds_sum"]) == (90, 1.5)
+    assert "steps_same_rollouts" not in run_costs(str(tmp_path / "a"), grouped=True, wall_s=1.0, window=3)
+    with pytest.raises(ValueError, match="has 3 steps, fewer than window=4"):
+        run_costs(str(tmp_path / "a"), grouped=True, wall_s=1.0, window=4)
+    with pytest.raises(ValueError, match="window must be >= 1, got 0"):
+        run_costs(str(tmp_path / "a"), grouped=True, wall_s=1.0, window=0)
+    with pytest.raises(ValueError, match="rows is empty"):
+        write_run_costs(str(tmp_path / "x.csv"), [])
+    plot = plot_runs(str(tmp_path / "ab.png"), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, "a vs b")
+    assert plot is None or (tmp_path / "ab.png").stat().st_size > 0  # with the step-3 divergence marked
 
 
 def test_trl_drop_in_shares_a_system_prompt_across_groups(tmp_path):

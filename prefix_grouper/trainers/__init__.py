@@ -10,10 +10,11 @@ from .gigpo import GiGPO
 from .grpo import CONVENTIONS, GRPO
 from .loop import TrainConfig, Trainer
 from .loss import LOSS_TYPES, policy_loss
-from .metrics import append_metrics, plot_rewards, read_metrics, summary_table
+from .metrics import append_metrics, plot_rewards, plot_runs, read_metrics, run_costs, summary_table, write_run_costs
 from .model import TINY_MODEL, Policy, load_policy
 from .rollout import Rollout, RolloutRows
 
 __all__ = ["ALGORITHMS", "CONVENTIONS", "CRPO", "DEFAULT_TASKS", "Distributed", "GRPO", "GiGPO", "LOSS_TYPES",
            "Policy", "Rollout", "RolloutRows", "TINY_MODEL", "TrainConfig", "Trainer", "append_metrics", "build_trainer",
-           "init_distributed", "load_policy", "plot_rewards", "policy_loss", "read_metrics", "summary_table"]
+           "init_distributed", "load_policy", "plot_rewards", "plot_runs", "policy_loss", "read_metrics", "run_costs",
+           "summary_table", "write_run_costs"]

@@ -104,6 +104,23 @@ class KeyDoorHistoryEnvironment(KeyDoorEnvironment):
     observation, then per step taken its action and the next observation ("a.kdr.akd..."). The
     anchor state of a step (GiGPO) is still its current observation. A batch's step rows share
     their trajectory's history, and its episodes share their common first steps: the trainer
-    packs them as a prefix tree."""
+    packs them as a prefix tree.
+
+    Episodes default to 12 steps, not 8. A policy that reads its history can settle on patterns
+    of its own past actions before it learns to read the current observation: undoing its last
+    move avoids every invalid-action penalty without ever fetching the key, and trying to open
+    the door from the door side goes on whether the key is held or not. With 8 steps, 2 more
+    than the longest start needs, random episodes rarely open the door: the penalty then teaches
+    the undo loop before successes teach anything, or a start whose episodes all fail alike
+    gives its group no reward variance, hence no gradient. 12 steps make random successes
+    likelier and leave 6 steps of slack, so an episode that tries another action where the
+    policy is stuck can still finish. The runs per seed of both budgets are in
+    benchmarks/results/training/keydoor_sweep.csv (scripts/keydoor_sweep.py).
+    A whole episode, 1 + (length + 1) * max_steps tokens (61 by default), fits the tiny
+    model's 64 positions.
+    """
     name = "keydoor-history"
     history: ClassVar[bool] = True
+
+    def __init__(self, *, length: int = 4, max_steps: int = 12, invalid_penalty: float = -0.02) -> None:
+        super().__init__(length=length, max_steps=max_steps, invalid_penalty=invalid_penalty)

@@ -17,11 +17,14 @@ Shapes (lengths as below on a GPU; divided by 8 on a CPU, by 16 with --quick on 
 Every shape is a list of token sequences; the tree is ``GroupLayout.from_sequences``. One
 random q/k/v per tree token is gathered into the one-level layout and the unpacked rows, so
 all approaches compute the same attention; each one's outputs are checked against the tree's
-before timing. Approaches: ``unpacked`` (each sequence its own row, SDPA causal),
-``one-level <backend>`` and ``tree <backend>`` (``prefix_attention``; the torch backend, and
-Triton and flash on a GPU: where flash refuses the call, on CPU or in float32, its two rows
-hold its reason in ``error`` and no time). Per row: unpacked, one-level and tree tokens,
-fwd+bwd ms (median, min, max) and peak extra memory. One more row times ``from_sequences``
+before timing. Approaches: ``unpacked`` (each sequence its own row, SDPA causal, one padded
+batch), ``looped`` (the same rows unpadded, one SDPA call per row), ``one-level <backend>``
+and ``tree <backend>`` (``prefix_attention``; the torch backend, and Triton and flash on a
+GPU: where flash refuses the call, on CPU or in float32, its two rows hold its reason in
+``error`` and no time). Per row: unpacked, one-level and tree tokens,
+fwd+bwd ms (median, min, max) and peak extra memory. On CPU the approaches are timed in
+interleaved rounds (at least ``CPU_ROUNDS``), so that load elsewhere on a shared machine hits
+them all alike. One more row times ``from_sequences``
 on 512 sequences of 4,096 tokens (a 1,024-token system prompt, 64 questions of 512, G=8
 completions of 2,560) at full size on every device (64 x 512 with --smoke).
 
@@ -43,11 +46,14 @@ import torch
 from prefix_grouper import GroupLayout, prefix_attention
 from prefix_grouper.unpacked import unpacked_attention_rows
 
+from .attention_contenders import looped_rows, run_looped
 from .common import (add_device_arguments, add_output_arguments, add_size_arguments, bar_chart, device_of,
-                     flash_refusal, measure_ms, peak_extra_mib, ratios as ratios_of, repeats_of, run_suite, spread,
-                     table_lines)
+                     flash_refusal, measure_interleaved_ms, measure_ms, peak_extra_mib, ratios as ratios_of,
+                     repeats_of, run_suite, spread, table_lines)
 
-BASELINES = ("unpacked", "one-level torch")
+BASELINES = ("unpacked", "looped", "one-level torch")
+CPU_ROUNDS = 9
+"""Interleaved fwd+bwd rounds on CPU at least: enough for min-max ranges that separate."""
 # Random token ids below SIBLING_ID; a segment's first token is SIBLING_ID + its index among
 # its siblings, so siblings differ at their first token and share exactly the intended prefix.
 SIBLING_ID = 30000
@@ -175,7 +181,8 @@ def approaches(tree: GroupLayout, flat: GroupLayout, to_flat: torch.Tensor, rows
     """``{name: (prepare, run, rows_index)}`` of the unpacked rows and every backend's one-level
     and tree rows: ``prepare`` maps the tree's q/k/v to the approach's input, ``run`` is timed,
     ``rows_index`` maps its output to ``[N, L]`` rows."""
-    made = {"unpacked": (lambda x: x[rows], unpacked_attention_rows, None)}
+    made = {"unpacked": (lambda x: x[rows], unpacked_attention_rows, None),
+            "looped": (None, run_looped, "looped")}
     for backend in backends:
         made[f"one-level {backend}"] = (lambda x: x[to_flat],
                                         (lambda b: lambda q, k, v: prefix_attention(q, k, v, flat, backend=b))(backend),
@@ -195,7 +202,8 @@ def bench_shape(name: str, shape: Shape, device, dtype, heads, repeats) -> Itera
     unpacked_tokens = sum(len(s) for s in shape.sequences)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(tree.total_tokens, h, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
-    tokens = {"unpacked": unpacked_tokens, "flat": flat.total_tokens, "tree": tree.total_tokens}
+    tokens = {"unpacked": unpacked_tokens, "looped": unpacked_tokens, "flat": flat.total_tokens,
+              "tree": tree.total_tokens}
     reference = None
     agreement = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
@@ -212,26 +220,43 @@ def bench_shape(name: str, shape: Shape, device, dtype, heads, repeats) -> Itera
     flash_refused = flash_refusal(device, dtype, d)
     if flash_refused is None:
         backends.append("flash")
-    for approach, (prepare, run, kind) in approaches(tree, flat, to_flat, tree_rows, backends).items():
-        inputs = [prepare(x) for x in (q, k, v)]
-        leaves = [x.detach().requires_grad_() for x in inputs]
+    made = approaches(tree, flat, to_flat, tree_rows, backends)
+    looped_inputs = looped_rows(q, k, v, tree)
+    measured, fields = {}, {}  # approach -> fwd+bwd closure; approach -> its row's fields
+    for approach, (prepare, run, kind) in made.items():
+        inputs = looped_inputs if kind == "looped" else [prepare(x) for x in (q, k, v)]
+        leaves = [[y.detach().requires_grad_() for y in x] if isinstance(x, list) else x.detach().requires_grad_()
+                  for x in inputs]
         try:
             with torch.no_grad():
                 out = run(*inputs)
-            as_rows = out if kind is None else out[{"flat": flat_rows, "tree": tree_rows}[kind]]
+            if kind == "looped":
+                as_rows = torch.nn.utils.rnn.pad_sequence(list(out), batch_first=True)
+            else:
+                as_rows = out if kind is None else out[{"flat": flat_rows, "tree": tree_rows}[kind]]
             if reference is None:
                 reference = as_rows.float()
             err = (as_rows.float() - reference)[valid].abs().max().item()
-            grad_out = torch.randn_like(out)
-            ms = measure_ms(lambda: run(*leaves).backward(grad_out), device, *repeats)
-            mib = peak_extra_mib(lambda: run(*leaves).backward(grad_out), device)
-            error = ""
+            grad_out = [torch.randn_like(x) for x in out] if kind == "looped" else torch.randn_like(out)
+            measured[approach] = (lambda run, leaves, grad_out: lambda: run(*leaves).backward(grad_out))(
+                run, leaves, grad_out)
+            fields[approach] = dict(err=err, error="")
         except Exception as failure:  # one approach a backend lacks must not cost the others' rows
-            err, ms, mib, error = NAN, NAN, NAN, f"{type(failure).__name__}: {failure}"[:200]
+            error = f"{type(failure).__name__}: {failure}"[:200]
             print(f"WARNING: {approach} failed on {name}: {error}")
-        if err > agreement:
-            print(f"WARNING: {approach} differs from the unpacked rows by {err:.2e} on {name}")
-        yield row(approach, kind or "unpacked", err, ms, mib, err <= agreement, error)
+            fields[approach] = dict(err=NAN, error=error, ms=NAN, mib=NAN)
+    if device.type == "cuda":
+        times = {approach: measure_ms(fwd_bwd, device, *repeats) for approach, fwd_bwd in measured.items()}
+    else:
+        rounds = repeats[1] if repeats[1] == 1 else max(CPU_ROUNDS, repeats[1])  # --smoke: one
+        _, times = measure_interleaved_ms(measured, (repeats[0], rounds))
+    for approach, fwd_bwd in measured.items():
+        fields[approach].update(ms=times[approach], mib=peak_extra_mib(fwd_bwd, device))
+    for approach, (_, _, kind) in made.items():
+        f = fields[approach]
+        if f["err"] > agreement:
+            print(f"WARNING: {approach} differs from the unpacked rows by {f['err']:.2e} on {name}")
+        yield row(approach, kind or "unpacked", f["err"], f["ms"], f["mib"], f["err"] <= agreement, f["error"])
     if flash_refused is not None:
         print(f"{name}, flash: not run: {flash_refused}", flush=True)
         for approach, kind in (("one-level flash", "flat"), ("tree flash", "tree")):

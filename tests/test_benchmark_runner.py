@@ -105,7 +105,7 @@ def test_tree_suite_counts_tokens_and_agrees_with_the_unpacked_rows(smoke_run):
         else:
             assert row["error"] == "" and row["agrees"] == "True", row
     assert {r["approach"] for r in rows if r["config"] == "(a) system prompt"} == {
-        "unpacked", "one-level torch", "tree torch", "one-level flash", "tree flash"}
+        "unpacked", "looped", "one-level torch", "tree torch", "one-level flash", "tree flash"}
     tokens = {r["config"]: tuple(int(r[c] or 0) for c in ("unpacked_tokens", "one_level_tokens", "tree_tokens"))
               for r in rows}
     # --smoke divides lengths by 64. (a): system prompt 32, 8 questions of 4, G=8 completions of 8.

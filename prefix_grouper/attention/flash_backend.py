@@ -20,7 +20,7 @@ import torch
 
 from ..layout import GroupLayout
 from .flash_engines import VarlenEngine, select_engine
-from .flash_merge import merge_partials, sum_partials
+from .flash_merge import merge_pair_, merge_partials, merge_sinks, sink_gradient, sum_partials
 from .flash_plan import VarlenCall, flash_plan
 
 __all__ = ["FLASH_MEASURED_FASTER", "flash_preferred", "flash_prefix_attention", "flash_refusal"]
@@ -98,14 +98,11 @@ class _FlashPrefixAttention(torch.autograd.Function):
             for call in plan.window_calls:
                 call_out, call_lse = _run_forward(engine, call, q, k, v, scale, softcap)
                 rows = call.rows
-                merged = torch.logaddexp(lse[rows], call_lse.t().to(lse.dtype))
-                out[rows] = (out[rows] * torch.exp(lse[rows] - merged)[..., None]
-                             + call_out.to(out.dtype) * torch.exp(call_lse.t().to(lse.dtype) - merged)[..., None])
-                lse[rows] = merged
+                row_out = out[rows]  # a gathered copy, merged then scattered back
+                lse[rows] = merge_pair_(row_out, lse[rows], call_out.to(out.dtype), call_lse.t().to(lse.dtype))
+                out[rows] = row_out
             if sinks is not None:
-                merged = torch.logaddexp(lse, sinks.to(lse.dtype))
-                out *= torch.exp(lse - merged)[..., None]
-                lse = merged
+                lse = merge_sinks(out, lse, sinks)
             out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
@@ -150,11 +147,7 @@ class _FlashPrefixAttention(torch.autograd.Function):
                 dv[call.keys] += call_dv.to(accumulate)
         grad_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).
-            delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-            if grad_lse is not None:
-                delta = delta - grad_lse.to(lse.dtype)
-            grad_sinks = -(torch.exp(sinks.to(lse.dtype) - lse) * delta).sum(0).to(sinks.dtype)
+            grad_sinks = sink_gradient(grad_out, out, lse, grad_lse, sinks)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_sinks, None, None, None, None
 
 

@@ -7,6 +7,10 @@ them into the attention over the union of their keys; :func:`sum_partials` adds 
 (``torch.ops.prefix_grouper.merge_attention_partials`` / ``sum_row_partials``) when every tensor
 is on CUDA, the extension is built and the dtypes fit; else a PyTorch fallback with the same
 contract. Neither is differentiable on the CUDA path (the flash backend has its own backward).
+
+The plain-PyTorch pieces both the flash and the torch backend merge with: one more part into
+a result (:func:`merge_pair_`), the sinks (:func:`merge_sinks`) and their gradient
+(:func:`sink_gradient`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 
 from .._extension import cuda_extension_available, require_cuda_extension
 
-__all__ = ["merge_partials", "sum_partials"]
+__all__ = ["merge_pair_", "merge_partials", "merge_sinks", "sink_gradient", "sum_partials"]
 
 _CUDA_MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_SUM_DTYPES = _CUDA_MERGE_DTYPES + (torch.float64,)
@@ -163,3 +167,34 @@ def _merge_torch(parts, total_rows, sinks, out_dtype):
         weighted = torch.exp(lse - merged_lse[rows])[..., None] * part_out.to(compute)
         out[rows] += torch.where((lse == float("-inf"))[..., None], 0, weighted)  # a select: NaN outs stay out
     return out.to(out_dtype), merged_lse
+
+
+def merge_pair_(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> torch.Tensor:
+    """Merge one more part into ``(out, lse)`` of the same rows, any layout with ``out`` of
+    one more (head) dim than ``lse``: ``out`` becomes ``out exp(lse - merged) + part_out
+    exp(part_lse - merged)`` in place (``part_out`` is overwritten); returns ``merged =
+    logaddexp(lse, part_lse)``. The torch backend's cross calls and the flash backend's
+    window calls merge this way."""
+    merged = torch.logaddexp(lse, part_lse)
+    out.mul_(torch.exp(lse - merged)[..., None])
+    out.add_(part_out.mul_(torch.exp(part_lse - merged)[..., None]))
+    return merged
+
+
+def merge_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention sinks joined to ``(out [T, H, D], lse [T, H])``: a logit per head with no
+    value, so ``out`` shrinks by its share in place; returns the merged lse."""
+    merged = torch.logaddexp(lse, sinks.to(lse.dtype))
+    out *= torch.exp(lse - merged)[..., None].to(out.dtype)
+    return merged
+
+
+def sink_gradient(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                  sinks: torch.Tensor) -> torch.Tensor:
+    """The gradient of the sinks ``[H]`` of a merged ``(out [T, H, D], lse [T, H])``, computed in
+    lse's dtype: a logit with probability ``p = exp(sink - lse)`` and no value has
+    ``d sink = -sum_rows p (rowsum(dO * out) - grad_lse)``."""
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(lse.dtype)
+    return -(torch.exp(sinks.to(lse.dtype) - lse) * delta).sum(0).to(sinks.dtype)

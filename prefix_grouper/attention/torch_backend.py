@@ -7,7 +7,9 @@ merged by log-sum-exp, each an attention call that returns its LSE:
 1. every unit (a segment, or a chain of only children fused: see
    :mod:`~prefix_grouper.attention.torch_plan`) causal over itself, batched by length
    (short units padded to their ``ceil(log2(L))`` bucket's longest, longer ones by exact
-   length), each batch cut into calls of about ``CALL_BYTES``;
+   length), each batch cut into calls of about ``CALL_BYTES`` (equal-length runs batched as
+   strided views, per sibling ordinal where that spaces them evenly); where the units tile
+   the packed axis (nothing shared, equal rows) one call, whose results are the outputs;
 2. every segment's run against all the queries that see the whole run: the tokens of its
    subtree after it, one contiguous packed range ``[end of the run, subtree_end)`` in the
    pre-order packing. So one dense, mask-free call per segment with descendants, on
@@ -51,7 +53,8 @@ import torch.nn.functional as F
 
 from ..layout import GroupLayout
 from .torch_plan import attention_plan, schedule
-from .torch_rows import accumulate, batch, write
+from .flash_merge import merge_pair_, merge_sinks, sink_gradient
+from .torch_rows import accumulate, batch, packed, tiles, write
 
 __all__ = ["CHUNKED", "CPU_FLASH", "CPU_SCORE_BLOCK_BYTES", "SCORE_BLOCK_BYTES", "AttentionEngine", "chunked_engine",
            "engine_for", "torch_prefix_attention"]
@@ -236,19 +239,22 @@ class _PrefixAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, plan: dict, scale: float, window: int | None, softcap: float | None):
         engine = engine_for(q.device, window=window, softcap=softcap)
         causal, cross = schedule(plan, window, q.shape[1] * q.shape[2] * q.element_size())
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
-        for rows in causal:  # every token in exactly one batch: out and lse written whole
-            part_out, part_lse = engine.forward(batch(q, rows), batch(k, rows), batch(v, rows), 0, scale)
-            write(out, rows, part_out)
-            write(lse, rows, part_lse)
-            del part_out, part_lse
+        if len(causal) == 1 and tiles(causal[0], q.shape[0]):
+            # Nothing shared, equal rows: one call's results are the packed outputs (no copy).
+            out, lse = map(packed, engine.forward(batch(q, causal[0]), batch(k, causal[0]), batch(v, causal[0]), 0,
+                                                  scale))
+        else:
+            out, lse = torch.empty_like(q), q.new_empty(q.shape[:2])
+            for rows in causal:  # every token in exactly one batch: out and lse written whole
+                part_out, part_lse = engine.forward(batch(q, rows), batch(k, rows), batch(v, rows), 0, scale)
+                write(out, rows, part_out)
+                write(lse, rows, part_lse)
+                del part_out, part_lse
         for queries, keys, query_offset in cross:
             cross_out, cross_lse = engine.forward(batch(q, queries), batch(k, keys), batch(v, keys), query_offset,
                                                   scale)
             row_out, row_lse = batch(out, queries), batch(lse, queries)  # views: merged in place
-            merged_lse = torch.logaddexp(cross_lse, row_lse)
-            row_out.mul_(torch.exp(row_lse - merged_lse)[..., None])
-            row_out.add_(cross_out.mul_(torch.exp(cross_lse.sub_(merged_lse))[..., None]))
+            merged_lse = merge_pair_(row_out, row_lse, cross_out, cross_lse)
             if queries.stride is None:  # gathered copies: back to the packed axis
                 write(out, queries, row_out)
                 write(lse, queries, merged_lse)
@@ -256,10 +262,7 @@ class _PrefixAttention(torch.autograd.Function):
                 row_lse.copy_(merged_lse)
             del cross_out, cross_lse, row_out, row_lse, merged_lse
         if sinks is not None:
-            # The sink joins every row's denominator with no value: out shrinks by its share.
-            merged_lse = torch.logaddexp(lse, sinks)
-            out *= torch.exp(lse - merged_lse)[..., None]
-            lse = merged_lse
+            lse = merge_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.scale, ctx.window, ctx.softcap = plan, scale, window, softcap
@@ -272,7 +275,6 @@ class _PrefixAttention(torch.autograd.Function):
         engine = engine_for(q.device, window=ctx.window, softcap=ctx.softcap)
         causal, cross = schedule(ctx.plan, ctx.window, q.shape[1] * q.shape[2] * q.element_size())
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
         def call_backward(queries, keys, query_offset):
             # Padded query slots get lse = +inf: probability 0, so they add nothing to the real keys' gradients.
@@ -280,9 +282,13 @@ class _PrefixAttention(torch.autograd.Function):
                                    batch(out, queries), batch(lse, queries, float("inf")),
                                    None if grad_lse is None else batch(grad_lse, queries), query_offset, scale)
 
-        for rows in causal:  # every token in exactly one batch: the gradients written whole
-            for packed, grad in zip((dq, dk, dv), call_backward(rows, rows, 0)):
-                write(packed, rows, grad)
+        if len(causal) == 1 and tiles(causal[0], q.shape[0]):
+            dq, dk, dv = map(packed, call_backward(causal[0], causal[0], 0))
+        else:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            for rows in causal:  # every token in exactly one batch: the gradients written whole
+                for whole, grad in zip((dq, dk, dv), call_backward(rows, rows, 0)):
+                    write(whole, rows, grad)
         for queries, keys, query_offset in cross:
             cross_dq, cross_dk, cross_dv = call_backward(queries, keys, query_offset)
             accumulate(dq, queries, cross_dq)
@@ -290,11 +296,7 @@ class _PrefixAttention(torch.autograd.Function):
             accumulate(dv, keys, cross_dv)
         grad_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            # A logit with probability p = exp(sink - lse) and no value: d sink = -p (rowsum(dO * out) - grad_lse).
-            delta = (grad_out * out).sum(-1)
-            if grad_lse is not None:
-                delta = delta - grad_lse
-            grad_sinks = -(torch.exp(sinks - lse) * delta).sum(0)
+            grad_sinks = sink_gradient(grad_out, out, lse, grad_lse, sinks)
         return dq, dk, dv, grad_sinks, None, None, None, None
 
 

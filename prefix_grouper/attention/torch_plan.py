@@ -10,6 +10,10 @@ queries see the chain's earlier runs whole and their own causally, which is one 
 over the chain. Fusing them removes a cross call and a merge per chain exactly, and makes a
 layout with nothing shared run as the unpacked rows do, one causal call per sequence.
 With a window, the window calls and buckets are those of the segments themselves.
+
+Where the units are equally long and tile the packed axis (nothing shared, equal rows), part
+(1) is one call over all of them: its results are then the packed outputs and gradients
+themselves, with no copy into buffers of the backend's own (see :func:`schedule`).
 """
 from __future__ import annotations
 
@@ -19,16 +23,15 @@ import torch
 
 from ..layout import GroupLayout
 from ..layout.segmentation import Segment, Segmentation
-from .torch_rows import Rows, broadcast_rows, rows_of
+from .torch_rows import Rows, broadcast_rows, evenly_spaced, rows_of, tiles
 
 EXACT_LENGTHS_FROM = 64
 """Segments of at least this many tokens are batched with equal lengths only (no padding)."""
 
 CALL_BYTES = 2**20
-"""Most bytes of one of q/k/v a call reads: CPU_FLASH runs slower per key-query pair on a
-large batch than on a few rows at a time (one thread: 64 rows of 144 tokens, 8 heads of 64,
-in one call took about 1.5x the time of 64 one-row calls), so batches are cut into calls of
-about this size."""
+"""Most bytes of one of q/k/v a call reads when its results are copied into the packed
+outputs: larger calls measured slower there (benchmarks/results/torch_backend_calls_cpu.md).
+A call whose results are the packed outputs themselves is not cut: it has nothing to copy."""
 
 __all__ = ["attention_plan", "cross_calls", "fused_chains", "schedule"]
 
@@ -60,12 +63,16 @@ def fused_chains(segmentation: Segmentation) -> Segmentation:
 
 
 def _segment_plan(segmentation: Segmentation, device: torch.device) -> dict:
-    """Length buckets of the causal part; the (descendant queries, run) slices of the dense
-    part, per segment with descendants; the (segment, ancestor run, gap) triples of windows."""
+    """Length buckets of the causal part, each member ``(start, length, ordinal among its
+    siblings)``; the (descendant queries, run) slices of the dense part, per segment with
+    descendants; the (segment, ancestor run, gap) triples of windows."""
     segments, cross, ancestor_pairs = [], [], []
+    children: dict[int, int] = {}  # parent -> its non-empty children so far
     for index in segmentation.nonempty():
         start, length, parent = segmentation.segments[index]
-        segments.append((start, length))
+        ordinal = children.get(parent, 0) if parent >= 0 else 0
+        children[parent] = ordinal + 1
+        segments.append((start, length, ordinal))
         run = slice(start, start + length)
         # Pre-order packing: every token after the run up to the subtree's end descends from it.
         descendants = slice(run.stop, segmentation.subtree_end(index))
@@ -88,7 +95,7 @@ def _segment_plan(segmentation: Segmentation, device: torch.device) -> dict:
         length = segment[1]
         return (0, (length - 1).bit_length()) if length < EXACT_LENGTHS_FROM else (1, length)
 
-    causal = [tuple(map(list, zip(*members))) for _, members in groupby(sorted(segments, key=bucket), key=bucket)]
+    causal = [list(members) for _, members in groupby(sorted(segments, key=bucket), key=bucket)]
     return {"causal": causal, "cross": cross, "ancestor_pairs": ancestor_pairs}
 
 
@@ -142,25 +149,46 @@ def cross_calls(plan: dict, window: int | None) -> list[tuple[slice | torch.Tens
     return memo[window]
 
 
-def _calls(starts: list[int], lengths: list[int], row_bytes: int, device: torch.device) -> list[Rows]:
-    """The runs as batches of at most :data:`CALL_BYTES` per tensor (one run at least)."""
-    per_call = max(1, CALL_BYTES // row_bytes)
-    return [rows_of(starts[first:first + per_call], lengths[first:first + per_call], device)
-            for first in range(0, len(starts), per_call)]
+def _calls(members: list[tuple[int, int, int]], token_bytes: int, device: torch.device) -> list[Rows]:
+    """A bucket's runs as calls of at most :data:`CALL_BYTES` per tensor (one run at least),
+    cut either in packed order or per ordinal (the i-th children of equal groups are evenly
+    spaced where siblings are not): whichever gathers fewer calls, then makes fewer."""
+    per_call = max(1, CALL_BYTES // (max(length for _, length, _ in members) * token_bytes))
+
+    def cut(runs):
+        return [runs[first:first + per_call] for first in range(0, len(runs), per_call)]
+
+    in_order = cut(sorted(members))
+    per_ordinal = [call for _, same in groupby(sorted(members, key=lambda m: (m[2], m[0])), key=lambda m: m[2])
+                   for call in cut(list(same))]
+
+    def cost(calls):
+        return sum(not evenly_spaced([m[0] for m in call], [m[1] for m in call]) for call in calls), len(calls)
+
+    return [rows_of([m[0] for m in call], [m[1] for m in call], device)
+            for call in min(in_order, per_ordinal, key=cost)]
 
 
 def schedule(plan: dict, window: int | None, token_bytes: int) -> tuple[list[Rows], list[Call]]:
     """``(causal batches, cross calls)`` the backend runs for tokens of ``token_bytes`` (one
     token's q): without a window, the fused units, part (2) batching the runs of one shape
     (``Lq``, ``Lk``); with a window, the segments' buckets and :func:`cross_calls`' window
-    calls; every batch cut into calls of about :data:`CALL_BYTES`. Memoized per window and size."""
+    calls; every batch cut into calls of about :data:`CALL_BYTES`, except one that tiles the
+    packed axis (its results are the outputs). Memoized per window and size."""
     memo = plan.setdefault("schedules", {})
     if (window, token_bytes) in memo:
         return memo[window, token_bytes]
     device = plan["device"]
     causal_groups = plan["causal"] if window is None else _windowed(plan)["causal"]
-    causal = [rows for starts, lengths in causal_groups
-              for rows in _calls(starts, lengths, max(lengths) * token_bytes, device)]
+    if window is None and not plan["cross"] and len(causal_groups) == 1:
+        # Nothing shared: where the units are equally long and tile the packed axis (a G=1
+        # batch of equal rows), one uncut call's results are the packed outputs themselves.
+        starts, lengths, _ = map(list, zip(*causal_groups[0]))
+        if evenly_spaced(starts, lengths) and tiles(whole := rows_of(starts, lengths, device),
+                                                    plan["segmentation"].total_tokens):
+            memo[window, token_bytes] = [whole], []
+            return memo[window, token_bytes]
+    causal = [rows for members in causal_groups for rows in _calls(members, token_bytes, device)]
     # (query starts, Lq, key starts (None: one run broadcast), key run, query offset) of each batch of part (2)
     groups: list[tuple[list[int], int, list[int] | None, slice, int]] = []
     if window is None:

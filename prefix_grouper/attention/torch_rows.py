@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Rows", "accumulate", "batch", "broadcast_rows", "rows_of", "write"]
+__all__ = ["Rows", "accumulate", "batch", "broadcast_rows", "evenly_spaced", "packed", "rows_of", "tiles",
+           "write"]
 
 
 class Rows(NamedTuple):
@@ -37,14 +38,17 @@ class Rows(NamedTuple):
     targets: torch.Tensor | None = None
 
 
+def evenly_spaced(starts: list[int], lengths: list[int]) -> bool:
+    """Whether the runs ``[starts[r], + lengths[r])`` have one length and one spacing (a view)."""
+    return min(lengths) == max(lengths) and len({b - a for a, b in zip(starts, starts[1:])}) <= 1
+
+
 def rows_of(starts: list[int], lengths: list[int], device: torch.device) -> Rows:
     """The batch of runs ``[starts[r], + lengths[r])`` (disjoint): a view where every run has
     the same length and the runs are equally spaced, else gathered."""
     count, width = len(starts), max(lengths)
-    if min(lengths) == width:
-        spacings = {b - a for a, b in zip(starts, starts[1:])}
-        if len(spacings) <= 1:
-            return Rows(count, width, starts[0], spacings.pop() if spacings else width)
+    if evenly_spaced(starts, lengths):
+        return Rows(count, width, starts[0], starts[1] - starts[0] if count > 1 else width)
     start, length = (torch.tensor(column, dtype=torch.long, device=device)[:, None] for column in (starts, lengths))
     columns = torch.arange(width, device=device)[None, :]
     index = (start + torch.minimum(columns, length - 1)).flatten()
@@ -73,9 +77,21 @@ def batch(x: torch.Tensor, rows: Rows, padding: float = 0.0) -> torch.Tensor:
     return gathered.view(rows.count, rows.width, *x.shape[1:]).transpose(1, 2)
 
 
+def tiles(rows: Rows, total_tokens: int) -> bool:
+    """Whether ``rows`` are every packed token in order: a batch's results are then the
+    packed results (:func:`packed`)."""
+    return rows.start == 0 and rows.stride == rows.width and rows.count * rows.width == total_tokens
+
+
+def packed(values: torch.Tensor) -> torch.Tensor:
+    """``values [R, H, W, ...]`` of a batch that :func:`tiles` the packed axis, as the packed
+    ``[R W, H, ...]``: a view of the CPU kernels' token-major results, no copy."""
+    return values.transpose(1, 2).flatten(0, 1)
+
+
 def _flat(values: torch.Tensor, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed index, values [n, H, ...])`` of a gathered batch's real slots."""
-    flat = values.transpose(1, 2).flatten(0, 1)
+    flat = packed(values)
     if rows.real is None:
         return rows.index, flat
     return rows.targets, flat.index_select(0, rows.real)

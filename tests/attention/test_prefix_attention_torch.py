@@ -140,3 +140,42 @@ def test_prefix_attention_torch_plan_reads_each_run_once_for_its_subtree():
             own = layout.token_segment[:, None] == layout.token_segment[None, :]
             assert seen == int((mask & ~own).sum())
     assert batched  # siblings meeting the same keys share a call (a group's completions)
+
+
+def run_torch(layout, **features):
+    def run(q, k, v, sinks):
+        return prefix_attention(q, k, v, layout, backend="torch", return_lse=True, sinks=sinks, **features)
+    return run
+
+
+@pytest.mark.parametrize("call_bytes", [2**20, 64], ids=["default-calls", "tiny-calls"])
+def test_prefix_attention_torch_equal_rows_run_as_one_call(call_bytes, monkeypatch):
+    """Nothing shared and equal rows (G=1, equal prompts and completions): one causal call
+    over every token, whose results are the packed outputs, however small calls are cut;
+    exact with sinks and an LSE gradient, GQA, in float64."""
+    monkeypatch.setattr(torch_plan, "CALL_BYTES", call_bytes)
+    layout = GroupLayout.from_lengths([5, 5, 5], [[4], [4], [4]])
+    causal, cross = torch_plan.schedule(torch_plan.attention_plan(layout), None, 4 * 8 * 8)
+    assert [(rows.count, rows.width, rows.start, rows.stride) for rows in causal] == [(3, 9, 0, 9)] and not cross
+    leaves, cotangents = make_inputs(layout, 4, 2, 8, seed=5, sinks=True)
+    expected = oracle(layout, leaves, cotangents, {}, 8 ** -0.5)
+    assert_all_close(outputs_and_grads(run_torch(layout), leaves, cotangents), expected, 1e-10,
+                     names=[*NAMES, "dsinks"])
+
+
+@pytest.mark.parametrize("suffix_lens, all_views", [([[3, 2]] * 4, True), ([[3, 2]] * 3 + [[2, 3]], True),
+                                                     ([[3, 4], [4, 3], [3, 3]], False)],
+                         ids=["equal-groups", "one-odd-group", "ragged"])
+def test_prefix_attention_torch_siblings_batched_as_views(suffix_lens, all_views, monkeypatch):
+    """Equal groups' i-th completions are evenly spaced where a group's siblings are not:
+    they are batched per ordinal as views of the packed axis (no gather), and runs that fit
+    no view are gathered (padded where lengths differ); float64-exact either way."""
+    monkeypatch.setattr(torch_plan, "CALL_BYTES", 3 * 4 * 2 * 8 * 8)  # 3 rows of 4 tokens per call
+    layout = GroupLayout.from_lengths([6] * len(suffix_lens), suffix_lens)
+    causal, _ = torch_plan.schedule(torch_plan.attention_plan(layout), None, 2 * 8 * 8)
+    completions = [rows for rows in causal if rows.width <= 4]
+    assert sum(rows.count for rows in completions) == 2 * len(suffix_lens)
+    assert all(rows.stride is not None for rows in completions) == all_views
+    leaves, cotangents = make_inputs(layout, 2, 2, 8, seed=6)
+    expected = oracle(layout, leaves, cotangents, {}, 8 ** -0.5)
+    assert_all_close(outputs_and_grads(run_torch(layout), leaves, cotangents), expected, 1e-10)

@@ -162,6 +162,9 @@ def test_host_segments_rebuild_the_segmentation():
     assert host.dtype == torch.long and host.device.type == "cpu" and host.shape == (len(layout.segments), 3)
     assert [tuple(s) for s in layout.segments] == decode_host_segments(host)
     assert segmentation_of(host) is layout.segmentation  # one cached Segmentation per layout
+    # Not a view: aot_autograd would replay a view of a graph input as a new tensor, missing the
+    # identity-keyed cache (torch 2.11 rebuilt every schedule in the compiled backward).
+    assert host._base is None
     rebuilt = segmentation_of(host.clone())
     assert rebuilt is not layout.segmentation and rebuilt.segments == layout.segmentation.segments
     assert layout.to("cpu") is layout

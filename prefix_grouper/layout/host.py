@@ -56,7 +56,10 @@ def decode_host_lengths(host_lengths: torch.Tensor) -> tuple[tuple[int, ...], tu
 def encode_host_segments(segments: Sequence[Sequence[int]]) -> torch.Tensor:
     """The layout's segments ``(start, length, parent)`` in packed order as one read-only
     CPU int64 tensor ``[S, 3]``: the prefix tree, for ops that must not synchronize."""
-    return torch.tensor([tuple(segment) for segment in segments], dtype=torch.long, device="cpu").reshape(-1, 3)
+    rows = [tuple(segment) for segment in segments]
+    # Not a view (no reshape): aot_autograd replays views of graph inputs as new tensors, and the
+    # per-layout cache is keyed by this tensor's identity.
+    return torch.tensor(rows, dtype=torch.long) if rows else torch.empty((0, 3), dtype=torch.long)
 
 
 def decode_host_segments(host_segments: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -462,3 +462,29 @@ def test_eager_rerouting_is_idempotent():
     first = ALL_ATTENTION_FUNCTIONS["eager"]
     route_eager_attention()
     assert ALL_ATTENTION_FUNCTIONS["eager"] is first is eager_attention_dispatch
+
+
+def test_a_wrapper_keyword_runs_around_every_packed_attention_call():
+    """WRAPPER_KWARG (how the verl plugin runs Ulysses) wraps the one adapter without a second
+    registration: each layer's call reaches the wrapper with prefix_grouper_attention, and a
+    pass-through wrapper changes nothing."""
+    from prefix_grouper.models.attention import (LAYOUT_KWARG, WRAPPER_KWARG, install,
+                                                 prefix_grouper_attention)
+
+    layout, prompts, completions = ragged_batch()
+    model = tiny_model().float()
+    install(model)
+    ids = layout.pack(prompts, completions)[None]
+    positions = layout.position_ids[None]
+    calls = []
+
+    def wrapper(attention, module, query, key, value, attention_mask, **kwargs):
+        calls.append(attention)
+        assert WRAPPER_KWARG not in kwargs
+        return attention(module, query, key, value, attention_mask, **kwargs)
+
+    with torch.no_grad():
+        plain = model(input_ids=ids, position_ids=positions, **{LAYOUT_KWARG: layout}).logits
+        wrapped = model(input_ids=ids, position_ids=positions, **{LAYOUT_KWARG: layout, WRAPPER_KWARG: wrapper}).logits
+    assert calls == [prefix_grouper_attention] * model.config.num_hidden_layers
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)

@@ -46,6 +46,7 @@ from .packed_call import (ATTENTION_NAME, FALLBACK_SEPARATOR, PACKED_CALL, Local
                           prefix_grouper_mask)
 
 __all__ = ["ATTENTION_NAME", "BACKEND_KWARG", "HARMLESS_KWARGS", "LAYOUT_KWARG", "PACKED_CALL", "PAPER_ATTENTION_NAME",
+           "WRAPPER_KWARG",
            "GroupedRows", "PackedCall", "call_settings", "eager_attention_dispatch", "install",
            "paper_attention_forward", "prefix_grouper_attention", "prefix_grouper_mask", "register",
            "register_paper_attention", "route_eager_attention", "run_on_rows"]
@@ -53,6 +54,12 @@ __all__ = ["ATTENTION_NAME", "BACKEND_KWARG", "HARMLESS_KWARGS", "LAYOUT_KWARG",
 PAPER_ATTENTION_NAME = "prefix_grouper_attention"
 LAYOUT_KWARG = "prefix_layout"
 BACKEND_KWARG = "prefix_backend"
+# A model-call keyword holding ``wrapper(attention, module, query, key, value, attention_mask,
+# dropout=, scaling=, **kwargs)``, run in place of a packed call's attention with
+# prefix_grouper_attention as ``attention`` (e.g. Ulysses sequence parallelism exchanging
+# sequence and heads around it). A keyword, not a registration: registering attention
+# functions stays in this module, and gradient checkpointing's recomputation sees it too.
+WRAPPER_KWARG = "prefix_attention_wrapper"
 # Keywords that reach the attention function (a model call's keywords travel down to every
 # attention layer) and change nothing prefix_attention computes, as checked in the modeling
 # files of transformers 5.10.4 and 5.24 for Llama, Qwen2/3, Mistral, Gemma 2/3, gpt-oss, GPT-2:
@@ -219,7 +226,12 @@ def prefix_grouper_attention(module, query, key, value, attention_mask, dropout=
     settings (:func:`call_settings`); the optional ``prefix_backend`` picks its backend.
     Returns ``([1, T, Hq, D], None)`` as transformers expects. A call without it runs the
     implementation :func:`install` recorded, or raises under the strict ``"prefix_grouper"``.
+    A call carrying :data:`WRAPPER_KWARG` runs that wrapper around this function instead.
     """
+    wrapper = kwargs.pop(WRAPPER_KWARG, None)
+    if wrapper is not None:
+        return wrapper(prefix_grouper_attention, module, query, key, value, attention_mask, dropout=dropout,
+                       scaling=scaling, **kwargs)
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
         fallback = fallback_of(getattr(getattr(module, "config", None), "_attn_implementation", None))

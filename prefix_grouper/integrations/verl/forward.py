@@ -14,21 +14,17 @@ log-probs do: FSDP then averages the ranks' gradients.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 from ...logprobs.tokens import token_log_probs
-from ...models.attention import (BACKEND_KWARG, LAYOUT_KWARG, PACKED_CALL, PackedCall, install,
-                                 prefix_grouper_attention)
+from ...models.attention import BACKEND_KWARG, LAYOUT_KWARG, PACKED_CALL, WRAPPER_KWARG, PackedCall, install
 from .tree import micro_batch_layout, prompt_lengths, scored_positions
 
-__all__ = ["SEQUENCE_PARALLEL_KWARG", "SequenceHeadsAllToAll", "grouped_log_probs", "sequence_parallel_attention"]
-
-# Model-call keyword carrying the Ulysses process group down to every attention layer (a
-# keyword, not a global, so that gradient checkpointing's recomputation sees it too).
-SEQUENCE_PARALLEL_KWARG = "prefix_grouper_sequence_parallel_group"
+__all__ = ["SequenceHeadsAllToAll", "grouped_log_probs", "sequence_parallel_attention"]
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
@@ -59,14 +55,12 @@ def _local_heads(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return tensor.narrow(0, rank * per_rank, per_rank)
 
 
-def sequence_parallel_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """:func:`~prefix_grouper.models.attention.prefix_grouper_attention`, which calls carrying
-    :data:`SEQUENCE_PARALLEL_KWARG` run on this rank's chunk of the packed row (query
-    ``[1, Hq, T / sp, D]``): all-to-all to ``[1, Hq / sp, T, D]``, prefix attention, and back."""
-    group = kwargs.pop(SEQUENCE_PARALLEL_KWARG, None)
-    if group is None:
-        return prefix_grouper_attention(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, **kwargs)
+def sequence_parallel_attention(attention, module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
+                                group, **kwargs):
+    """A packed call's ``attention`` (:func:`~prefix_grouper.models.attention.prefix_grouper_attention`)
+    on this rank's chunk of the packed row (query ``[1, Hq, T / sp, D]``): all-to-all to
+    ``[1, Hq / sp, T, D]``, prefix attention, and back. Passed down as the model-call keyword
+    :data:`~prefix_grouper.models.attention.WRAPPER_KWARG` with ``group`` bound."""
     size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     heads, kv_heads = query.shape[1], key.shape[1]
     # Key/value heads are repeated until they divide over the ranks, each query head still
@@ -83,8 +77,7 @@ def sequence_parallel_attention(module, query, key, value, attention_mask, dropo
     for name in ("s_aux", "sinks"):  # per-head attention sinks (gpt-oss): this rank's heads
         if kwargs.get(name) is not None:
             kwargs[name] = _local_heads(kwargs[name], rank, size)
-    output, _ = prefix_grouper_attention(module, query, key, value, attention_mask, dropout=dropout,
-                                         scaling=scaling, **kwargs)
+    output, _ = attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # [1, T, heads / size, D] -> [1, T_pad / size, heads, D]
     output = torch.nn.functional.pad(output, (0, 0, 0, 0, 0, _padding(total, size)))
     return SequenceHeadsAllToAll.apply(output, 1, 2, group), None
@@ -119,14 +112,9 @@ def _score(logits, targets, temperature, calculate_entropy) -> torch.Tensor:
 
 def _sequence_parallel_scores(model, module, layout, packed_ids, logit_at, targets, temperature,
                               calculate_entropy, backend, group) -> torch.Tensor:
-    from transformers import AttentionInterface
     from verl.utils.ulysses import gather_outputs_and_unpad
 
     size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    # Every packed call of this model goes through the Ulysses-aware attention (calls without
-    # the group keyword behave as before); registered again each time in case another
-    # install() reset the name.
-    AttentionInterface.register(install(model), sequence_parallel_attention)
     pad = _padding(layout.total_tokens, size)
     chunk = (layout.total_tokens + pad) // size
     ids = torch.nn.functional.pad(packed_ids, (0, pad))
@@ -136,7 +124,7 @@ def _sequence_parallel_scores(model, module, layout, packed_ids, logit_at, targe
     mine = torch.from_numpy(np.flatnonzero(owner == rank)).to(logit_at.device)
     local = slice(rank * chunk, (rank + 1) * chunk)
     logits = _logits(model, module, layout, ids[local], positions[local], logit_at[mine] - rank * chunk, backend,
-                     **{SEQUENCE_PARALLEL_KWARG: group})
+                     **{WRAPPER_KWARG: functools.partial(sequence_parallel_attention, group=group)})
     scores = _score(logits, targets[mine], temperature, calculate_entropy)
     width = int(counts.max())
     scores = torch.nn.functional.pad(scores, (0, 0, 0, width - scores.shape[0]))

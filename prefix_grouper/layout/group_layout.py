@@ -201,10 +201,8 @@ class GroupLayout(SequenceMembers):
     def to(self, device: torch.device | str) -> "GroupLayout":
         """The same layout with its tensors on ``device``."""
         device = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:N"
-        return self if device == self.device else self._rebuilt_on(device)
-
-    def _rebuilt_on(self, device: torch.device) -> "GroupLayout":
-        raise NotImplementedError  # every kind rebuilds itself from its host-side sources
+        # Every kind keeps its constructor's host-side arguments (_sources) to rebuild from.
+        return self if device == self.device else type(self)(*self._sources, device=device)
 
     def unpacked_tokens(self) -> int:
         """Tokens the unpacked rows hold (:mod:`prefix_grouper.unpacked`): ``sum_i L_i``
@@ -257,9 +255,7 @@ class TreeLayout(MissingMemberHint, GroupLayout):
 
     def __init__(self, tree: SequenceTree, device: torch.device | str | None = None) -> None:
         self._init_tree(Segmentation(tree.segments), tree.sequence_segments, device)
-
-    def _rebuilt_on(self, device: torch.device) -> "TreeLayout":
-        return TreeLayout(SequenceTree(list(self.segments), list(self._sequence_segments)), device)
+        self._sources = (tree,)
 
 
 class CompletionLayout(MissingMemberHint, CompletionPacking, GroupLayout):
@@ -313,8 +309,8 @@ class CompletionLayout(MissingMemberHint, CompletionPacking, GroupLayout):
         """``tree``: the prompts' tree with completion ``j`` the leaf ``tree.sequence_segments[j]``."""
         self._init_tree(Segmentation(tree.segments), tree.sequence_segments, device)
         self._init_completions(prefix_lens, suffix_lens)
-        self._prompt_sources = (tuple(prefix_lens), tuple(tuple(g) for g in suffix_lens), tree)
-        source, lens = self._tables()[2], self._tables()[3]
+        self._sources = (tuple(prefix_lens), tuple(tuple(g) for g in suffix_lens), tree)
+        _, _, source, lens = self._tables()
         self._token_prompt_group = prompt_group_of_tokens(self.completion_group, lens, sum(self.sequence_lens_list),
                                                           source)
 
@@ -336,9 +332,6 @@ class CompletionLayout(MissingMemberHint, CompletionPacking, GroupLayout):
     def suffix_lens_per_group(self) -> list[tuple[int, ...]]:
         """Group b's completion lengths, ``suffix_lens_list`` cut per group."""
         return split_by_group(self.suffix_lens_list, self.group_sizes_list)
-
-    def _rebuilt_on(self, device: torch.device) -> "CompletionLayout":
-        return CompletionLayout(*self._prompt_sources, device)
 
 
 class FlatLayout(CompletionLayout):
@@ -375,6 +368,7 @@ class FlatLayout(CompletionLayout):
         for name, tensor in flat_tensors(segmentation, self.device).items():
             setattr(self, name, tensor)
         self.token_group = self._token_prompt_group = self.token_root
+        self._sources = (tuple(prefix), tuple(tuple(g) for g in groups))
 
     @property
     def host_lengths(self) -> torch.Tensor:
@@ -398,9 +392,6 @@ class FlatLayout(CompletionLayout):
         return micro_batch_groups(self.group_sizes_list, max_rows=max_rows,
                                   tokens_per_group=None if max_tokens is None else group_tokens,
                                   max_tokens=max_tokens)
-
-    def _rebuilt_on(self, device: torch.device) -> "FlatLayout":
-        return FlatLayout(self.prefix_lens_list, self.suffix_lens_per_group, device=device)
 
     def __repr__(self) -> str:
         return (f"GroupLayout(groups={self.num_groups}, completions={self.num_completions}, "
